@@ -1,0 +1,115 @@
+"""Strict, streaming assembly of a flax param tree from a TensorSource.
+
+A converter describes each of our parameters as an `Entry`: the source keys it
+is built from and a numpy function that builds it (transpose, reshape, split,
+concatenate). `load_strict` then
+  1. checks, before reading any tensor, that every key the plan needs exists
+     and that the plan consumes every key the checkpoint has, raising one
+     error listing all missing and unexpected keys;
+  2. builds parameters one at a time, casting and (optionally) placing each
+     onto its sharding immediately, so host memory holds the converted params
+     plus one source tensor;
+  3. collects every shape mismatch and raises them together.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import traverse_util
+
+from nanoflux_jax.convert.safetensors_io import CheckpointError
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  """How to build one of our params: fn(*[source[k] for k in sources])."""
+  sources: tuple[str, ...]
+  fn: Callable[..., np.ndarray]
+
+
+def linear(key: str) -> Entry:
+  """torch Linear weight [out, in] -> flax kernel [in, out]."""
+  return Entry((key,), lambda w: w.T)
+
+
+def same(key: str) -> Entry:
+  """A tensor taken as it is (biases, norm scales, embeddings)."""
+  return Entry((key,), lambda w: w)
+
+
+def conv(key: str) -> Entry:
+  """torch Conv2d weight [out, in, kh, kw] -> flax kernel [kh, kw, in, out]."""
+  return Entry((key,), lambda w: w.transpose(2, 3, 1, 0))
+
+
+def _leaf_dtype(x, dtype):
+  return np.dtype(dtype) if dtype is not None else np.dtype(x.dtype)
+
+
+def load_strict(source: Mapping[str, np.ndarray], plan: dict[str, Entry],
+                target: Any, *, dtype=None, shardings: Any = None,
+                origin: str = '', progress: bool = False) -> dict:
+  """Builds the param tree `target` (a pytree of shapes) from `source`.
+
+  Args:
+    source: key -> array mapping (a TensorSource reads lazily).
+    plan: '/'-joined param path -> Entry; must cover every leaf of `target`.
+    target: nested dict of jax.ShapeDtypeStruct (e.g. from jax.eval_shape).
+    dtype: cast every param to this dtype (None: the target's dtype).
+    shardings: optional nested dict of jax.sharding.Sharding like `target`;
+      each param is put onto its sharding as soon as it is built.
+    origin: file or folder named in errors.
+    progress: show a tqdm bar.
+  Returns:
+    Nested dict of jax arrays with `target`'s structure.
+  """
+  origin = origin or getattr(source, 'origin', '<checkpoint>')
+  flat_target = traverse_util.flatten_dict(target, sep='/')
+  flat_shard = (traverse_util.flatten_dict(shardings, sep='/')
+                if shardings is not None else {})
+  no_plan = sorted(set(flat_target) - set(plan))
+  if no_plan:  # A bug in a converter, not in the user's file.
+    raise AssertionError(f'converter has no entry for params {no_plan}')
+  needed = {k for path in flat_target for k in plan[path].sources}
+  available = set(source)
+  missing, unexpected = sorted(needed - available), sorted(available - needed)
+  if missing or unexpected:
+    raise CheckpointError(
+        f'{origin}: checkpoint keys do not match the model.\n'
+        f'  missing ({len(missing)}): {missing}\n'
+        f'  unexpected ({len(unexpected)}): {unexpected}')
+  paths = list(flat_target)
+  if progress:
+    import tqdm  # pylint: disable=g-import-not-at-top
+    paths = tqdm.tqdm(paths, desc=f'converting {origin}', unit='tensor')
+  out, errors = {}, []
+  for path in paths:
+    entry, want = plan[path], flat_target[path]
+    try:
+      value = np.asarray(entry.fn(*[source[k] for k in entry.sources]))
+    except ValueError as e:  # e.g. a reshape that does not fit.
+      errors.append(f'{path} <- {list(entry.sources)}: {e}')
+      continue
+    if tuple(value.shape) != tuple(want.shape):
+      shapes = [tuple(source.shape(k)) if hasattr(source, 'shape')
+                else None for k in entry.sources]
+      errors.append(f'{path} <- {list(entry.sources)} {shapes}: built shape '
+                    f'{value.shape}, model expects {tuple(want.shape)}')
+      continue
+    value = value.astype(_leaf_dtype(want, dtype))
+    out[path] = jax.device_put(value, flat_shard.get(path))
+    del value
+  if errors:
+    raise CheckpointError(f'{origin}: {len(errors)} tensors have the wrong '
+                          'shape:\n  ' + '\n  '.join(errors))
+  return traverse_util.unflatten_dict(out, sep='/')
+
+
+def check_no_extra(keys: Sequence[str], allowed: set[str], origin: str):
+  """Raises if `keys` has entries outside `allowed` (used for format sniffing)."""
+  extra = sorted(set(keys) - allowed)
+  if extra:
+    raise CheckpointError(f'{origin}: unexpected keys {extra}')

@@ -1,0 +1,5 @@
+"""Test set-up: 8 fake CPU devices (before jax is imported) for sharding tests."""
+import os
+
+os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')

@@ -1,0 +1,113 @@
+"""Params checkpoints: an orbax tree plus the config as JSON, written atomically.
+
+Layout of a checkpoint folder:
+  nanoflux_config.json   {"class": "FluxConfig", "config": {...}}
+  params/                orbax StandardCheckpointer tree
+
+`save` writes into a temporary sibling folder and renames it into place, so a
+crash mid-save never replaces a good checkpoint with a half-written one.
+(Training checkpoints with resume live in `distill.trainer`, which uses an
+orbax CheckpointManager.)
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from nanoflux_jax import configs
+from nanoflux_jax.convert.safetensors_io import CheckpointError
+
+CONFIG_FILE = 'nanoflux_config.json'
+_CLASSES = {c.__name__: c for c in (configs.FluxConfig, configs.T5Config,
+                                    configs.ClipConfig, configs.VAEConfig)}
+
+
+def is_checkpoint(path: str) -> bool:
+  return os.path.isfile(os.path.join(path, CONFIG_FILE))
+
+
+def save(path: str, config, params) -> None:
+  """Saves (config, params) to folder `path`, replacing it atomically."""
+  path = os.path.abspath(os.fspath(path))
+  parent = os.path.dirname(path)
+  os.makedirs(parent, exist_ok=True)
+  tmp = os.path.join(parent, f'.{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}')
+  try:
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(os.path.join(tmp, 'params'), params)
+    ckptr.wait_until_finished()
+    with open(os.path.join(tmp, CONFIG_FILE), 'w') as f:
+      json.dump({'class': type(config).__name__, 'config': config.to_dict()},
+                f, indent=2, sort_keys=True)
+    _replace_dir(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _replace_dir(src: str, dst: str) -> None:
+  """Moves folder src to dst; an existing dst is only removed afterwards."""
+  old = None
+  if os.path.exists(dst):
+    old = f'{dst}.old-{uuid.uuid4().hex[:8]}'
+    os.replace(dst, old)
+  os.replace(src, dst)
+  if old:
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_config(path: str):
+  """Reads the config stored in checkpoint folder `path`."""
+  file = os.path.join(path, CONFIG_FILE)
+  if not os.path.isfile(file):
+    raise CheckpointError(f'{path}: not a nanoflux checkpoint (no {CONFIG_FILE})')
+  try:
+    with open(file) as f:
+      d = json.load(f)
+    return _CLASSES[d['class']].from_dict(d['config'])
+  except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+    raise CheckpointError(f'{file}: corrupt config: {e!r}') from e
+
+
+def load(path: str, *, dtype=None, shardings=None, **config_overrides):
+  """Loads (config, params) saved by `save`.
+
+  Args:
+    dtype: cast params to this dtype (also recorded as the config's
+      param_dtype).
+    shardings: pytree of Shardings matching the params, or a callable
+      (config, param_shapes) -> such a pytree; orbax reads each array straight
+      onto its sharding.
+    **config_overrides: fields to replace in the stored config.
+  """
+  path = os.path.abspath(os.fspath(path))
+  config = load_config(path)
+  if dtype is not None:
+    config = config.replace(param_dtype=np.dtype(dtype).name)
+  if config_overrides:
+    config = config.replace(**config_overrides)
+  ckptr = ocp.StandardCheckpointer()
+  meta = ckptr.metadata(os.path.join(path, 'params'))
+  tree = getattr(meta, 'item_metadata', meta)
+  tree = getattr(tree, 'tree', tree)
+  shapes = jax.tree.map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, dtype or m.dtype), tree)
+  if callable(shardings):
+    shardings = shardings(config, shapes)
+  if shardings is None:
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shardings = jax.tree.map(lambda _: device, shapes)
+  target = jax.tree.map(
+      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+      shapes, shardings)
+  try:
+    params = ckptr.restore(os.path.join(path, 'params'), target)
+  except Exception as e:  # orbax raises many types; name the folder.
+    raise CheckpointError(f'{path}: cannot restore params: {e}') from e
+  return config, params

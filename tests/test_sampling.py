@@ -1,0 +1,78 @@
+"""Schedules, packing and the Euler loop against diffusers' scheduler/model."""
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nanoflux_jax import sampling
+
+from flux_utils import make_diffusers_flux, random_inputs, run_diffusers
+from refs import max_rel_err, require
+
+
+def _diffusers_sigmas(num_steps, seq_len, dynamic):
+  diffusers = require('diffusers')
+  sched = diffusers.FlowMatchEulerDiscreteScheduler(
+      num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=dynamic,
+      base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+      max_image_seq_len=4096)
+  sigmas = np.linspace(1.0, 1 / num_steps, num_steps)
+  mu = sampling.shift_mu(seq_len) if dynamic else None
+  sched.set_timesteps(sigmas=sigmas, mu=mu)
+  return sched.sigmas.numpy()
+
+
+@pytest.mark.parametrize('steps,seq_len', [(4, 1024), (28, 4096), (1, 256)])
+def test_schnell_schedule_is_linspace(steps, seq_len):
+  got = sampling.get_schedule(steps, seq_len, shift=False)
+  np.testing.assert_allclose(got, np.linspace(1, 0, steps + 1), atol=1e-12)
+  np.testing.assert_allclose(got, _diffusers_sigmas(steps, seq_len, False),
+                             atol=1e-6)
+
+
+@pytest.mark.parametrize('steps,seq_len', [(4, 1024), (28, 4096), (50, 300)])
+def test_dev_schedule_matches_bfl_formula_and_diffusers(steps, seq_len):
+  got = np.asarray(sampling.get_schedule(steps, seq_len, shift=True))
+  # BFL: mu = lin(256 -> 0.5, 4096 -> 1.15); t' = e^mu / (e^mu + 1/t - 1).
+  mu = 0.5 + (1.15 - 0.5) / (4096 - 256) * (seq_len - 256)
+  t = np.linspace(1, 0, steps + 1)[:-1]
+  want = np.exp(mu) / (np.exp(mu) + (1 / t - 1))
+  np.testing.assert_allclose(got[:-1], want, rtol=1e-12)
+  assert got[-1] == 0.0
+  np.testing.assert_allclose(got, _diffusers_sigmas(steps, seq_len, True),
+                             atol=1e-6)
+
+
+def test_pack_matches_diffusers_and_roundtrips():
+  diffusers = require('diffusers')
+  torch = require('torch')
+  x = np.random.default_rng(0).standard_normal((2, 16, 6, 10)).astype(np.float32)
+  packed = sampling.pack(jnp.asarray(x))
+  ref = diffusers.FluxPipeline._pack_latents(torch.from_numpy(x), 2, 16, 6, 10)
+  np.testing.assert_array_equal(np.asarray(packed), ref.numpy())
+  np.testing.assert_array_equal(np.asarray(sampling.unpack(packed, 6, 10)), x)
+  ids = sampling.image_ids(2, 3, 5)
+  ref_ids = diffusers.FluxPipeline._prepare_latent_image_ids(2, 3, 5, 'cpu',
+                                                             torch.float32)
+  np.testing.assert_array_equal(np.asarray(ids[1]), ref_ids.numpy())
+  with pytest.raises(ValueError, match='even'):
+    sampling.pack(jnp.zeros((1, 16, 5, 4)))
+
+
+@pytest.mark.parametrize('guidance', [False, True])
+def test_denoise_matches_diffusers_loop(tmp_path, guidance):
+  torch = require('torch')
+  from nanoflux_jax.convert import flux as convert_flux
+  ref = make_diffusers_flux(guidance=guidance, seed=1)
+  ref.save_pretrained(tmp_path / 't')
+  cfg, params = convert_flux.load_flux_transformer(str(tmp_path / 't'))
+  inputs = random_inputs(cfg, 2, 4, 6, txt_len=5, seed=1)
+  ts = sampling.schedule_for(cfg, 4, 24)
+  ours = sampling.denoise(cfg, params, inputs['img'], inputs['img_ids'],
+                          inputs['txt'], inputs['txt_ids'], inputs['y'],
+                          jnp.asarray(ts), inputs.get('guidance'))
+  x = inputs['img']
+  for t, t_next in zip(ts[:-1], ts[1:]):  # diffusers' scheduler step.
+    v = run_diffusers(ref, {**inputs, 'img': x,
+                            'timesteps': np.full((2,), t, np.float32)})
+    x = (torch.from_numpy(x) + (t_next - t) * torch.from_numpy(v)).numpy()
+  assert max_rel_err(ours, x) < 1e-4

@@ -1,8 +1,14 @@
 """nanoflux_jax: FLUX.1 in pure JAX, compressed NanoFLUX-style for phones."""
 from nanoflux_jax import convert
+from nanoflux_jax import sampling
 from nanoflux_jax.configs import ClipConfig
 from nanoflux_jax.configs import FluxConfig
 from nanoflux_jax.configs import T5Config
 from nanoflux_jax.configs import VAEConfig
+from nanoflux_jax.models.clip import ClipTextModel
+from nanoflux_jax.models.flux import Flux
+from nanoflux_jax.models.t5 import T5Encoder
+from nanoflux_jax.models.vae import AutoencoderKL
+from nanoflux_jax.pipeline import FluxPipeline
 
 __version__ = '0.1.0'

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from nanoflux_jax.configs import FluxConfig
+from nanoflux_jax.models import downsample
 from nanoflux_jax.models import layers
 
 Array = jax.Array
@@ -202,8 +203,46 @@ class Flux(nn.Module):
   guidance [B] (guidance-distilled models only). Returns the velocity
   [B, L, out_channels], or (velocity, {'img': (...), 'txt': (...)}) with every
   block's output tokens when `return_intermediates` (double blocks first).
+
+  With the token down-sampler (config.downsample_start/end), `img_grid=(h, w)`
+  (static Python ints, h * w = L, both divisible by downsample_factor f) is
+  required; blocks start..end then see (h/f)*(w/f) coarse image tokens, and
+  their intermediates 'img' are those coarse tokens [B, L/f^2, D].
   """
   config: FluxConfig
+
+  def _resampler(self, img, img_ids, txt_ids, img_grid):
+    """-> resample(g, 'down'|'up', tokens, pe, lt=None) -> (tokens, pe).
+
+    A no-op unless global block g starts ('down', before it) or ends ('up',
+    after it) the down-sampled range. tokens are img [B, L, D], or with `lt`
+    the joint sequence [B, lt + L, D] whose first lt tokens (text) pass.
+    """
+    cfg = self.config
+    if cfg.downsample_start is None:
+      return lambda g, where, x, pe, lt=None: (x, pe)
+    grid = downsample.check_grid(cfg, img.shape[1], img_grid)
+    ds = downsample.TokenDownsampler(cfg, name='downsample')
+    ids = downsample.coarse_ids(img_ids, grid, cfg.downsample_factor)
+    pe_coarse = layers.rope(jnp.concatenate([txt_ids, ids], axis=1),
+                            cfg.axes_dim, cfg.theta)
+    state = {}
+
+    def resample(g, where, x, pe, lt=None):
+      at = cfg.downsample_start if where == 'down' else cfg.downsample_end
+      if g != at:
+        return x, pe
+      t, im = (x[:, :lt], x[:, lt:]) if lt is not None else (None, x)
+      if where == 'down':
+        state['skip'], state['pe'] = im, pe
+        im = state['coarse_in'] = ds.down(im, grid)
+        pe = pe_coarse
+      else:
+        im = ds.up(im, state['coarse_in'], state['skip'], grid)
+        pe = state['pe']
+      im = _constrain(im)
+      return (im if t is None else jnp.concatenate([t, im], axis=1)), pe
+    return resample
 
   def _check(self, img, img_ids, txt, txt_ids, timesteps, y, guidance):
     cfg = self.config
@@ -233,7 +272,8 @@ class Flux(nn.Module):
   def __call__(self, img: Array, img_ids: Array, txt: Array, txt_ids: Array,
                timesteps: Array, y: Array | None = None,
                guidance: Array | None = None,
-               return_intermediates: bool = False) -> Any:
+               return_intermediates: bool = False,
+               img_grid: tuple[int, int] | None = None) -> Any:
     cfg = self.config
     self._check(img, img_ids, txt, txt_ids, timesteps, y, guidance)
     dtype, param_dtype = layers.dtypes(cfg)
@@ -257,18 +297,23 @@ class Flux(nn.Module):
 
     double = nn.remat(DoubleStreamBlock) if cfg.remat else DoubleStreamBlock
     single = nn.remat(SingleStreamBlock) if cfg.remat else SingleStreamBlock
+    resample = self._resampler(img, img_ids, txt_ids, img_grid)
     feats_img, feats_txt = [], []
     img, txt = _constrain(img), _constrain(txt)
     for i in range(cfg.depth):
+      img, pe = resample(i, 'down', img, pe)
       img, txt = double(cfg, i, name=f'double_blocks_{i}')(img, txt, cond, pe)
       feats_img.append(img)
       feats_txt.append(txt)
+      img, pe = resample(i, 'up', img, pe)
     lt = txt.shape[1]
     x = jnp.concatenate([txt, img], axis=1)
     for i in range(cfg.depth_single_blocks):
+      x, pe = resample(cfg.depth + i, 'down', x, pe, lt)
       x = single(cfg, i, name=f'single_blocks_{i}')(x, cond, pe)
       feats_img.append(x[:, lt:])
       feats_txt.append(x[:, :lt])
+      x, pe = resample(cfg.depth + i, 'up', x, pe, lt)
     img = x[:, lt:]
 
     # Final layer: BFL orders the modulation halves (shift, scale).
@@ -297,7 +342,10 @@ def param_shapes(config: FluxConfig) -> dict:
 
 def dummy_inputs(config: FluxConfig, batch: int = 1, img_len: int = 16,
                  txt_len: int = 8) -> dict[str, Array]:
-  """Zero inputs of the right shapes, for init and shape inference."""
+  """Zero inputs of the right shapes, for init and shape inference.
+
+  For a down-sampling model this includes the static `img_grid` (a square).
+  """
   n = len(config.axes_dim)
   out = dict(img=jnp.zeros((batch, img_len, config.in_channels)),
              img_ids=jnp.zeros((batch, img_len, n)),
@@ -308,4 +356,10 @@ def dummy_inputs(config: FluxConfig, batch: int = 1, img_len: int = 16,
     out['y'] = jnp.zeros((batch, config.vec_in_dim))
   if config.guidance_embed:
     out['guidance'] = jnp.zeros((batch,))
+  if config.downsample_start is not None:
+    side = int(round(img_len ** 0.5))
+    if side * side != img_len:
+      raise ValueError(f'dummy_inputs: img_len={img_len} must be a square '
+                       'for a down-sampling model')
+    out['img_grid'] = (side, side)
   return out

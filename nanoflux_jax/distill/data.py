@@ -1,0 +1,263 @@
+"""Training data for distillation: prompts, teacher targets, a teacher cache.
+
+A data source is any object with `batch(step, process_index=0,
+process_count=1) -> dict of numpy arrays` holding this process's rows of the
+global batch for `step`. Batches are a pure function of (seed, step), so a
+resumed run sees exactly the batches the interrupted one would have seen, with
+no iterator state to checkpoint.
+
+Batch keys (B rows, L image tokens, T text tokens):
+  txt [B, T, context_in_dim], y [B, vec_in_dim]  prompt embeddings
+  noise [B, L, in_channels]                      the trajectory's start x_1
+  latents [B, L, in_channels]                    real x_0 (rectified flow)
+  traj_x, traj_v [B, n, L, in_channels]          cached teacher trajectory
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nanoflux_jax import sampling
+from nanoflux_jax.configs import FluxConfig
+from nanoflux_jax.models.flux import Flux
+from nanoflux_jax import parallel
+
+BUILTIN_PROMPTS = (
+    'a photo of a red cat sitting on a blue sofa',
+    'a watercolor painting of a lighthouse at dawn',
+    'a bowl of ramen with a soft-boiled egg, studio lighting',
+    'an astronaut riding a horse on the moon',
+    'a cozy wooden cabin in a snowy forest at night',
+    'a close-up of a hummingbird drinking from a flower',
+    'a futuristic city skyline with flying cars, sunset',
+    'a green square to the left of a yellow circle',
+    'a corgi wearing sunglasses on a beach',
+    'an oil painting of a stormy sea with a small boat',
+    'a stack of pancakes with blueberries and syrup',
+    'a neon sign that says OPEN in a rainy alley',
+)
+
+EmbedFn = Callable[[Sequence[str]], dict]
+
+
+# ---------------------------------------------------------------------------
+# Prompts.
+# ---------------------------------------------------------------------------
+def load_prompts(source: str | Sequence[str] = 'builtin') -> list[str]:
+  """Prompts from a text file (one per line), JSONL, 'builtin' or a list.
+
+  JSONL lines are objects with a 'prompt' or 'caption' field. Blank lines are
+  skipped.
+  Raises:
+    FileNotFoundError: the file does not exist (names it).
+    ValueError: the file holds no prompts, or a JSONL line has neither field
+      (names the file and line).
+  """
+  if not isinstance(source, str):
+    prompts = [str(p) for p in source]
+    if not prompts:
+      raise ValueError('load_prompts: the prompt list is empty')
+    return prompts
+  if source == 'builtin':
+    return list(BUILTIN_PROMPTS)
+  if not os.path.isfile(source):
+    raise FileNotFoundError(f'prompt file {source!r} does not exist')
+  prompts = []
+  with open(source, encoding='utf-8') as f:
+    for n, line in enumerate(f, 1):
+      line = line.strip()
+      if not line:
+        continue
+      if source.endswith(('.jsonl', '.json')):
+        try:
+          rec = json.loads(line)
+        except json.JSONDecodeError as e:
+          raise ValueError(f'{source}:{n}: not JSON: {e}') from e
+        text = rec.get('prompt', rec.get('caption')) if isinstance(
+            rec, dict) else None
+        if not isinstance(text, str):
+          raise ValueError(f"{source}:{n}: no 'prompt' or 'caption' field")
+        line = text.strip()
+      if line:
+        prompts.append(line)
+  if not prompts:
+    raise ValueError(f'prompt file {source!r} contains no prompts')
+  return prompts
+
+
+def random_embedder(cfg: FluxConfig, txt_len: int, seed: int = 0) -> EmbedFn:
+  """A stand-in text encoder: a fixed random embedding per prompt string.
+
+  For tests, benchmarks and toy runs without T5/CLIP weights; the same prompt
+  always maps to the same (txt, y). Real runs pass the pipeline's encoder.
+  """
+  def embed(prompts):
+    txt, y = [], []
+    for p in prompts:
+      h = int.from_bytes(hashlib.sha256(f'{seed}:{p}'.encode()).digest()[:8],
+                         'little')
+      r = np.random.default_rng(h)
+      txt.append(r.standard_normal((txt_len, cfg.context_in_dim), np.float32))
+      y.append(r.standard_normal((cfg.vec_in_dim,), np.float32))
+    return {'txt': np.stack(txt), 'y': np.stack(y)}
+  return embed
+
+
+def _rows(global_batch: int, process_index: int, process_count: int) -> slice:
+  if global_batch % process_count:
+    raise ValueError(f'batch size {global_batch} is not divisible by the '
+                     f'{process_count} processes')
+  n = global_batch // process_count
+  return slice(process_index * n, (process_index + 1) * n)
+
+
+class PromptData:
+  """Prompt embeddings + fresh noise (+ optional real latents) per step.
+
+  Embeddings of all prompts are computed once up front. Each step draws
+  prompt indices and noise from an RNG seeded by (seed, step).
+  """
+
+  def __init__(self, prompts: Sequence[str], embed_fn: EmbedFn, cfg: FluxConfig,
+               grid: tuple[int, int], batch_size: int, seed: int = 0,
+               latents: np.ndarray | None = None):
+    """latents: optional [N, L, in_channels] real x_0, one per prompt."""
+    self.prompts = list(prompts)
+    self.emb = {k: np.asarray(v, np.float32)
+                for k, v in embed_fn(self.prompts).items()}
+    self.cfg, self.grid, self.batch_size, self.seed = cfg, tuple(grid), \
+        batch_size, seed
+    self.seq_len = grid[0] * grid[1]
+    if latents is not None:
+      latents = np.asarray(latents, np.float32)
+      want = (len(self.prompts), self.seq_len, cfg.in_channels)
+      if latents.shape != want:
+        raise ValueError(f'PromptData: latents {latents.shape}, expected '
+                         f'{want}')
+    self.latents = latents
+
+  def batch(self, step: int, process_index: int = 0,
+            process_count: int = 1) -> dict[str, np.ndarray]:
+    b = self.batch_size
+    rng = np.random.default_rng([self.seed, step])
+    idx = rng.integers(0, len(self.prompts), b)
+    noise = rng.standard_normal((b, self.seq_len, self.cfg.in_channels),
+                                np.float32)
+    out = {'txt': self.emb['txt'][idx], 'y': self.emb['y'][idx],
+           'noise': noise}
+    if self.latents is not None:
+      out['latents'] = self.latents[idx]
+    rows = _rows(b, process_index, process_count)
+    return {k: v[rows] for k, v in out.items()}
+
+
+# ---------------------------------------------------------------------------
+# Teacher targets.
+# ---------------------------------------------------------------------------
+def teacher_trajectory(cfg: FluxConfig, params, noise, txt, y,
+                       schedule: Sequence[float], grid: tuple[int, int]):
+  """Runs the teacher's Euler sampler, recording every evaluated state.
+
+  Args:
+    noise: [B, L, C] x at schedule[0].
+    txt, y: prompt embeddings.
+    schedule: n + 1 timesteps from 1 to 0.
+  Returns:
+    (xs [B, n, L, C] state at schedule[k], vs [B, n, L, C] teacher velocity
+    there, x_final [B, L, C] the sample at schedule[-1]), float32.
+  """
+  b = noise.shape[0]
+  img_ids = sampling.image_ids(b, *grid)
+  txt_ids = sampling.text_ids(b, txt.shape[1])
+  ts = jnp.asarray(schedule, jnp.float32)
+  model = Flux(cfg)
+
+  def step(x, k):
+    v = model.apply({'params': params}, img=x, img_ids=img_ids, txt=txt,
+                    txt_ids=txt_ids, timesteps=jnp.full((b,), ts[k]), y=y)
+    v = v.astype(jnp.float32)
+    return x + (ts[k + 1] - ts[k]) * v, (x, v)
+
+  x_final, (xs, vs) = jax.lax.scan(step, noise.astype(jnp.float32),
+                                   jnp.arange(len(schedule) - 1))
+  return jnp.swapaxes(xs, 0, 1), jnp.swapaxes(vs, 0, 1), x_final
+
+
+# ---------------------------------------------------------------------------
+# Cache of teacher trajectories.
+# ---------------------------------------------------------------------------
+_META = 'cache_meta.json'
+
+
+def build_cache(cache_dir: str, data, cfg: FluxConfig, params,
+                schedule: Sequence[float], num_shards: int) -> 'CachedData':
+  """Writes `num_shards` global batches of teacher trajectories, or reuses them.
+
+  Each shard `shard-XXXXX.npz` holds one global batch of `data` (steps 0 ..
+  num_shards - 1): txt, y, noise, traj_x, traj_v (and latents if present).
+  An existing cache is reused when its metadata matches; a mismatching one
+  raises rather than being silently overwritten.
+  """
+  meta = {'teacher': json.loads(cfg.to_json()),
+          'schedule': [float(t) for t in schedule], 'grid': list(data.grid),
+          'batch_size': data.batch_size, 'seed': data.seed,
+          'num_shards': num_shards, 'num_prompts': len(data.prompts)}
+  meta_file = os.path.join(cache_dir, _META)
+  if os.path.isfile(meta_file):
+    with open(meta_file) as f:
+      old = json.load(f)
+    if old != meta:
+      raise ValueError(f'teacher cache {cache_dir!r} was built with other '
+                       'settings; delete it or choose another cache_dir')
+    return CachedData(cache_dir)
+  os.makedirs(cache_dir, exist_ok=True)
+  traj = jax.jit(lambda p, n, t, y: teacher_trajectory(
+      cfg, p, n, t, y, schedule, data.grid))
+  if jax.process_index() == 0:
+    for i in range(num_shards):
+      b = data.batch(i)
+      xs, vs, _ = traj(params, b['noise'], b['txt'], b['y'])
+      arrays = dict(b, traj_x=np.asarray(xs), traj_v=np.asarray(vs))
+      tmp = os.path.join(cache_dir, f'.shard-{i:05d}.tmp.npz')
+      np.savez(tmp, **arrays)
+      os.replace(tmp, os.path.join(cache_dir, f'shard-{i:05d}.npz'))
+    with open(meta_file, 'w') as f:  # Written last: marks a complete cache.
+      json.dump(meta, f, indent=2)
+  return CachedData(cache_dir)
+
+
+class CachedData:
+  """Reads a cache written by `build_cache`; step s uses shard s mod n."""
+
+  def __init__(self, cache_dir: str):
+    self.files = sorted(glob.glob(os.path.join(cache_dir, 'shard-*.npz')))
+    if not self.files:
+      raise FileNotFoundError(f'teacher cache {cache_dir!r} has no shards')
+    self._loaded = (None, None)
+
+  def batch(self, step: int, process_index: int = 0,
+            process_count: int = 1) -> dict[str, np.ndarray]:
+    file = self.files[step % len(self.files)]
+    if self._loaded[0] != file:
+      with np.load(file) as z:
+        self._loaded = (file, {k: z[k] for k in z.files})
+    arrays = self._loaded[1]
+    rows = _rows(len(arrays['noise']), process_index, process_count)
+    return {k: v[rows] for k, v in arrays.items()}
+
+
+def to_global(local: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
+  """This process's rows -> global arrays sharded over (data, fsdp).
+
+  On one host this is a device_put; on many, each process passes only the
+  rows it loaded (`batch(step, jax.process_index(), jax.process_count())`).
+  """
+  return {k: jax.make_array_from_process_local_data(
+      parallel.batch_sharding(mesh, v.ndim), v) for k, v in local.items()}

@@ -1,0 +1,222 @@
+"""Device mesh, the one table of logical-axis rules, and sharded init.
+
+Models name their parameter and activation axes logically (embed, heads, kv,
+mlp, vocab, conv_in, conv_out; act_batch, act_len, act_embed). `RULES` below is
+the only place that maps those names onto the mesh axes:
+
+  data    pure data parallelism: the batch is split, params are replicated;
+  fsdp    data parallelism whose params/optimizer state are also split (ZeRO-3
+          style, gathered per layer by XLA);
+  tensor  Megatron-style model parallelism over attention heads / MLP channels.
+
+Sharded init follows MaxText: eval_shape -> partition specs ->
+jit(init, out_shardings), so a full model never sits on one device first.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from nanoflux_jax.configs import FluxConfig
+
+MESH_AXES = ('data', 'fsdp', 'tensor')
+
+# Logical axis -> mesh axis (or axes, or None = replicated). A mesh axis is
+# used at most once per array: flax skips a rule whose mesh axis is taken.
+RULES: tuple[tuple[str, Any], ...] = (
+    # Activations: batch over both data-parallel axes; length/embed whole.
+    ('act_batch', ('data', 'fsdp')),
+    ('act_len', None),
+    ('act_embed', None),
+    # Parameters: the model dim is FSDP-split, heads / MLP channels are
+    # tensor-parallel, the per-head dim stays whole (RoPE / QK-norm act on it).
+    ('embed', 'fsdp'),
+    ('heads', 'tensor'),
+    ('mlp', 'tensor'),
+    ('kv', None),
+    ('vocab', 'tensor'),
+    ('conv_in', None),
+    ('conv_out', 'tensor'),
+)
+
+
+# ---------------------------------------------------------------------------
+# Mesh.
+# ---------------------------------------------------------------------------
+def mesh_shape(spec: Mapping[str, int] | Sequence[int],
+               num_devices: int) -> tuple[int, int, int]:
+  """Resolves a (data, fsdp, tensor) spec with at most one -1 ("the rest").
+
+  Args:
+    spec: {'data': d, 'fsdp': f, 'tensor': t} (missing axes are 1) or a
+      3-sequence in MESH_AXES order.
+    num_devices: devices the mesh must cover exactly.
+  Raises:
+    ValueError: unknown axes, several -1, or sizes that do not multiply to
+      (or divide) num_devices; the message names the sizes.
+  """
+  if isinstance(spec, Mapping):
+    unknown = sorted(set(spec) - set(MESH_AXES))
+    if unknown:
+      raise ValueError(f'mesh: unknown axes {unknown}; expected {MESH_AXES}')
+    sizes = [int(spec.get(a, 1)) for a in MESH_AXES]
+  else:
+    sizes = [int(s) for s in spec]
+    if len(sizes) != len(MESH_AXES):
+      raise ValueError(f'mesh: {sizes} must have one size per axis {MESH_AXES}')
+  if sizes.count(-1) > 1:
+    raise ValueError(f'mesh: at most one axis may be -1, got {sizes}')
+  if any(s == 0 or s < -1 for s in sizes):
+    raise ValueError(f'mesh: axis sizes must be positive or -1, got {sizes}')
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if num_devices % known:
+      raise ValueError(
+          f'mesh {dict(zip(MESH_AXES, sizes))}: the fixed axes ({known} '
+          f'devices) do not divide the device count {num_devices}')
+    sizes[sizes.index(-1)] = num_devices // known
+  elif known != num_devices:
+    raise ValueError(f'mesh {dict(zip(MESH_AXES, sizes))} needs {known} '
+                     f'devices but there are {num_devices}')
+  return tuple(sizes)
+
+
+def create_mesh(spec: Mapping[str, int] | Sequence[int] = (-1, 1, 1),
+                devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A (data, fsdp, tensor) Mesh over `devices` (default: all devices)."""
+  devices = list(jax.devices() if devices is None else devices)
+  shape = mesh_shape(spec, len(devices))
+  try:  # Topology-aware ordering on TPU/GPU; plain reshape elsewhere.
+    from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
+    grid = mesh_utils.create_device_mesh(shape, devices)
+  except Exception:  # pylint: disable=broad-except
+    grid = np.asarray(devices).reshape(shape)
+  return Mesh(grid, MESH_AXES)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
+  """Leading (batch) dim over (data, fsdp); the other `ndim - 1` replicated."""
+  return NamedSharding(mesh, P(('data', 'fsdp'), *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def num_batch_shards(mesh: Mesh) -> int:
+  return mesh.shape['data'] * mesh.shape['fsdp']
+
+
+# ---------------------------------------------------------------------------
+# Logical specs -> shardings.
+# ---------------------------------------------------------------------------
+def _fit(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
+  """Drops mesh axes from dims they do not divide (pruned, odd widths).
+
+  A pruned student may keep e.g. 5 heads on a 2-way tensor axis; that dim is
+  replicated instead of failing, the rest of the array stays sharded.
+  """
+  out = []
+  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    size = math.prod(mesh.shape[a] for a in names)
+    out.append(axes if names and dim % size == 0 else None)
+  return P(*out)
+
+
+def logical_shardings(abstract_boxed, mesh: Mesh, rules=RULES):
+  """Boxed (nn.Partitioned) abstract tree -> unboxed tree of NamedShardings."""
+  specs = nn.get_partition_spec(abstract_boxed)
+  mesh_specs = nn.logical_to_mesh(specs, rules)
+  shapes = nn.meta.unbox(abstract_boxed)
+  return jax.tree.map(
+      lambda s, x: NamedSharding(mesh, _fit(s, x.shape, mesh)), mesh_specs,
+      shapes, is_leaf=lambda x: isinstance(x, P))
+
+
+def _abstract_init(module: nn.Module, rng, *inputs, **kw):
+  return jax.eval_shape(lambda r: module.init(r, *inputs, **kw), rng)
+
+
+def variable_shardings(module: nn.Module, mesh: Mesh, rules=RULES, *inputs,
+                       rng=None, **kw):
+  """Shardings of every variable collection of `module.init(rng, *inputs)`."""
+  rng = jax.random.PRNGKey(0) if rng is None else rng
+  return logical_shardings(_abstract_init(module, rng, *inputs, **kw), mesh,
+                           rules)
+
+
+def sharded_init(module: nn.Module, mesh: Mesh, rules, rng, *inputs, **kw):
+  """Initialises `module` directly into its shardings (no host copy).
+
+  Args:
+    module: a linen module whose params use nn.with_logical_partitioning.
+    mesh, rules: where logical axes go (rules=None: `RULES`).
+    rng: init PRNG key; *inputs, **kw: example inputs of `module.__call__`.
+  Returns:
+    (variables, shardings): unboxed variables dict (e.g. {'params': ...})
+    and the matching tree of NamedShardings.
+  """
+  rules = RULES if rules is None else rules
+  shardings = variable_shardings(module, mesh, rules, *inputs, rng=rng, **kw)
+  init = jax.jit(lambda r: nn.meta.unbox(module.init(r, *inputs, **kw)),
+                 out_shardings=shardings)
+  return init(rng), shardings
+
+
+# ---------------------------------------------------------------------------
+# Flux helpers.
+# ---------------------------------------------------------------------------
+def _flux_module_and_inputs(cfg_or_module):
+  from nanoflux_jax.models import flux  # pylint: disable=g-import-not-at-top
+  module = (cfg_or_module if isinstance(cfg_or_module, nn.Module)
+            else flux.Flux(cfg_or_module))
+  return module, flux.dummy_inputs(module.config)
+
+
+def param_shardings(cfg_or_module: FluxConfig | nn.Module, mesh: Mesh,
+                    rules=RULES):
+  """NamedShardings of a Flux model's params (unboxed tree), no allocation.
+
+  The tree matches `load_flux_transformer`'s params, so it can be passed as
+  `load_flux_transformer(path, shardings=param_shardings(cfg, mesh))` when
+  the config is known, or use `loading_shardings(mesh)` when it is not.
+  """
+  module, inputs = _flux_module_and_inputs(cfg_or_module)
+  return variable_shardings(module, mesh, rules, **inputs)['params']
+
+
+def loading_shardings(mesh: Mesh, rules=RULES
+                      ) -> Callable[[FluxConfig, Any], Any]:
+  """A (config, param_shapes) -> shardings callable for checkpoint loaders.
+
+  `load_flux_transformer(path, shardings=loading_shardings(mesh))` places
+  each converted tensor straight onto its shard while streaming the file.
+  """
+  return lambda cfg, shapes: param_shardings(cfg, mesh, rules)
+
+
+def init_flux(cfg: FluxConfig, mesh: Mesh, rng, rules=RULES):
+  """Sharded random Flux params; returns (params, shardings)."""
+  module, inputs = _flux_module_and_inputs(cfg)
+  variables, shardings = sharded_init(module, mesh, rules, rng, **inputs)
+  return variables['params'], shardings['params']
+
+
+def shard_like(tree, shardings):
+  """device_put every leaf of `tree` onto the matching sharding."""
+  return jax.tree.map(lambda x, s: jax.device_put(jnp.asarray(x), s), tree,
+                      shardings)
+
+
+def describe(tree) -> dict[str, str]:
+  """{'a/b/kernel': 'PartitionSpec(...)'} for logging and tests."""
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {jax.tree_util.keystr(k, simple=True, separator='/'):
+          str(getattr(v.sharding, 'spec', v.sharding)) for k, v in flat}

@@ -1,0 +1,274 @@
+"""FluxPipeline: tokenize -> encode (T5 + CLIP) -> denoise (DiT) -> decode (VAE).
+
+Reproduces diffusers' FluxPipeline: T5 embeddings padded to
+`max_sequence_length`, CLIP pooled output at 77 tokens, packed 2x2 latents,
+BFL's schedule (shifted for guidance-distilled models), Euler steps, and
+VAE decoding after x / scaling + shift. Each stage is one jitted function
+keyed on the (hashable) config, so compiled code is shared between pipelines
+and calls of the same shapes.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import time
+import uuid
+from typing import Any, Sequence
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nanoflux_jax import checkpoint
+from nanoflux_jax import sampling
+from nanoflux_jax.configs import ClipConfig, FluxConfig, T5Config, VAEConfig
+from nanoflux_jax.models.clip import ClipTextModel
+from nanoflux_jax.models.t5 import T5Encoder
+from nanoflux_jax.models.vae import AutoencoderKL, model_to_latents
+
+PIPELINE_FILE = 'nanoflux_pipeline.json'
+_COMPONENTS = ('transformer', 'text_encoder', 'text_encoder_2', 'vae')
+_TOKENIZERS = ('tokenizer', 'tokenizer_2')
+CLIP_MAX_LENGTH = 77
+DEFAULT_GUIDANCE = 3.5  # diffusers' default guidance_scale for FLUX.1-dev.
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _t5_encode(cfg: T5Config, params, ids: jax.Array) -> jax.Array:
+  return T5Encoder(cfg).apply({'params': params}, ids).astype(jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _clip_pooled(cfg: ClipConfig, params, ids: jax.Array) -> jax.Array:
+  return ClipTextModel(cfg).apply({'params': params}, ids)[1].astype(
+      jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3, 4))
+def _decode(cfg: VAEConfig, params, packed: jax.Array, h: int,
+            w: int) -> jax.Array:
+  """Packed latents [B, L, 4C] -> uint8 images [B, h*s, w*s, 3]."""
+  z = model_to_latents(sampling.unpack(packed, h, w), cfg)  # [B, C, h, w]
+  x = AutoencoderKL(cfg).apply({'params': params}, z.transpose(0, 2, 3, 1),
+                               method='decode').astype(jnp.float32)
+  return jnp.round(jnp.clip(x / 2 + 0.5, 0, 1) * 255).astype(jnp.uint8)
+
+
+def _load_tokenizer(path: str):
+  import transformers  # pylint: disable=g-import-not-at-top
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f'{path}: tokenizer folder is missing')
+  return transformers.AutoTokenizer.from_pretrained(path)
+
+
+def _component(folder: str, name: str) -> str:
+  path = os.path.join(folder, name)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f'{folder}: pipeline component folder {name}/ is '
+                            'missing')
+  return path
+
+
+class FluxPipeline:
+  """Text-to-image with FLUX.1 in JAX.
+
+  Build with `FluxPipeline.from_pretrained(folder)` (a diffusers FLUX folder
+  or a folder written by `save`), or from configs and params directly.
+  """
+
+  def __init__(self, transformer: tuple[FluxConfig, Any],
+               text_encoder: tuple[ClipConfig, Any],
+               text_encoder_2: tuple[T5Config, Any],
+               vae: tuple[VAEConfig, Any], tokenizer, tokenizer_2):
+    self.flux_cfg, self.flux_params = transformer
+    self.clip_cfg, self.clip_params = text_encoder
+    self.t5_cfg, self.t5_params = text_encoder_2
+    self.vae_cfg, self.vae_params = vae
+    self.tokenizer, self.tokenizer_2 = tokenizer, tokenizer_2
+    self.last_timings: dict[str, float] = {}
+
+  # --------------------------------------------------------------------------
+  # Loading and saving.
+  # --------------------------------------------------------------------------
+  @classmethod
+  def from_pretrained(cls, folder: str, dtype=None, *,
+                      flux_overrides: dict | None = None) -> 'FluxPipeline':
+    """Loads a diffusers FLUX pipeline folder or a nanoflux pipeline folder.
+
+    Args:
+      folder: has transformer/, text_encoder/ (CLIP), text_encoder_2/ (T5),
+        vae/, tokenizer/ and tokenizer_2/.
+      dtype: cast all params (e.g. jnp.bfloat16); None keeps stored dtypes.
+      flux_overrides: FluxConfig fields to replace, e.g. {'remat': True}.
+    """
+    from nanoflux_jax.convert import flux as convert_flux  # pylint: disable=g-import-not-at-top
+    from nanoflux_jax.convert import text_encoders, vae  # pylint: disable=g-import-not-at-top
+    folder = os.fspath(folder)
+    if os.path.isfile(os.path.join(folder, PIPELINE_FILE)):
+      return cls.load(folder, dtype=dtype, flux_overrides=flux_overrides)
+    if not os.path.isdir(folder):
+      raise FileNotFoundError(f'{folder}: no such pipeline folder')
+    paths = {n: _component(folder, n) for n in _COMPONENTS + _TOKENIZERS}
+    return cls(
+        convert_flux.load_flux_transformer(paths['transformer'], dtype,
+                                           **(flux_overrides or {})),
+        text_encoders.load_clip_text(paths['text_encoder'], dtype),
+        text_encoders.load_t5_encoder(paths['text_encoder_2'], dtype),
+        vae.load_vae(paths['vae'], dtype),
+        _load_tokenizer(paths['tokenizer']),
+        _load_tokenizer(paths['tokenizer_2']))
+
+  def save(self, directory: str) -> None:
+    """Writes every component (orbax + config) and the tokenizers to
+    `directory`, atomically: a failed save leaves an existing folder intact."""
+    directory = os.path.abspath(os.fspath(directory))
+    tmp = f'{directory}.tmp-{uuid.uuid4().hex[:8]}'
+    try:
+      for name, cfg, params in self._components():
+        checkpoint.save(os.path.join(tmp, name), cfg, params)
+      self.tokenizer.save_pretrained(os.path.join(tmp, 'tokenizer'))
+      self.tokenizer_2.save_pretrained(os.path.join(tmp, 'tokenizer_2'))
+      with open(os.path.join(tmp, PIPELINE_FILE), 'w') as f:
+        json.dump({'components': list(_COMPONENTS + _TOKENIZERS)}, f)
+      checkpoint._replace_dir(tmp, directory)  # pylint: disable=protected-access
+    finally:
+      shutil.rmtree(tmp, ignore_errors=True)
+
+  @classmethod
+  def load(cls, directory: str, dtype=None, *,
+           flux_overrides: dict | None = None) -> 'FluxPipeline':
+    """Loads a folder written by `save`."""
+    paths = {n: _component(directory, n) for n in _COMPONENTS + _TOKENIZERS}
+    parts = {n: checkpoint.load(paths[n], dtype=dtype) for n in _COMPONENTS}
+    if flux_overrides:
+      cfg, params = parts['transformer']
+      parts['transformer'] = (cfg.replace(**flux_overrides), params)
+    return cls(parts['transformer'], parts['text_encoder'],
+               parts['text_encoder_2'], parts['vae'],
+               _load_tokenizer(paths['tokenizer']),
+               _load_tokenizer(paths['tokenizer_2']))
+
+  def _components(self):
+    return (('transformer', self.flux_cfg, self.flux_params),
+            ('text_encoder', self.clip_cfg, self.clip_params),
+            ('text_encoder_2', self.t5_cfg, self.t5_params),
+            ('vae', self.vae_cfg, self.vae_params))
+
+  # --------------------------------------------------------------------------
+  # Stages.
+  # --------------------------------------------------------------------------
+  @property
+  def latent_factor(self) -> int:
+    """Pixels per packed token side: VAE down-sampling x 2 (16 for FLUX)."""
+    return 2 * self.vae_cfg.downsample_factor
+
+  def tokenize(self, prompts: Sequence[str],
+               max_sequence_length: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """-> (t5_ids [B, max_sequence_length], clip_ids [B, 77]) int32.
+
+    Longer prompts are truncated with a warning, as diffusers does.
+    """
+    ids = []
+    for tok, length, name in ((self.tokenizer_2, max_sequence_length, 'T5'),
+                              (self.tokenizer, CLIP_MAX_LENGTH, 'CLIP')):
+      full = tok(list(prompts), padding='longest', truncation=False)['input_ids']
+      for p, f in zip(prompts, full):
+        if len(f) > length:
+          logging.warning('%s: prompt truncated to %d tokens (it has %d): %r',
+                          name, length, len(f), p)
+      ids.append(np.asarray(tok(list(prompts), padding='max_length',
+                                max_length=length, truncation=True)
+                            ['input_ids'], np.int32))
+    return ids[0], ids[1]
+
+  def encode_prompt(self, prompts: Sequence[str],
+                    max_sequence_length: int = 256) -> tuple[jax.Array, jax.Array]:
+    """-> (t5 embeddings [B, T, context], pooled CLIP [B, vec]), float32."""
+    t5_ids, clip_ids = self.tokenize(prompts, max_sequence_length)
+    return (_t5_encode(self.t5_cfg, self.t5_params, t5_ids),
+            _clip_pooled(self.clip_cfg, self.clip_params, clip_ids))
+
+  def decode_latents(self, packed: jax.Array, height: int,
+                     width: int) -> jax.Array:
+    """Packed latents [B, L, 4C] -> uint8 images [B, height, width, 3]."""
+    s = self.vae_cfg.downsample_factor
+    return _decode(self.vae_cfg, self.vae_params, packed, height // s,
+                   width // s)
+
+  def _check_call(self, prompts, height, width, max_sequence_length):
+    if isinstance(prompts, str):
+      prompts = [prompts]
+    if not prompts:
+      raise ValueError('FluxPipeline: the prompt list is empty')
+    f = self.latent_factor
+    for name, v in (('height', height), ('width', width)):
+      if v <= 0 or v % f:
+        raise ValueError(f'FluxPipeline: {name}={v} must be a positive '
+                         f'multiple of {f}')
+    if not 0 < max_sequence_length <= 512:
+      raise ValueError(f'FluxPipeline: max_sequence_length='
+                       f'{max_sequence_length} must be in [1, 512]')
+    return list(prompts)
+
+  def __call__(self, prompts: Sequence[str] | str, height: int = 512,
+               width: int = 512, num_steps: int = 4, seed: int | None = None,
+               latents=None, guidance: float | None = None,
+               max_sequence_length: int = 256, output_type: str = 'np'):
+    """Generates images.
+
+    Args:
+      prompts: a prompt or a list of B prompts.
+      height, width: pixels, multiples of `latent_factor` (16 for FLUX).
+      num_steps: Euler steps (4 for schnell).
+      seed: noise seed (ignored when `latents` is given); None means 0.
+      latents: initial noise, packed [B, (H/16)(W/16), 64] as diffusers'.
+      guidance: guidance scale for guidance-distilled models (default 3.5).
+      max_sequence_length: T5 tokens.
+      output_type: 'np' -> uint8 [B, H, W, 3]; 'latent' -> final packed
+        latents [B, (H/16)(W/16), 64] float32.
+    """
+    prompts = self._check_call(prompts, height, width, max_sequence_length)
+    if output_type not in ('np', 'latent'):
+      raise ValueError(f"FluxPipeline: output_type={output_type!r}; expected "
+                       "'np' or 'latent'")
+    b, f, cfg = len(prompts), self.latent_factor, self.flux_cfg
+    gh, gw = height // f, width // f
+    shape = (b, gh * gw, cfg.in_channels)
+    if latents is None:
+      c = cfg.in_channels // 4
+      noise = jax.random.normal(jax.random.key(seed or 0), (b, c, 2 * gh, 2 * gw))
+      latents = sampling.pack(noise)
+    latents = jnp.asarray(latents, jnp.float32)
+    if latents.shape != shape:
+      raise ValueError(f'FluxPipeline: latents have shape {latents.shape}, '
+                       f'expected packed {shape}')
+
+    timings, t0 = {}, time.perf_counter()
+    txt, pooled = self.encode_prompt(prompts, max_sequence_length)
+    txt.block_until_ready()
+    timings['encode'] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    g = None
+    if cfg.guidance_embed:
+      g = jnp.full((b,), DEFAULT_GUIDANCE if guidance is None else guidance,
+                   jnp.float32)
+    ts = sampling.schedule_for(cfg, num_steps, gh * gw)
+    out = sampling.denoise(cfg, self.flux_params, latents,
+                           sampling.image_ids(b, gh, gw), txt,
+                           sampling.text_ids(b, txt.shape[1]), pooled,
+                           jnp.asarray(ts, jnp.float32), g)
+    out.block_until_ready()
+    timings['denoise'] = time.perf_counter() - t0
+
+    if output_type == 'latent':
+      self.last_timings = timings
+      return out
+    t0 = time.perf_counter()
+    images = np.asarray(self.decode_latents(out, height, width))
+    timings['decode'] = time.perf_counter() - t0
+    self.last_timings = timings
+    return images

@@ -1,0 +1,101 @@
+"""End-to-end parity of nf.FluxPipeline with diffusers' FluxPipeline."""
+import numpy as np
+import pytest
+
+import nanoflux_jax as nf
+
+from refs import max_rel_err, require
+from tiny_flux import make_tiny_flux_pipeline
+
+PROMPTS = ['a red circle on the left', 'a photo of a blue dog on a square']
+LATENT_TOL = 1e-4     # max relative error of the final packed latents.
+PIXEL_TOL = 1         # uint8 units (rounding of diffusers' float images).
+
+
+@pytest.fixture(scope='module', params=[False, True], ids=['schnell', 'dev'])
+def pipelines(request, tmp_path_factory):
+  path = tmp_path_factory.mktemp('pipe')
+  ref = make_tiny_flux_pipeline(path, guidance_embeds=request.param)
+  return ref, nf.FluxPipeline.from_pretrained(str(path)), path
+
+
+def _noise(ref, batch, height, width, seed=0):
+  torch = require('torch')
+  g = torch.Generator().manual_seed(seed)
+  h, w = 2 * (height // 4), 2 * (width // 4)  # vae factor 2, 2x2 patches.
+  x = torch.randn((batch, 16, h, w), generator=g)
+  return ref._pack_latents(x, batch, 16, h, w)
+
+
+def test_latents_and_images_match_diffusers(pipelines):
+  torch = require('torch')
+  ref, ours, _ = pipelines
+  height, width = 32, 48
+  noise = _noise(ref, 2, height, width)
+  with torch.no_grad():
+    want = ref(PROMPTS, height=height, width=width, num_inference_steps=3,
+               latents=noise, output_type='latent',
+               max_sequence_length=256).images.numpy()
+    want_img = ref(PROMPTS, height=height, width=width, num_inference_steps=3,
+                   latents=noise, output_type='np',
+                   max_sequence_length=256).images
+  got = ours(PROMPTS, height=height, width=width, num_steps=3,
+             latents=noise.numpy(), output_type='latent')
+  assert got.shape == (2, (height // 4) * (width // 4), 64)
+  assert max_rel_err(got, want) < LATENT_TOL
+  img = ours(PROMPTS, height=height, width=width, num_steps=3,
+             latents=noise.numpy())
+  assert img.dtype == np.uint8 and img.shape == (2, height, width, 3)
+  diff = np.abs(img.astype(int) - np.round(want_img * 255).astype(int))
+  assert diff.max() <= PIXEL_TOL, diff.max()
+  assert set(ours.last_timings) == {'encode', 'denoise', 'decode'}
+
+
+def test_encoders_match_diffusers(pipelines):
+  torch = require('torch')
+  ref, ours, _ = pipelines
+  with torch.no_grad():
+    embeds, pooled, _ = ref.encode_prompt(PROMPTS, None, max_sequence_length=16)
+  t5, clip = ours.encode_prompt(PROMPTS, max_sequence_length=16)
+  assert max_rel_err(t5, embeds.numpy()) < 1e-5
+  assert max_rel_err(clip, pooled.numpy()) < 1e-5
+
+
+def test_save_load_roundtrip(pipelines, tmp_path):
+  _, ours, _ = pipelines
+  ours.save(str(tmp_path / 'saved'))
+  again = nf.FluxPipeline.from_pretrained(str(tmp_path / 'saved'))
+  a = ours(PROMPTS[:1], height=16, width=16, num_steps=2, seed=3,
+           output_type='latent')
+  b = again(PROMPTS[:1], height=16, width=16, num_steps=2, seed=3,
+            output_type='latent')
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert again.flux_cfg == ours.flux_cfg
+
+
+def test_bad_input(pipelines, tmp_path):
+  _, ours, path = pipelines
+  with pytest.raises(ValueError, match='height=30'):
+    ours(PROMPTS, height=30, width=32)
+  with pytest.raises(ValueError, match='empty'):
+    ours([], height=32, width=32)
+  with pytest.raises(ValueError, match='latents have shape'):
+    ours(PROMPTS, height=32, width=32, latents=np.zeros((2, 5, 64)))
+  broken = tmp_path / 'broken'
+  import shutil
+  shutil.copytree(path, broken)
+  shutil.rmtree(broken / 'vae')
+  with pytest.raises(FileNotFoundError, match='vae'):
+    nf.FluxPipeline.from_pretrained(str(broken))
+
+
+def test_long_prompt_is_truncated_with_warning(pipelines, monkeypatch):
+  from nanoflux_jax import pipeline
+  _, ours, _ = pipelines
+  records = []
+  monkeypatch.setattr(pipeline.logging, 'warning',
+                      lambda msg, *a: records.append(msg % a))
+  t5_ids, clip_ids = ours.tokenize([' '.join(['red circle'] * 40)],
+                                   max_sequence_length=8)
+  assert t5_ids.shape == (1, 8) and clip_ids.shape == (1, 77)
+  assert any('T5: prompt truncated to 8' in r for r in records), records

@@ -38,8 +38,14 @@ def save(path: str, config, params) -> None:
   parent = os.path.dirname(path)
   os.makedirs(parent, exist_ok=True)
   tmp = os.path.join(parent, f'.{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}')
+  bad = [jax.tree_util.keystr(k) for k, v in
+         jax.tree_util.tree_leaves_with_path(params)
+         if not isinstance(v, (jax.Array, np.ndarray, np.generic))]
+  if bad:  # Fail before touching the disk.
+    raise TypeError(f'checkpoint.save({path}): params leaves {bad[:5]} are '
+                    'not arrays')
+  ckptr = ocp.StandardCheckpointer()
   try:
-    ckptr = ocp.StandardCheckpointer()
     ckptr.save(os.path.join(tmp, 'params'), params)
     ckptr.wait_until_finished()
     with open(os.path.join(tmp, CONFIG_FILE), 'w') as f:
@@ -47,8 +53,11 @@ def save(path: str, config, params) -> None:
                 f, indent=2, sort_keys=True)
     _replace_dir(tmp, path)
   finally:
-    if os.path.exists(tmp):
-      shutil.rmtree(tmp, ignore_errors=True)
+    try:  # Let a failed async write stop before removing its folder.
+      ckptr.wait_until_finished()
+    except Exception:  # pylint: disable=broad-except
+      pass
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _replace_dir(src: str, dst: str) -> None:

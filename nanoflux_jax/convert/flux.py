@@ -98,6 +98,40 @@ def _static_or_adaln(cfg: FluxConfig, key: str, dst: str, n: int,
   return _prefix(dst, _mod(key, n, swap))
 
 
+DOWNSAMPLE_PREFIX = 'downsample'
+
+
+def _downsample_shapes(cfg: FluxConfig) -> dict[str, tuple[int, ...]]:
+  """'downsample/...' param path -> shape, for a down-sampling cfg."""
+  if cfg.downsample_start is None:
+    return {}
+  import jax  # pylint: disable=g-import-not-at-top
+  from nanoflux_jax.models import downsample  # pylint: disable=g-import-not-at-top
+  tree = jax.eval_shape(lambda: downsample.init_params(cfg, jax.random.key(0)))
+  return {f'{DOWNSAMPLE_PREFIX}/{k}': tuple(v.shape)
+          for k, v in _flatten(tree).items()}
+
+
+def _downsample_key(path: str) -> str:
+  """'downsample/down_res/conv1/kernel' -> 'downsample.down_res.conv1.weight'
+  (kernels and GroupNorm scales are torch 'weight's, in torch layouts)."""
+  *mods, leaf = path.split('/')
+  return '.'.join(mods) + ('.bias' if leaf == 'bias' else '.weight')
+
+
+def _downsample_plan(cfg: FluxConfig) -> dict[str, Entry]:
+  """nanoflux extension keys (no BFL/diffusers analogue) of the down-sampler:
+  Dense kernels as torch Linear weights, 3x3 convs as torch Conv2d weights."""
+  plan = {}
+  for path, shape in _downsample_shapes(cfg).items():
+    key = _downsample_key(path)
+    if path.endswith('/kernel'):
+      plan[path] = loading.conv(key) if len(shape) == 4 else linear(key)
+    else:
+      plan[path] = same(key)
+  return plan
+
+
 def bfl_plan(cfg: FluxConfig) -> dict[str, Entry]:
   """Our param path -> Entry for a BFL checkpoint of `cfg`."""
   hd, qb = cfg.head_dim, cfg.qkv_bias
@@ -143,6 +177,7 @@ def bfl_plan(cfg: FluxConfig) -> dict[str, Entry]:
                                           lambda w, n=h * hd: w[:, n:].T)
     for nm in ('query', 'key'):
       plan[f'{dst}/attn/{nm}_norm/scale'] = same(f'{src}.norm.{nm}_norm.scale')
+  plan.update(_downsample_plan(cfg))
   return plan
 
 
@@ -195,6 +230,7 @@ def diffusers_plan(cfg: FluxConfig) -> dict[str, Entry]:
     plan.update(_prefix(f'{dst}/attn', _proj(f'{src}.proj_out', h, hd)))
     plan[f'{dst}/mlp_out/kernel'] = Entry((f'{src}.proj_out.weight',),
                                           lambda w, n=h * hd: w[:, n:].T)
+  plan.update(_downsample_plan(cfg))
   return plan
 
 
@@ -215,6 +251,30 @@ def _need(shape, keys, key: str, origin: str):
     raise CheckpointError(f'{origin}: missing key {key!r} (needed to infer '
                           'the model config)')
   return shape(key)
+
+
+def _infer_downsample(cfg: dict[str, Any], keys, shape, origin: str):
+  """Down-sampler fields from its extension keys; its block range can only
+  come from the stored nanoflux config (`base`)."""
+  if f'{DOWNSAMPLE_PREFIX}.down_proj.weight' not in keys:
+    if cfg.get('downsample_start') is not None:
+      raise CheckpointError(
+          f'{origin}: the stored config down-samples blocks '
+          f'[{cfg["downsample_start"]}, {cfg.get("downsample_end")}] but '
+          f'there is no {DOWNSAMPLE_PREFIX}.down_proj.weight')
+    cfg.update(downsample_start=None, downsample_end=None)
+    return
+  if cfg.get('downsample_start') is None or cfg.get('downsample_end') is None:
+    raise CheckpointError(
+        f'{origin}: has down-sampler keys ({DOWNSAMPLE_PREFIX}.*) but no '
+        f'nanoflux config metadata giving downsample_start/end')
+  d, fd = shape(f'{DOWNSAMPLE_PREFIX}.down_proj.weight')
+  f = int(round((fd // d) ** 0.5))
+  if f * f * d != fd:
+    raise CheckpointError(f'{origin}: {DOWNSAMPLE_PREFIX}.down_proj.weight '
+                          f'shape {(d, fd)} is not [D, f*f*D]')
+  cfg.update(downsample_factor=f, downsample_channels=shape(
+      f'{DOWNSAMPLE_PREFIX}.down_res.conv1.weight')[0])
 
 
 def infer_config(source, fmt: str, base: dict[str, Any]) -> FluxConfig:
@@ -293,6 +353,7 @@ def infer_config(source, fmt: str, base: dict[str, Any]) -> FluxConfig:
          ) if cfg['depth'] else (f'{sgl}.0.linear1.bias' if bfl else
                                  f'{sgl}.0.attn.to_q.bias')
   cfg['qkv_bias'] = qkv in keys
+  _infer_downsample(cfg, keys, shape, origin)
   if 'axes_dim' not in cfg:
     if hd != 128:
       raise CheckpointError(
@@ -402,7 +463,8 @@ def load_flux_transformer(path: str, dtype=None, *, shardings=None,
 
 def to_bfl_state_dict(cfg: FluxConfig, params) -> dict[str, np.ndarray]:
   """Our params -> a BFL-keyed state dict (torch layouts), the inverse of
-  `bfl_plan`. Static-modulation tables keep a `.table` suffix."""
+  `bfl_plan`. Static-modulation tables keep a `.table` suffix; the token
+  down-sampler is stored under `downsample.*` extension keys."""
   p = {k: np.asarray(v) for k, v in _flatten(params).items()}
   out: dict[str, np.ndarray] = {}
   lin = lambda dst, src, bias=True: out.update(
@@ -461,6 +523,11 @@ def to_bfl_state_dict(cfg: FluxConfig, params) -> dict[str, np.ndarray]:
     out[f'{d}.linear2.bias'] = p[f'{b}/attn/proj/bias']
     for n in ('query', 'key'):
       out[f'{d}.norm.{n}_norm.scale'] = p[f'{b}/attn/{n}_norm/scale']
+  for path, v in p.items():  # nanoflux extension keys, torch layouts.
+    if path.startswith(f'{DOWNSAMPLE_PREFIX}/'):
+      if path.endswith('/kernel'):
+        v = v.transpose(3, 2, 0, 1) if v.ndim == 4 else v.T
+      out[_downsample_key(path)] = v
   return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
 

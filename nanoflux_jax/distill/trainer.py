@@ -130,16 +130,12 @@ def compile_train_step(loss_fn, tx, grad_accum, state_sh, batch_sh, frozen_sh,
       in_shardings=(state_sh, batch_sh, frozen_sh),
       out_shardings=(state_sh, parallel.replicated(mesh)), donate_argnums=0)
 
-  def run(*args):  # Activation constraints need the mesh + rules in scope.
-    with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.RULES):
-      return fn(*args)
-  run.lower = lambda *a: _lower(fn, mesh, *a)
-  return run
-
-
-def _lower(fn, mesh, *args):
-  with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.RULES):
-    return fn.lower(*args)
+  # Traced without a global mesh on purpose: under `jax.set_mesh`, flax
+  # 0.12's DenseGeneral re-boxes its flat kernel with the rank-3 logical
+  # names and fails (models/layers.dense with multi-dim features). Without a
+  # mesh the models' activation constraints are no-ops; GSPMD propagates the
+  # layout from the explicitly sharded params and batch instead.
+  return fn
 
 
 # ---------------------------------------------------------------------------

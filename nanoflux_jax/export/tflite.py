@@ -117,12 +117,29 @@ def signature(path: str) -> dict[str, dict[str, dict]]:
 # ----------------------------------------------------------------------------
 # Conversion.
 # ----------------------------------------------------------------------------
-def _unsupported_ops(message: str) -> list[str]:
-  """Op names mentioned in a converter error ('tf.Foo', 'stablehlo.bar')."""
-  ops = re.findall(r"\b((?:tf|stablehlo|mhlo|chlo|vhlo|func)\.[A-Za-z_]\w*)",
-                   message)
-  ops += re.findall(r'\bFlex\w+', message)
-  return sorted(set(ops) - {'tf.function', 'func.func', 'func.return'})
+def _unsupported_ops(message: str, fn: Callable, params,
+                     inputs: InputSpecs) -> list[str]:
+  """Names what blocked a conversion, from the converter error and the HLO.
+
+  The converter reports the TF-level op it could not map ('Custom ops:
+  XlaCallModule' when some StableHLO op inside had no builtin lowering), so
+  the StableHLO custom calls (LAPACK, FFI targets, ...) are listed too: they
+  are the usual culprits.
+  """
+  ops = []
+  for line in re.findall(r'(?:Custom|Flex|Select TF) ops: ([^\n]*)', message):
+    ops += [o.strip() for o in line.split(',') if o.strip()]
+  ops += re.findall(r"'((?:tf|stablehlo|mhlo|chlo)\.\w+)' op is", message)
+  try:
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, np.float32),
+                          params)
+    specs = {k: jax.ShapeDtypeStruct(s, d) for k, (s, d) in inputs.items()}
+    hlo = jax.jit(fn).lower(shapes, specs).as_text()
+    ops += [f'stablehlo.custom_call @{t}' for t in
+            re.findall(r'stablehlo\.custom_call @(\w+)', hlo)]
+  except Exception:  # pylint: disable=broad-except
+    pass  # The diagnosis is best effort; the converter error is still shown.
+  return sorted(set(ops))
 
 
 def _saved_model(fn: Callable, params, inputs: InputSpecs, path: str) -> None:
@@ -154,7 +171,7 @@ def _quantize_int4(data: bytes) -> bytes:
   from ai_edge_quantizer import quantizer, recipe  # pylint: disable=g-import-not-at-top
   try:
     result = quantizer.Quantizer(data, recipe.dynamic_wi4b32_afp32()).quantize(
-        enable_progress_report=False)
+        enable_progress_bar=False, enable_progress_report=False)
   except Exception as e:  # pylint: disable=broad-except
     raise ExportError(f'ai-edge-quantizer failed (int4 blockwise): {e}') from e
   return bytes(result.quantized_model)
@@ -203,8 +220,9 @@ def convert(fn: Callable, params, inputs: InputSpecs, path: str, *,
     try:
       data = conv.convert()
     except Exception as e:  # pylint: disable=broad-except
-      msg = str(e)
-      ops = _unsupported_ops(msg)
+      # Drop the serialized StableHLO bytes the converter echoes back.
+      msg = re.sub(r'module = "[^"]*"', 'module = <...>', str(e))
+      ops = _unsupported_ops(msg, fn, params, inputs)
       raise ExportError(
           f'{os.path.basename(path)}: conversion to TFLite builtin ops failed'
           + (f'; ops without a builtin lowering: {ops}' if ops else '') +

@@ -328,9 +328,13 @@ class Flux(nn.Module):
 
 def init_params(config: FluxConfig, rng: Array, batch: int = 1,
                 img_len: int = 16, txt_len: int = 8) -> dict:
-  """Randomly initialised (unboxed) params for `config`."""
-  return nn.meta.unbox(Flux(config).init(rng, **dummy_inputs(
-      config, batch, img_len, txt_len))['params'])
+  """Randomly initialised (unboxed) params for `config`.
+
+  Jitted: run eagerly, every initializer call would compile on its own.
+  """
+  init = jax.jit(lambda r: Flux(config).init(
+      r, **dummy_inputs(config, batch, img_len, txt_len))['params'])
+  return nn.meta.unbox(init(rng))
 
 
 def param_shapes(config: FluxConfig) -> dict:

@@ -106,23 +106,72 @@ def apply_rope(x: Array, pe: tuple[Array, Array]) -> Array:
   return out.reshape(x.shape).astype(x.dtype)
 
 
-def _attention_per_head(q: Array, k: Array, v: Array) -> Array:
-  """Exact attention, one head at a time with lax.map.
+# Attention on CPU. The scores of one head at 1152 tokens are 5 MB: written by
+# the QK^T matmul (K = head_dim is small, so it is memory-bound), read by the
+# max, rewritten by exp and read by the PV matmul. Two things make it fast on
+# XLA:CPU: (1) splitting each head's queries into chunks of <= _Q_CHUNK rows,
+# so a chunk's scores stay in L2/L3 between those passes; (2) running the heads
+# as `_HEAD_GROUPS` independent lax.map chains, which XLA's thunk executor runs
+# concurrently, so the small, mostly single-threaded per-chunk ops of one chain
+# overlap with the other's instead of leaving cores idle.
+_Q_CHUNK = 576
+_HEAD_GROUPS = 2
 
-  On CPU this is ~3x faster than materialising the [B, H, L, L] score tensor:
-  each head's [B, L, L] scores stay cache-sized and XLA fuses the softmax.
+
+def _softmax_pv(q: Array, k: Array, v: Array, scale: float) -> Array:
+  """Exact softmax(q k^T * scale) v for q [B, Lq, D], k/v [B, Lk, D].
+
+  Scores, max, exp and sum are float32; the row sum divides the PV product
+  (same math as normalising the probabilities first, one pass fewer). The
+  scale is applied to (s - max) inside exp, so q is never rounded by it.
   """
+  s = jnp.einsum('bqd,bkd->bqk', q, k, preferred_element_type=jnp.float32)
+  m = jnp.max(s, axis=-1, keepdims=True)
+  p = jnp.exp((s - m) * scale)
+  l = jnp.sum(p, axis=-1, keepdims=True)
+  o = jnp.einsum('bqk,bkd->bqd', p.astype(v.dtype), v,
+                 preferred_element_type=jnp.float32)
+  return (o / l).astype(v.dtype)
+
+
+def _attention_per_head(q: Array, k: Array, v: Array, *,
+                        q_chunk: int | None = None,
+                        groups: int | None = None) -> Array:
+  """Exact attention, one head (and query chunk) at a time, q/k/v [B, L, H, D].
+
+  Heads are split into `groups` contiguous groups, each a lax.map over its
+  heads; inside one head the queries are processed in static chunks of at
+  most `q_chunk` rows against all keys. Never materialises [B, H, L, L].
+  """
+  q_chunk = q_chunk or _Q_CHUNK
+  groups = max(1, min(groups or _HEAD_GROUPS, q.shape[2]))
   scale = 1.0 / math.sqrt(q.shape[-1])
+  lq = q.shape[1]
+  n_chunks = -(-lq // q_chunk)
+  step = -(-lq // n_chunks)  # Equal chunks, the last one possibly shorter.
+  bounds = [(i, min(i + step, lq)) for i in range(0, lq, step)]
   q, k, v = (jnp.moveaxis(a, 2, 0) for a in (q, k, v))  # [H, B, L, D]
 
   def one_head(qkv):
     qh, kh, vh = qkv
-    s = jnp.einsum('bqd,bkd->bqk', qh, kh,
-                   preferred_element_type=jnp.float32) * scale
-    p = jax.nn.softmax(s, axis=-1).astype(vh.dtype)
-    return jnp.einsum('bqk,bkd->bqd', p, vh)
+    outs = [_softmax_pv(qh[:, a:b], kh, vh, scale) for a, b in bounds]
+    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
 
-  return jnp.moveaxis(jax.lax.map(one_head, (q, k, v)), 0, 2)
+  h = q.shape[0]
+  cuts = [round(i * h / groups) for i in range(groups + 1)]
+  outs = [jax.lax.map(one_head, (q[a:b], k[a:b], v[a:b]))
+          for a, b in zip(cuts[:-1], cuts[1:])]
+  out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=0)
+  return jnp.moveaxis(out, 0, 2)
+
+
+def _attention_reference(q: Array, k: Array, v: Array) -> Array:
+  """Naive exact attention materialising [B, H, L, L] (tests, benchmarks)."""
+  scale = 1.0 / math.sqrt(q.shape[-1])
+  s = jnp.einsum('bqhd,bkhd->bhqk', q, k,
+                 preferred_element_type=jnp.float32) * scale
+  p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+  return jnp.einsum('bhqk,bkhd->bqhd', p, v)
 
 
 def attention(q: Array, k: Array, v: Array, impl: str = 'auto') -> Array:

@@ -1,0 +1,427 @@
+r"""Forward-pass benchmark of nanoflux_jax's FLUX DiT against diffusers.
+
+CPU (default): FluxConfig.benchmark() (hidden 768, 12 heads x 64, 4 double +
+8 single blocks), batch 1, a 32x32 image-token grid + 128 text tokens, fp32.
+The same random weights go into diffusers' FluxTransformer2DModel (torch,
+no_grad, eval) and, through a diffusers `save_pretrained` folder and
+`load_flux_transformer`, into ours (jax.jit). Prints the parity error, a
+timing table (median ms after warm-up, runs interleaved so machine load hits
+both alike), our achieved GFLOP/s next to a plain jnp matmul's, a per-part
+breakdown, and as the last line one JSON object.
+
+  python experiments/benchmark_dit.py [--grid=32 --txt_len=128 --repeats=7]
+
+GPU (--schnell_gpu): FLUX.1-schnell-size model with random bf16 weights,
+1024x1024 image (4096 tokens) + 512 text tokens, ours (cudnn/xla attention)
+vs diffusers on CUDA, the same weights copied tensor by tensor on device.
+"""
+import os
+
+os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')  # Share GPU.
+
+import json
+import statistics
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import nanoflux_jax as nf
+from nanoflux_jax.convert import flux as convert_flux
+from nanoflux_jax.models import flux, layers
+
+_GRID = flags.DEFINE_integer('grid', 32, 'Image token grid side (tokens = grid^2).')
+_TXT_LEN = flags.DEFINE_integer('txt_len', 128, 'Text tokens.')
+_REPEATS = flags.DEFINE_integer('repeats', 7, 'Timed runs per measurement.')
+_WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed runs before timing.')
+_TORCH_THREADS = flags.DEFINE_integer('torch_threads', 2, 'torch.set_num_threads.')
+_ATTENTION = flags.DEFINE_string('attention_impl', 'auto', 'Our attention impl.')
+_PARTS = flags.DEFINE_bool('parts', True, 'Also time blocks / attention / matmuls.')
+_TOL = flags.DEFINE_float('tol', 1e-4, 'Max relative error allowed vs diffusers.')
+_SCHNELL_GPU = flags.DEFINE_bool('schnell_gpu', False, 'Schnell-size bf16 run on CUDA.')
+_GPU_ATTENTION = flags.DEFINE_string('gpu_attention', 'cudnn', "'cudnn' or 'xla'.")
+
+
+# ----------------------------------------------------------------------------
+# FLOPs and timing.
+# ----------------------------------------------------------------------------
+def forward_flops(cfg, img_len: int, txt_len: int, batch: int = 1) -> int:
+  """Matmul FLOPs (2 x MACs) of one forward, attention QK^T and PV included."""
+  try:  # Prefer the library's counter when there is one.
+    from nanoflux_jax.compress import count_flops  # pylint: disable=g-import-not-at-top
+    return int(count_flops(cfg, img_len=img_len, txt_len=txt_len, batch=batch))
+  except Exception:  # pylint: disable=broad-except
+    pass
+  d, hd, n = cfg.hidden_size, cfg.head_dim, img_len + txt_len
+  mm = lambda tokens, i, o: 2 * tokens * i * o
+  f = mm(img_len, cfg.in_channels, d) + mm(txt_len, cfg.context_in_dim, d)
+  if cfg.modulation == 'adaln':
+    f += mm(1, 256, d) + mm(1, d, d) + mm(1, cfg.vec_in_dim, d) + mm(1, d, d)
+    if cfg.guidance_embed:
+      f += mm(1, 256, d) + mm(1, d, d)
+    f += 2 * mm(1, d, 6 * d) * cfg.depth + mm(1, d, 3 * d) * \
+        cfg.depth_single_blocks + mm(1, d, 2 * d)
+  for i in range(cfg.depth):
+    a = cfg.double_heads[i] * hd
+    for tokens, m in ((img_len, cfg.double_mlp_img[i]),
+                      (txt_len, cfg.double_mlp_txt[i])):
+      f += mm(tokens, d, 3 * a) + mm(tokens, a, d) + 2 * mm(tokens, d, m)
+    f += 2 * mm(n, n, a)  # QK^T and PV.
+  for i in range(cfg.depth_single_blocks):
+    a, m = cfg.single_heads[i] * hd, cfg.single_mlp[i]
+    f += mm(n, d, 3 * a + m) + mm(n, a + m, d) + 2 * mm(n, n, a)
+  f += mm(img_len, d, cfg.out_dim)
+  return batch * f
+
+
+def time_interleaved(fns: dict, repeats: int, warmup: int) -> dict:
+  """name -> median seconds; one run of every fn per round, rounds repeated."""
+  for fn in fns.values():
+    for _ in range(warmup):
+      fn()
+  times = {k: [] for k in fns}
+  for _ in range(repeats):
+    for k, fn in fns.items():
+      t = time.perf_counter()
+      fn()
+      times[k].append(time.perf_counter() - t)
+  return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _jax_call(f, *args):
+  return lambda: jax.block_until_ready(f(*args))
+
+
+def _max_rel_err(ours, ref) -> float:
+  ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+  return float(np.abs(ours - ref).max() / (np.abs(ref).max() + 1e-30))
+
+
+# ----------------------------------------------------------------------------
+# CPU benchmark.
+# ----------------------------------------------------------------------------
+def _diffusers_model(cfg, torch, diffusers, seed=0):
+  torch.manual_seed(seed)
+  model = diffusers.FluxTransformer2DModel(
+      patch_size=1, in_channels=cfg.in_channels, num_layers=cfg.depth,
+      num_single_layers=cfg.depth_single_blocks,
+      attention_head_dim=cfg.head_dim, num_attention_heads=cfg.num_heads,
+      joint_attention_dim=cfg.context_in_dim,
+      pooled_projection_dim=cfg.vec_in_dim, guidance_embeds=cfg.guidance_embed,
+      axes_dims_rope=cfg.axes_dim).eval()
+  with torch.no_grad():  # Zero-initialised tensors would hide layout bugs.
+    for p in model.parameters():
+      if not p.any():
+        p.normal_(0, 0.05)
+  return model
+
+
+def _inputs(cfg, grid, txt_len, seed=0):
+  rng = np.random.default_rng(seed)
+  ids = np.zeros((grid, grid, 3), np.float32)
+  ids[..., 1], ids[..., 2] = np.arange(grid)[:, None], np.arange(grid)[None]
+  return dict(
+      img=rng.standard_normal((1, grid * grid, cfg.in_channels), np.float32),
+      img_ids=ids.reshape(1, grid * grid, 3),
+      txt=rng.standard_normal((1, txt_len, cfg.context_in_dim), np.float32),
+      txt_ids=np.zeros((1, txt_len, 3), np.float32),
+      timesteps=np.array([0.7], np.float32),
+      y=rng.standard_normal((1, cfg.vec_in_dim), np.float32))
+
+
+def _torch_forward(model, inp, torch):
+  t = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in inp.items()}
+  def run():
+    with torch.no_grad():
+      return model(hidden_states=t['img'], encoder_hidden_states=t['txt'],
+                   pooled_projections=t['y'], timestep=t['timesteps'],
+                   img_ids=t['img_ids'][0], txt_ids=t['txt_ids'][0],
+                   return_dict=False)[0]
+  return run
+
+
+def _no_attention(q, k, v, impl='auto'):
+  del q, k, impl
+  return v
+
+
+def _parts(cfg, params, ref, grid, txt_len, torch, repeats, warmup):
+  """Times one double block, one single block (with and without attention),
+  attention alone and the blocks' matmuls alone, ours and torch's."""
+  li, lt, d = grid * grid, txt_len, cfg.hidden_size
+  n, h, hd = li + lt, cfg.num_heads, cfg.head_dim
+  rng = np.random.default_rng(1)
+  rnd = lambda *s: rng.standard_normal(s, np.float32)
+  img, txt, vec = rnd(1, li, d), rnd(1, lt, d), rnd(1, d)
+  inp = _inputs(cfg, grid, txt_len)
+  ids = np.concatenate([inp['txt_ids'], inp['img_ids']], 1)
+  pe = layers.rope(jnp.asarray(ids), cfg.axes_dim, cfg.theta)
+  dbl, sgl = flux.DoubleStreamBlock(cfg, 0), flux.SingleStreamBlock(cfg, 0)
+  p_dbl, p_sgl = params['double_blocks_0'], params['single_blocks_0']
+  orig = layers.attention
+
+  def jit_block(attn_fn, apply):
+    def f(*a):
+      layers.attention = attn_fn  # Read by flux.py while tracing.
+      try:
+        return apply(*a)
+      finally:
+        layers.attention = orig
+    return jax.jit(f)
+
+  dbl_apply = lambda p, i, t, c: dbl.apply({'params': p}, i, t, c, pe)
+  sgl_apply = lambda p, x, c: sgl.apply({'params': p}, x, c, pe)
+  x = np.concatenate([txt, img], 1)
+  ji, jt, jv, jx = (jnp.asarray(a) for a in (img, txt, vec, x))
+  fns = {
+      'double block': _jax_call(jit_block(orig, dbl_apply), p_dbl, ji, jt, jv),
+      'double block, no attention': _jax_call(
+          jit_block(_no_attention, dbl_apply), p_dbl, ji, jt, jv),
+      'single block': _jax_call(jit_block(orig, sgl_apply), p_sgl, jx, jv),
+      'single block, no attention': _jax_call(
+          jit_block(_no_attention, sgl_apply), p_sgl, jx, jv)}
+  q, k, v = (jnp.asarray(rnd(1, n, h, hd)) for _ in range(3))
+  attn = {
+      f'attention {_ATTENTION.value}': lambda *a: layers.attention(
+          *a, impl=_ATTENTION.value),
+      'attention per_head, 1 chain, unchunked': lambda *a: (
+          layers._attention_per_head(*a, q_chunk=n, groups=1)),  # pylint: disable=protected-access
+      'attention xla': lambda *a: layers.attention(*a, impl='xla')}
+  for name, f in attn.items():
+    fns[name] = _jax_call(jax.jit(f), q, k, v)
+  # The matmuls of one block alone (same shapes, random weights).
+  m = int(d * cfg.mlp_ratio)
+  w = {s: jnp.asarray(rnd(*s) * 0.02) for s in
+       ((d, 3 * d), (d, d), (d, m), (m, d))}
+  def dbl_mm(a, b):
+    out = []
+    for t in (a, b):
+      out += [t @ w[(d, 3 * d)], t @ w[(d, d)], (t @ w[(d, m)]) @ w[(m, d)]]
+    return out
+  def sgl_mm(a):
+    return [a @ w[(d, 3 * d)], a @ w[(d, d)], (a @ w[(d, m)]) @ w[(m, d)]]
+  fns['double block matmuls'] = _jax_call(jax.jit(dbl_mm), ji[0], jt[0])
+  fns['single block matmuls'] = _jax_call(jax.jit(sgl_mm), jx[0])
+
+  # torch counterparts.
+  tt = lambda a: torch.from_numpy(np.ascontiguousarray(a))
+  with torch.no_grad():
+    temb = ref.time_text_embed(torch.tensor([700.]), tt(inp['y']))
+    rot = ref.pos_embed(tt(ids[0]))
+  tw = {s: tt(np.asarray(a)) for s, a in w.items()}
+  tq, tk, tv = (tt(np.asarray(a)).transpose(1, 2).contiguous() for a in (q, k, v))
+  def no_grad(f):
+    def g():
+      with torch.no_grad():
+        return f()
+    return g
+  tfns = {
+      'double block': no_grad(lambda: ref.transformer_blocks[0](
+          tt(img), tt(txt), temb, rot)),
+      'single block': no_grad(lambda: ref.single_transformer_blocks[0](
+          tt(img), tt(txt), temb, rot)),
+      f'attention {_ATTENTION.value}': no_grad(
+          lambda: torch.nn.functional.scaled_dot_product_attention(tq, tk, tv)),
+      'double block matmuls': no_grad(lambda: [
+          f(tt(a)) for a in (img[0], txt[0]) for f in (
+              lambda t: t @ tw[(d, 3 * d)], lambda t: t @ tw[(d, d)],
+              lambda t: (t @ tw[(d, m)]) @ tw[(m, d)])]),
+      'single block matmuls': no_grad(lambda: [
+          f(tt(x[0])) for f in (
+              lambda t: t @ tw[(d, 3 * d)], lambda t: t @ tw[(d, d)],
+              lambda t: (t @ tw[(d, m)]) @ tw[(m, d)])])}
+  both = dict(fns)
+  both.update({f'torch:{k}': f for k, f in tfns.items()})
+  return time_interleaved(both, repeats, warmup)
+
+
+def run_cpu():
+  import torch  # pylint: disable=g-import-not-at-top
+  import diffusers  # pylint: disable=g-import-not-at-top
+  torch.set_num_threads(_TORCH_THREADS.value)
+  grid, txt_len = _GRID.value, _TXT_LEN.value
+  cfg0 = nf.FluxConfig.benchmark()
+  ref = _diffusers_model(cfg0, torch, diffusers)
+  with tempfile.TemporaryDirectory() as tmp:
+    ref.save_pretrained(os.path.join(tmp, 'transformer'))
+    cfg, params = convert_flux.load_flux_transformer(
+        os.path.join(tmp, 'transformer'), attention_impl=_ATTENTION.value)
+  inp = _inputs(cfg, grid, txt_len)
+  fwd = jax.jit(lambda p, x: flux.Flux(cfg).apply({'params': p}, **x))
+  x = {k: jnp.asarray(v) for k, v in inp.items()}
+  ours_fn = _jax_call(fwd, params, x)
+  ref_fn = _torch_forward(ref, inp, torch)
+  err = _max_rel_err(ours_fn(), ref_fn().numpy())
+
+  mk, mn, mm = 1152, 768, 3072  # A representative matmul of the model.
+  a = jnp.asarray(np.random.default_rng(0).standard_normal((mk, mn), np.float32))
+  b = jnp.asarray(np.random.default_rng(1).standard_normal((mn, mm), np.float32))
+  ta, tb = torch.from_numpy(np.asarray(a)), torch.from_numpy(np.asarray(b))
+  t = time_interleaved({
+      'ours': ours_fn, 'diffusers': ref_fn,
+      'jnp matmul': _jax_call(jax.jit(jnp.matmul), a, b),
+      'torch matmul': lambda: ta @ tb}, _REPEATS.value, _WARMUP.value)
+  flops = forward_flops(cfg, grid * grid, txt_len)
+  mm_flops = 2 * mk * mn * mm
+  gflops = flops / t['ours'] / 1e9
+  mm_gflops = mm_flops / t['jnp matmul'] / 1e9
+  load = os.getloadavg()
+
+  print(f'\nFLUX DiT forward, {cfg.depth} double + {cfg.depth_single_blocks} '
+        f'single blocks, hidden {cfg.hidden_size} ({cfg.num_heads}x'
+        f'{cfg.head_dim}), batch 1, {grid * grid} image + {txt_len} text '
+        f'tokens, fp32; jax {jax.__version__} ({jax.default_backend()}), '
+        f'torch {torch.__version__} threads {torch.get_num_threads()}, '
+        f'attention_impl={cfg.attention_impl}, load avg {load[0]:.2f}')
+  print(f'max rel err ours vs diffusers: {err:.2e} (tol {_TOL.value:g})')
+  print(f'forward FLOPs (matmuls incl. QK^T, PV): {flops / 1e9:.1f} GFLOP')
+  print(f'{"":28s}{"ms":>10s}{"GFLOP/s":>10s}')
+  for k, f in (('ours', flops), ('diffusers', flops),
+               ('jnp matmul 1152x768x3072', mm_flops),
+               ('torch matmul 1152x768x3072', mm_flops)):
+    key = k.split(' 1152')[0]
+    print(f'{k:28s}{t[key] * 1e3:10.1f}{f / t[key] / 1e9:10.1f}')
+  print(f'speed ratio diffusers_ms / ours_ms: {t["diffusers"] / t["ours"]:.3f}; '
+        f'ours / jnp matmul rate: {gflops / mm_gflops:.3f}')
+
+  if _PARTS.value:
+    p = _parts(cfg, params, ref, grid, txt_len, torch, _REPEATS.value,
+               _WARMUP.value)
+    print(f'\nper part (median ms; load avg {os.getloadavg()[0]:.2f})')
+    print(f'{"":40s}{"ours":>9s}{"torch":>9s}')
+    for k in p:
+      if not k.startswith('torch:'):
+        tv = p.get(f'torch:{k}')
+        print(f'{k:40s}{p[k] * 1e3:9.1f}' +
+              (f'{tv * 1e3:9.1f}' if tv is not None else ''))
+    attn = p[f'attention {_ATTENTION.value}']
+    nb = cfg.depth + cfg.depth_single_blocks
+    blocks = cfg.depth * p['double block'] + cfg.depth_single_blocks * p[
+        'single block']
+    mms = cfg.depth * p['double block matmuls'] + cfg.depth_single_blocks * p[
+        'single block matmuls']
+    print(f'forward estimate from parts: blocks {blocks * 1e3:.0f} ms = '
+          f'attention {nb * attn * 1e3:.0f} + block matmuls {mms * 1e3:.0f} + '
+          f'rest (norms, RoPE, modulation, GELU, copies) '
+          f'{(blocks - nb * attn - mms) * 1e3:.0f}; whole forward '
+          f'{t["ours"] * 1e3:.0f} ms')
+
+  if err > _TOL.value:
+    raise SystemExit(f'ours vs diffusers max rel err {err:.2e} > {_TOL.value}')
+  print(json.dumps({
+      'ours_ms': round(t['ours'] * 1e3, 2),
+      'diffusers_ms': round(t['diffusers'] * 1e3, 2),
+      'speed_ratio': round(t['diffusers'] / t['ours'], 4),
+      'gflops': round(gflops, 2), 'matmul_gflops': round(mm_gflops, 2),
+      'matmul_fraction': round(gflops / mm_gflops, 4)}))
+
+
+# ----------------------------------------------------------------------------
+# GPU: schnell size, bf16, on one CUDA device.
+# ----------------------------------------------------------------------------
+def run_schnell_gpu():
+  import torch  # pylint: disable=g-import-not-at-top
+  import diffusers  # pylint: disable=g-import-not-at-top
+  from flax import traverse_util  # pylint: disable=g-import-not-at-top
+  t0 = time.perf_counter()
+  cfg = nf.FluxConfig.schnell(dtype='bfloat16', param_dtype='bfloat16',
+                              attention_impl=_GPU_ATTENTION.value)
+  li, lt = 4096, 512
+  with torch.device('meta'):
+    ref = diffusers.FluxTransformer2DModel(
+        patch_size=1, in_channels=cfg.in_channels, num_layers=cfg.depth,
+        num_single_layers=cfg.depth_single_blocks,
+        attention_head_dim=cfg.head_dim, num_attention_heads=cfg.num_heads,
+        joint_attention_dim=cfg.context_in_dim,
+        pooled_projection_dim=cfg.vec_in_dim, guidance_embeds=False,
+        axes_dims_rope=cfg.axes_dim)
+  ref = ref.to(torch.bfloat16).to_empty(device='cuda').eval()
+  gen = torch.Generator(device='cuda').manual_seed(0)
+  with torch.no_grad():
+    for name, p in ref.named_parameters():
+      if p.ndim >= 2:  # Variance-preserving weights keep bf16 activations sane.
+        p.normal_(0, p.shape[1] ** -0.5, generator=gen)
+      elif 'norm' in name:
+        p.normal_(1, 0.05, generator=gen)
+      else:
+        p.normal_(0, 0.02, generator=gen)
+  torch.cuda.synchronize()
+  print(f'diffusers model built on cuda in {time.perf_counter() - t0:.0f} s, '
+        f'{sum(p.numel() for p in ref.parameters()):,} params')
+
+  # Copy into our layout on device: dlpack views of the torch tensors, the
+  # converter's Entry functions (a few go through host via np.stack).
+  sd = dict(ref.named_parameters())
+  target = traverse_util.flatten_dict(flux.param_shapes(cfg), sep='/')
+  plan = convert_flux.diffusers_plan(cfg)
+  dev = jax.devices()[0]
+  flat = {}
+  for path, shape in target.items():
+    entry = plan[path]
+    srcs = [jax.dlpack.from_dlpack(sd[k].detach()) for k in entry.sources]
+    val = jax.device_put(jnp.asarray(entry.fn(*srcs), jnp.bfloat16), dev)
+    if val.shape != shape.shape:
+      raise ValueError(f'{path}: built {val.shape}, expected {shape.shape}')
+    flat[path] = val
+  params = traverse_util.unflatten_dict(flat, sep='/')
+  jax.block_until_ready(params)
+  print(f'weights copied to our layout at {time.perf_counter() - t0:.0f} s')
+
+  rng = np.random.default_rng(0)
+  side = int(li ** 0.5)
+  ids = np.zeros((side, side, 3), np.float32)
+  ids[..., 1], ids[..., 2] = np.arange(side)[:, None], np.arange(side)[None]
+  inp = dict(img=rng.standard_normal((1, li, cfg.in_channels), np.float32),
+             img_ids=ids.reshape(1, li, 3),
+             txt=rng.standard_normal((1, lt, cfg.context_in_dim), np.float32),
+             txt_ids=np.zeros((1, lt, 3), np.float32),
+             timesteps=np.array([0.7], np.float32),
+             y=rng.standard_normal((1, cfg.vec_in_dim), np.float32))
+  fwd = jax.jit(lambda p, x: flux.Flux(cfg).apply({'params': p}, **x))
+  x = {k: jnp.asarray(v) for k, v in inp.items()}
+  ours_fn = _jax_call(fwd, params, x)
+  tin = {k: torch.from_numpy(v).cuda() for k, v in inp.items()}
+  def ref_fn():
+    with torch.no_grad():
+      out = ref(hidden_states=tin['img'].bfloat16(),
+                encoder_hidden_states=tin['txt'].bfloat16(),
+                pooled_projections=tin['y'].bfloat16(),
+                timestep=tin['timesteps'].bfloat16(),
+                img_ids=tin['img_ids'][0], txt_ids=tin['txt_ids'][0],
+                return_dict=False)[0]
+    torch.cuda.synchronize()
+    return out
+  err = _max_rel_err(np.asarray(ours_fn().astype(jnp.float32)),
+                     ref_fn().float().cpu().numpy())
+  t = time_interleaved({'ours': ours_fn, 'diffusers': ref_fn},
+                       max(_REPEATS.value, 5), _WARMUP.value)
+  flops = forward_flops(cfg, li, lt)
+  print(f'\nFLUX.1-schnell-size forward, bf16, {li} image + {lt} text tokens, '
+        f'{jax.devices()[0].device_kind}, attention {cfg.attention_impl}')
+  print(f'max rel err ours vs diffusers (bf16): {err:.3e}')
+  print(f'forward FLOPs: {flops / 1e12:.2f} TFLOP')
+  for k in ('ours', 'diffusers'):
+    print(f'{k:12s}{t[k] * 1e3:10.1f} ms{flops / t[k] / 1e12:8.1f} TFLOP/s')
+  print(json.dumps({'gpu': jax.devices()[0].device_kind,
+                    'ours_ms': round(t['ours'] * 1e3, 2),
+                    'diffusers_ms': round(t['diffusers'] * 1e3, 2),
+                    'speed_ratio': round(t['diffusers'] / t['ours'], 4),
+                    'tflops': round(flops / t['ours'] / 1e12, 2),
+                    'max_rel_err': err}))
+
+
+def main(argv):
+  del argv
+  if _SCHNELL_GPU.value:
+    run_schnell_gpu()
+  else:
+    run_cpu()
+
+
+if __name__ == '__main__':
+  app.run(main)

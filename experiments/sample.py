@@ -1,0 +1,55 @@
+r"""Generates images with a FLUX pipeline and writes a PNG grid.
+
+  python experiments/sample.py --model=/ckpt/FLUX.1-schnell \
+    --prompt="a photo of a cat" --prompt="a red bicycle" \
+    --height=512 --width=512 --steps=4 --seed=0 --out=grid.png
+
+--model is a diffusers FLUX pipeline folder or a folder written by
+`FluxPipeline.save`. Prints the time of each stage (encode, denoise, decode);
+the first call includes jit compilation, so it is reported separately.
+"""
+import time
+
+from absl import app
+from absl import flags
+import numpy as np
+
+import nanoflux_jax as nf
+from nanoflux_jax import images
+
+_MODEL = flags.DEFINE_string('model', None, 'Pipeline folder.', required=True)
+_PROMPT = flags.DEFINE_multi_string('prompt', ['a photo of a cat'], 'Prompts.')
+_HEIGHT = flags.DEFINE_integer('height', 512, 'Image height (pixels).')
+_WIDTH = flags.DEFINE_integer('width', 512, 'Image width (pixels).')
+_STEPS = flags.DEFINE_integer('steps', 4, 'Euler steps.')
+_SEED = flags.DEFINE_integer('seed', 0, 'Noise seed.')
+_GUIDANCE = flags.DEFINE_float('guidance', None, 'Guidance (dev models).')
+_DTYPE = flags.DEFINE_enum('dtype', None, ['float32', 'bfloat16'],
+                           'Cast params (default: as stored).')
+_OUT = flags.DEFINE_string('out', 'grid.png', 'Output PNG.')
+
+
+def main(argv):
+  del argv
+  t0 = time.perf_counter()
+  pipe = nf.FluxPipeline.from_pretrained(
+      _MODEL.value, dtype=np.dtype(_DTYPE.value) if _DTYPE.value else None)
+  print(f'load: {time.perf_counter() - t0:.2f} s')
+  kw = dict(height=_HEIGHT.value, width=_WIDTH.value, num_steps=_STEPS.value,
+            seed=_SEED.value, guidance=_GUIDANCE.value)
+  t0 = time.perf_counter()
+  out = pipe(_PROMPT.value, **kw)
+  first = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  out = pipe(_PROMPT.value, **kw)
+  total = time.perf_counter() - t0
+  print(f'first call (with jit compilation): {first:.2f} s')
+  for stage, secs in pipe.last_timings.items():
+    print(f'{stage:>8}: {secs * 1000:9.1f} ms')
+  print(f'{"total":>8}: {total * 1000:9.1f} ms for {len(out)} image(s)')
+  images.save_grid(out, _OUT.value)
+  print(f'wrote {_OUT.value}')
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,25 @@
+"""Adding the ResNet token down-sampler to an existing model."""
+from __future__ import annotations
+
+import jax
+
+from nanoflux_jax.configs import FluxConfig
+from nanoflux_jax.models import downsample
+
+
+def add_downsampler(cfg: FluxConfig, params: dict, start: int, end: int,
+                    rng: jax.Array, factor: int = 2, channels: int = 0
+                    ) -> tuple[FluxConfig, dict]:
+  """Returns (cfg, params) with a freshly initialised down-sampler over global
+  blocks [start, end] (double blocks first). At init the detour adds the
+  coarse blocks' update to the full-resolution tokens (see
+  models/downsample.py), and is exactly the identity if those blocks are."""
+  if cfg.downsample_start is not None:
+    raise ValueError(f'add_downsampler: the model already down-samples blocks '
+                     f'[{cfg.downsample_start}, {cfg.downsample_end}]')
+  new_cfg = cfg.replace(downsample_start=int(start), downsample_end=int(end),
+                        downsample_factor=int(factor),
+                        downsample_channels=int(channels))
+  if factor < 2:
+    raise ValueError(f'add_downsampler: factor={factor} must be >= 2')
+  return new_cfg, {**params, 'downsample': downsample.init_params(new_cfg, rng)}

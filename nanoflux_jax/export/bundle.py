@@ -1,0 +1,216 @@
+"""Exports a whole FluxPipeline to a folder of .tflite files plus manifest.json.
+
+Folder layout (what `TFLitePipeline` and a phone app read):
+  manifest.json            everything needed to run the files (see below)
+  t5.tflite                input_ids [1, T] int32 -> t5_embeds [1, T, ctx]
+  clip.tflite              input_ids [1, 77] int32 -> pooled [1, vec]
+                           (absent for static-modulation students: no y)
+  denoiser.tflite          or denoiser_00.tflite, denoiser_01.tflite, ...
+                           (chained through named hand-off tensors)
+  vae_decoder.tflite       latents [1, L, 4C] (packed) -> image [1, H, W, 3] u8
+  tokenizer/, tokenizer_2/ the CLIP and T5 tokenizers (save_pretrained)
+
+The folder is written to a temporary sibling and renamed into place only when
+every file converted and passed the builtin-op check, so a failed export never
+replaces a good folder.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from typing import Any
+
+import numpy as np
+
+from nanoflux_jax import sampling
+from nanoflux_jax.export import components
+from nanoflux_jax.export import tflite
+
+MANIFEST = 'manifest.json'
+FORMAT = 'nanoflux-tflite'
+VERSION = 1
+DEFAULT_CHUNK_BYTES = 1 << 30  # ~1 GB per denoiser file.
+CLIP_LENGTH = 77
+DEFAULT_GUIDANCE = 3.5
+PACKING = ('latents [1, C, 2*gh, 2*gw] -> packed [1, gh*gw, 4*C]: '
+           "'b c (h ph) (w pw) -> b (h w) (c ph pw)', ph = pw = 2")
+
+
+def export_denoiser(cfg, params, out_dir: str, grid_h: int, grid_w: int,
+                    txt_len: int, *, quantize: str = 'none',
+                    max_chunk_bytes: float | None = DEFAULT_CHUNK_BYTES,
+                    use_buffer_offset: bool | None = None,
+                    prefix: str = 'denoiser') -> list[dict[str, Any]]:
+  """Writes the denoiser as one file, or as a chain of block chunks.
+
+  Args:
+    cfg, params: the FluxConfig and its params.
+    grid_h, grid_w: the packed token grid (height / 16, width / 16 for FLUX).
+    txt_len: T5 tokens.
+    max_chunk_bytes: chunk when the (quantized) weights exceed this; None
+      never chunks (then files above 2 GB use buffer offsets).
+  Returns:
+    One manifest entry per file, in execution order.
+  """
+  tflite.check_quantize(quantize)
+  bpp = tflite.BYTES_PER_PARAM[quantize]
+  total = tflite.tree_bytes(params) / 4 * bpp
+  if max_chunk_bytes is None or total <= max_chunk_bytes:
+    chunks = [None]
+  else:
+    chunks = components.plan_chunks(cfg, params, max_chunk_bytes, bpp)
+  entries = []
+  for i, keys in enumerate(chunks):
+    if keys is None:
+      fn, inputs = components.denoiser_fn(cfg, grid_h, grid_w, txt_len)
+      sub, name = params, f'{prefix}.tflite'
+    else:
+      fn, inputs = components.chunk_fn(cfg, keys, grid_h, grid_w, txt_len)
+      sub, name = {k: params[k] for k in keys}, f'{prefix}_{i:02d}.tflite'
+    entry = tflite.convert(fn, sub, inputs, os.path.join(out_dir, name),
+                           quantize=quantize,
+                           use_buffer_offset=use_buffer_offset)
+    entry['blocks'] = [k for k in (keys or components.block_keys(cfg))
+                       if 'blocks_' in k]
+    entries.append(entry)
+  return entries
+
+
+def _schedule(cfg, num_steps: int, num_tokens: int) -> dict[str, Any]:
+  ts = sampling.schedule_for(cfg, num_steps, num_tokens)
+  out = {'num_steps': num_steps, 'timesteps': ts}
+  if cfg.modulation == 'static':
+    table = np.asarray(cfg.static_timesteps)
+    out['step_indices'] = [int(np.argmin(np.abs(table - t))) for t in ts[:-1]]
+    out['static_timesteps'] = list(cfg.static_timesteps)
+  return out
+
+
+def export_pipeline(pipe, out_dir: str, height: int, width: int, *,
+                    num_steps: int = 4, max_sequence_length: int = 256,
+                    quantize: str = 'none', quantize_vae: bool = False,
+                    max_chunk_bytes: float | None = DEFAULT_CHUNK_BYTES,
+                    use_buffer_offset: bool | None = None) -> dict[str, Any]:
+  """Exports `pipe` (a nanoflux_jax FluxPipeline) for one resolution, batch 1.
+
+  Args:
+    pipe: has flux_cfg/flux_params, t5_cfg/t5_params, clip_cfg/clip_params,
+      vae_cfg/vae_params, tokenizer (CLIP) and tokenizer_2 (T5).
+    out_dir: the folder to (re)place.
+    height, width: pixels, multiples of 2 * VAE downsampling (16 for FLUX).
+    quantize: one of tflite.QUANTIZE_OPTIONS, for the denoiser and text
+      encoders; the VAE decoder stays float32 unless `quantize_vae` (its
+      convolutions are small and visible in every pixel).
+  Returns:
+    The manifest (also written to out_dir/manifest.json).
+  """
+  tflite.check_quantize(quantize)
+  cfg, vae_cfg = pipe.flux_cfg, pipe.vae_cfg
+  f = 2 * vae_cfg.downsample_factor
+  for name, v in (('height', height), ('width', width)):
+    if not isinstance(v, (int, np.integer)) or v <= 0 or v % f:
+      raise ValueError(f'export_pipeline: {name}={v} must be a positive '
+                       f'multiple of {f} (2 x the VAE downsampling)')
+  if not 0 < max_sequence_length <= 512:
+    raise ValueError(f'export_pipeline: max_sequence_length='
+                     f'{max_sequence_length} must be in [1, 512]')
+  gh, gw = height // f, width // f
+  static = cfg.modulation == 'static'
+
+  out_dir = os.path.abspath(os.fspath(out_dir))
+  parent = os.path.dirname(out_dir)
+  os.makedirs(parent, exist_ok=True)
+  tmp = os.path.join(parent, f'.{os.path.basename(out_dir)}.tmp-'
+                     f'{uuid.uuid4().hex[:8]}')
+  os.makedirs(tmp)
+  t_start = time.perf_counter()
+  try:
+    files: dict[str, Any] = {}
+    fn, inputs = components.t5_fn(pipe.t5_cfg, max_sequence_length)
+    files['t5'] = tflite.convert(fn, pipe.t5_params, inputs,
+                                 os.path.join(tmp, 't5.tflite'),
+                                 quantize=quantize)
+    if not static:
+      fn, inputs = components.clip_fn(pipe.clip_cfg, CLIP_LENGTH)
+      files['clip'] = tflite.convert(fn, pipe.clip_params, inputs,
+                                     os.path.join(tmp, 'clip.tflite'),
+                                     quantize=quantize)
+    files['denoiser'] = export_denoiser(
+        cfg, pipe.flux_params, tmp, gh, gw, max_sequence_length,
+        quantize=quantize, max_chunk_bytes=max_chunk_bytes,
+        use_buffer_offset=use_buffer_offset)
+    fn, inputs = components.vae_decoder_fn(vae_cfg, gh, gw, cfg.out_dim)
+    files['vae_decoder'] = tflite.convert(
+        fn, components.vae_decoder_params(pipe.vae_params), inputs,
+        os.path.join(tmp, 'vae_decoder.tflite'),
+        quantize=quantize if quantize_vae else 'none')
+    pipe.tokenizer.save_pretrained(os.path.join(tmp, 'tokenizer'))
+    pipe.tokenizer_2.save_pretrained(os.path.join(tmp, 'tokenizer_2'))
+
+    entries = [files['t5'], files.get('clip'), *files['denoiser'],
+               files['vae_decoder']]
+    manifest = {
+        'format': FORMAT, 'version': VERSION,
+        'height': height, 'width': width, 'batch': 1,
+        'quantize': quantize, 'quantize_vae': bool(quantize_vae),
+        'modulation': cfg.modulation,
+        'guidance_embed': bool(cfg.guidance_embed),
+        'default_guidance': DEFAULT_GUIDANCE if cfg.guidance_embed else None,
+        'max_sequence_length': max_sequence_length,
+        'clip_length': None if static else CLIP_LENGTH,
+        'schedule': _schedule(cfg, num_steps, gh * gw),
+        'latent': {'channels': cfg.in_channels // 4, 'grid': [gh, gw],
+                   'latent_hw': [2 * gh, 2 * gw],
+                   'packed_shape': [1, gh * gw, cfg.in_channels],
+                   'packing': PACKING,
+                   'euler': 'x += (t_next - t) * velocity, t from 1 to 0'},
+        'vae': {'scaling_factor': vae_cfg.scaling_factor,
+                'shift_factor': vae_cfg.shift_factor,
+                'downsample_factor': vae_cfg.downsample_factor,
+                'decoder_applies': 'unpack, x / scaling + shift, decode, '
+                                   'round(clip(x / 2 + 0.5, 0, 1) * 255)'},
+        'tokenizers': {'clip': None if static else 'tokenizer',
+                       't5': 'tokenizer_2'},
+        'files': files,
+        'sizes': {'bytes': {e['file']: e['bytes'] for e in entries if e},
+                  'total_bytes': sum(e['bytes'] for e in entries if e)},
+        'export': {'seconds': round(time.perf_counter() - t_start, 1),
+                   'peak_rss_mb': round(tflite.peak_rss_mb(), 1)},
+        'configs': {'flux': cfg.to_dict(), 'vae': vae_cfg.to_dict()},
+    }
+    with open(os.path.join(tmp, MANIFEST), 'w') as fh:
+      json.dump(manifest, fh, indent=2)
+    _replace_dir(tmp, out_dir)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return manifest
+
+
+def _replace_dir(src: str, dst: str) -> None:
+  """Moves src to dst; an existing dst is removed only after the move."""
+  old = None
+  if os.path.exists(dst):
+    old = f'{dst}.old-{uuid.uuid4().hex[:8]}'
+    os.replace(dst, old)
+  os.replace(src, dst)
+  if old:
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def size_table(manifests: dict[str, dict]) -> str:
+  """A text table of file sizes (MB) per quantization choice."""
+  names = sorted({f for m in manifests.values() for f in m['sizes']['bytes']})
+  rows = [['file'] + list(manifests)]
+  for n in names + ['total']:
+    row = [n]
+    for m in manifests.values():
+      b = (m['sizes']['total_bytes'] if n == 'total'
+           else m['sizes']['bytes'].get(n))
+      row.append('-' if b is None else f'{b / 1e6:.2f}')
+    rows.append(row)
+  widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+  return '\n'.join('  '.join(c.rjust(w) for c, w in zip(r, widths))
+                   for r in rows)

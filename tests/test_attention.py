@@ -1,0 +1,71 @@
+"""Exactness of every attention implementation against a naive reference."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nanoflux_jax.models import layers
+
+
+def _naive(q, k, v):
+  """float64 numpy softmax(q k^T / sqrt(d)) v, q/k/v [B, L, H, D]."""
+  q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+  s = np.einsum('bqhd,bkhd->bhqk', q, k) / math.sqrt(q.shape[-1])
+  p = np.exp(s - s.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  return np.einsum('bhqk,bkhd->bqhd', p, v)
+
+
+def _qkv(b, l, h, d, seed=0, scale=3.0):
+  rng = np.random.default_rng(seed)
+  # Large-ish logits so the max subtraction matters.
+  return tuple(jnp.asarray(scale * rng.standard_normal((b, l, h, d)),
+                           jnp.float32) for _ in range(3))
+
+
+def _rel_err(a, ref):
+  return float(np.abs(np.asarray(a, np.float64) - ref).max() /
+               np.abs(ref).max())
+
+
+@pytest.mark.parametrize('b,l,h,d', [(1, 37, 4, 16), (2, 24, 3, 8),
+                                     (1, 9, 1, 32)])
+@pytest.mark.parametrize('impl', ['auto', 'per_head', 'xla'])
+def test_attention_matches_naive(impl, b, l, h, d):
+  q, k, v = _qkv(b, l, h, d)
+  out = jax.jit(lambda *a: layers.attention(*a, impl=impl))(q, k, v)
+  assert out.shape == (b, l, h, d) and out.dtype == jnp.float32
+  assert _rel_err(out, _naive(q, k, v)) < 1e-5
+
+
+@pytest.mark.parametrize('q_chunk,groups', [(1, 1), (5, 2), (8, 3), (37, 4),
+                                            (1000, 9), (16, 1)])
+def test_per_head_chunks_and_groups_are_exact(q_chunk, groups):
+  """Uneven query chunks and head groups (more groups than heads too)."""
+  q, k, v = _qkv(2, 37, 4, 16, seed=1)
+  out = jax.jit(lambda *a: layers._attention_per_head(  # pylint: disable=protected-access
+      *a, q_chunk=q_chunk, groups=groups))(q, k, v)
+  assert _rel_err(out, _naive(q, k, v)) < 1e-5
+
+
+def test_reference_matches_naive():
+  q, k, v = _qkv(1, 20, 2, 8, seed=2)
+  out = layers._attention_reference(q, k, v)  # pylint: disable=protected-access
+  assert _rel_err(out, _naive(q, k, v)) < 1e-5
+
+
+def test_per_head_bf16_close_to_fp32():
+  q, k, v = _qkv(1, 40, 2, 16, seed=3, scale=1.0)
+  ref = _naive(q, k, v)
+  out = layers._attention_per_head(  # pylint: disable=protected-access
+      *(a.astype(jnp.bfloat16) for a in (q, k, v)), q_chunk=16)
+  assert out.dtype == jnp.bfloat16
+  assert _rel_err(out.astype(jnp.float32), ref) < 3e-2
+
+
+def test_unknown_impl_raises():
+  q, k, v = _qkv(1, 4, 1, 8)
+  with pytest.raises(ValueError, match='flashy'):
+    layers.attention(q, k, v, impl='flashy')

@@ -14,7 +14,7 @@ concatenate). `load_strict` then
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
@@ -106,10 +106,3 @@ def load_strict(source: Mapping[str, np.ndarray], plan: dict[str, Entry],
     raise CheckpointError(f'{origin}: {len(errors)} tensors have the wrong '
                           'shape:\n  ' + '\n  '.join(errors))
   return traverse_util.unflatten_dict(out, sep='/')
-
-
-def check_no_extra(keys: Sequence[str], allowed: set[str], origin: str):
-  """Raises if `keys` has entries outside `allowed` (used for format sniffing)."""
-  extra = sorted(set(keys) - allowed)
-  if extra:
-    raise CheckpointError(f'{origin}: unexpected keys {extra}')

@@ -1,0 +1,1 @@
+"""Data: the procedural shapes world and prompt sources."""

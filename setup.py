@@ -33,6 +33,6 @@ setuptools.setup(
         # unpinned torch pulls a multi-GB CUDA build.
         'dev': ['pytest', 'torch==2.13.0', 'diffusers', 'transformers',
                 'sentencepiece', 'safetensors'],
-        'export': ['tensorflow-cpu', 'ai-edge-litert'],
+        'export': ['tensorflow-cpu', 'ai-edge-litert', 'ai-edge-quantizer'],
     },
 )

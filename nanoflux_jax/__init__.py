@@ -1,5 +1,7 @@
 """nanoflux_jax: FLUX.1 in pure JAX, compressed NanoFLUX-style for phones."""
+from nanoflux_jax import compress
 from nanoflux_jax import convert
+from nanoflux_jax import export
 from nanoflux_jax import sampling
 from nanoflux_jax.configs import ClipConfig
 from nanoflux_jax.configs import FluxConfig

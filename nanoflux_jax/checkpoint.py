@@ -33,7 +33,10 @@ def is_checkpoint(path: str) -> bool:
 
 
 def save(path: str, config, params) -> None:
-  """Saves (config, params) to folder `path`, replacing it atomically."""
+  """Saves (config, params) to folder `path`, replacing it atomically.
+
+  `config` is one of the config dataclasses, or a JSON-able dict.
+  """
   path = os.path.abspath(os.fspath(path))
   parent = os.path.dirname(path)
   os.makedirs(parent, exist_ok=True)
@@ -49,8 +52,7 @@ def save(path: str, config, params) -> None:
     ckptr.save(os.path.join(tmp, 'params'), params)
     ckptr.wait_until_finished()
     with open(os.path.join(tmp, CONFIG_FILE), 'w') as f:
-      json.dump({'class': type(config).__name__, 'config': config.to_dict()},
-                f, indent=2, sort_keys=True)
+      json.dump(_config_json(config), f, indent=2, sort_keys=True)
     _replace_dir(tmp, path)
   finally:
     try:  # Let a failed async write stop before removing its folder.
@@ -58,6 +60,12 @@ def save(path: str, config, params) -> None:
     except Exception:  # pylint: disable=broad-except
       pass
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _config_json(config) -> dict:
+  if isinstance(config, dict):  # e.g. a small evaluation model's settings.
+    return {'class': 'dict', 'config': config}
+  return {'class': type(config).__name__, 'config': config.to_dict()}
 
 
 def _replace_dir(src: str, dst: str) -> None:
@@ -79,6 +87,8 @@ def load_config(path: str):
   try:
     with open(file) as f:
       d = json.load(f)
+    if d['class'] == 'dict':
+      return d['config']
     return _CLASSES[d['class']].from_dict(d['config'])
   except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
     raise CheckpointError(f'{file}: corrupt config: {e!r}') from e
@@ -97,7 +107,7 @@ def load(path: str, *, dtype=None, shardings=None, **config_overrides):
   """
   path = os.path.abspath(os.fspath(path))
   config = load_config(path)
-  if dtype is not None:
+  if dtype is not None and not isinstance(config, dict):
     config = config.replace(param_dtype=np.dtype(dtype).name)
   if config_overrides:
     config = config.replace(**config_overrides)

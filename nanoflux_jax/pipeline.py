@@ -260,7 +260,8 @@ class FluxPipeline:
     out = sampling.denoise(cfg, self.flux_params, latents,
                            sampling.image_ids(b, gh, gw), txt,
                            sampling.text_ids(b, txt.shape[1]), pooled,
-                           jnp.asarray(ts, jnp.float32), g)
+                           jnp.asarray(ts, jnp.float32), g,
+                           img_grid=(gh, gw))
     out.block_until_ready()
     timings['denoise'] = time.perf_counter() - t0
 

@@ -86,10 +86,11 @@ def schedule_for(config: FluxConfig, num_steps: int,
   return get_schedule(num_steps, image_seq_len, shift=config.guidance_embed)
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(jax.jit, static_argnums=0, static_argnames='img_grid')
 def denoise(config: FluxConfig, params, img: Array, img_ids: Array,
             txt: Array, txt_ids: Array, y: Array | None, timesteps: Array,
-            guidance: Array | None = None) -> Array:
+            guidance: Array | None = None,
+            img_grid: tuple[int, int] | None = None) -> Array:
   """Euler integration of the flow from timesteps[0] to timesteps[-1].
 
   One jitted function: the steps run in a lax.fori_loop, and the schedule is
@@ -99,6 +100,7 @@ def denoise(config: FluxConfig, params, img: Array, img_ids: Array,
     img: [B, L, in_channels] packed noise at timesteps[0].
     timesteps: [n + 1] decreasing timesteps.
     guidance: [B] guidance scale, for guidance-distilled models.
+    img_grid: (h, w) packed token grid; needed by token down-sampling models.
   Returns:
     [B, L, in_channels] float32 packed latents at timesteps[-1].
   """
@@ -110,7 +112,7 @@ def denoise(config: FluxConfig, params, img: Array, img_ids: Array,
     t, t_next = timesteps[i], timesteps[i + 1]
     v = model.apply({'params': params}, img=x, img_ids=img_ids, txt=txt,
                     txt_ids=txt_ids, timesteps=jnp.full((batch,), t), y=y,
-                    guidance=guidance)
+                    guidance=guidance, img_grid=img_grid)
     return x + (t_next - t) * v.astype(jnp.float32)
 
   return jax.lax.fori_loop(0, timesteps.shape[0] - 1, step,

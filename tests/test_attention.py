@@ -69,3 +69,14 @@ def test_unknown_impl_raises():
   q, k, v = _qkv(1, 4, 1, 8)
   with pytest.raises(ValueError, match='flashy'):
     layers.attention(q, k, v, impl='flashy')
+
+
+def test_per_head_gradient_matches_reference():
+  q, k, v = _qkv(1, 19, 2, 8, seed=4, scale=1.0)
+  loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)))
+  ours = jax.grad(loss(lambda *a: layers._attention_per_head(  # pylint: disable=protected-access
+      *a, q_chunk=7)), argnums=(0, 1, 2))(q, k, v)
+  ref = jax.grad(loss(layers._attention_reference),  # pylint: disable=protected-access
+                 argnums=(0, 1, 2))(q, k, v)
+  for a, b in zip(ours, ref):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

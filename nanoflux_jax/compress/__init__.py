@@ -1,4 +1,4 @@
-"""Compression: masks, sensitivity, pruning, depth, static modulation, counts."""
+"""Compression: masks, sensitivity, pruning, depth, static modulation."""
 from nanoflux_jax.compress.counting import count_flops
 from nanoflux_jax.compress.counting import count_params
 from nanoflux_jax.compress.depth import remove_blocks

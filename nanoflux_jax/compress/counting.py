@@ -77,7 +77,8 @@ def count_flops(cfg: FluxConfig, img_len: int, txt_len: int,
     tokens = li + txt_len
     macs += tokens * d * 3 * h * hd + tokens * h * hd * d   # qkv + proj
     macs += 2 * tokens * tokens * h * hd                     # QK^T, PV
-    macs += 2 * d * (li * cfg.double_mlp_img[i] + txt_len * cfg.double_mlp_txt[i])
+    macs += 2 * d * (li * cfg.double_mlp_img[i] +
+                     txt_len * cfg.double_mlp_txt[i])
   for j in range(cfg.depth_single_blocks):
     li, h = _block_tokens(cfg, cfg.depth + j, img_len), cfg.single_heads[j]
     tokens = li + txt_len

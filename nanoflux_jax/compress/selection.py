@@ -70,7 +70,8 @@ def _params_of(cfg: FluxConfig, m: PruneMask) -> int:
                             zip(getattr(m, f), keep) if k)
   return counting.count_params(cfg.replace(
       depth=int(kd.sum()), depth_single_blocks=int(ks.sum()),
-      double_heads=w('double_heads', kd), double_mlp_img=w('double_mlp_img', kd),
+      double_heads=w('double_heads', kd),
+      double_mlp_img=w('double_mlp_img', kd),
       double_mlp_txt=w('double_mlp_txt', kd),
       single_heads=w('single_heads', ks), single_mlp=w('single_mlp', ks),
       downsample_start=None, downsample_end=None)
@@ -87,7 +88,8 @@ def _unit_costs(cfg: FluxConfig) -> dict[str, int]:
 
 def _reach_target(cfg, scores, mask, target: int) -> PruneMask:
   """Greedily drops the lowest-scoring kept units until <= target params."""
-  kd, ks = np.asarray(mask.double_blocks) > 0, np.asarray(mask.single_blocks) > 0
+  kd = np.asarray(mask.double_blocks) > 0
+  ks = np.asarray(mask.single_blocks) > 0
   fields = {f: [np.array(v) for v in getattr(mask, f)] for f in _HEADS + _MLPS}
   cands = []
   for f in _HEADS + _MLPS:
@@ -115,7 +117,8 @@ def _reach_target(cfg, scores, mask, target: int) -> PruneMask:
 
 
 def select(cfg: FluxConfig, scores: PruneMask, keep_heads: float | None = None,
-           keep_mlp: float | None = None, keep_blocks: int | float | None = None,
+           keep_mlp: float | None = None,
+           keep_blocks: int | float | None = None,
            scope: str = 'global', target_params: int | None = None
            ) -> PruneMask:
   """A 0/1 numpy `PruneMask` keeping the highest-scoring units.

@@ -86,16 +86,8 @@ def calibration_set(cfg: FluxConfig, params: dict, key: Array, n: int,
   if len(ts) != num_steps + 1:
     raise ValueError(f'calibration_set: schedule has {len(ts)} points, '
                      f'expected num_steps + 1 = {num_steps + 1}')
-  if cfg.downsample_start is None:
-    step = lambda x, t2: sampling.denoise(cfg, params, x, img_ids, txt,
-                                          txt_ids, y, t2, g)
-  else:  # sampling.denoise has no img_grid; one jitted Euler step instead.
-    @jax.jit
-    def step(x, t2):
-      v = _forward(cfg, params, dict(img=x, img_ids=img_ids, txt=txt,
-                                     txt_ids=txt_ids, y=y, guidance=g,
-                                     timesteps=jnp.full((n,), t2[0])), img_grid)
-      return x + (t2[1] - t2[0]) * v
+  step = lambda x, t2: sampling.denoise(cfg, params, x, img_ids, txt, txt_ids,
+                                        y, t2, g, img_grid=img_grid)
   xs, x = [], noise
   for i in range(num_steps):
     xs.append(x)

@@ -121,7 +121,8 @@ def to_static_modulation(cfg: FluxConfig, params: dict,
 
 def removed_params(cfg: FluxConfig, num_steps: int = 4) -> int:
   """Parameters static modulation removes from `cfg` (net of the tables)."""
-  from nanoflux_jax.compress import counting  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from nanoflux_jax.compress import counting
   static = cfg.replace(modulation='static', guidance_embed=False,
                        static_timesteps=tuple(np.linspace(1, 0, num_steps + 1)
                                               [:-1]))

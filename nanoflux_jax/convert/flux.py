@@ -49,15 +49,14 @@ def _dense(key: str, dst: str, bias: bool = True) -> list[tuple[str, Entry]]:
   return out
 
 
-def _qkv_fused(key: str, heads: int, hd: int, rows=slice(None),
-               bias=True) -> list[tuple[str, Entry]]:
+def _qkv_fused(key: str, heads: int, hd: int, bias=True) -> list[tuple[str, Entry]]:
   """BFL fused rows laid out (3, heads, head_dim) -> kernel [D, 3, H, Dh]."""
   n = 3 * heads * hd
-  out = [('qkv/kernel', Entry((f'{key}.weight',), lambda w: w[rows][:n].T
+  out = [('qkv/kernel', Entry((f'{key}.weight',), lambda w: w[:n].T
                               .reshape(w.shape[1], 3, heads, hd)))]
   if bias:
     out.append(('qkv/bias', Entry((f'{key}.bias',),
-                                  lambda b: b[rows][:n].reshape(3, heads, hd))))
+                                  lambda b: b[:n].reshape(3, heads, hd))))
   return out
 
 
@@ -273,8 +272,10 @@ def _infer_downsample(cfg: dict[str, Any], keys, shape, origin: str):
   if f * f * d != fd:
     raise CheckpointError(f'{origin}: {DOWNSAMPLE_PREFIX}.down_proj.weight '
                           f'shape {(d, fd)} is not [D, f*f*D]')
-  cfg.update(downsample_factor=f, downsample_channels=shape(
-      f'{DOWNSAMPLE_PREFIX}.down_res.conv1.weight')[0])
+  c = shape(f'{DOWNSAMPLE_PREFIX}.down_res.conv1.weight')[0]
+  cfg['downsample_factor'] = f
+  if (cfg.get('downsample_channels') or max(d // 4, 1)) != c:
+    cfg['downsample_channels'] = c
 
 
 def infer_config(source, fmt: str, base: dict[str, Any]) -> FluxConfig:

@@ -60,8 +60,8 @@ def make_optimizer(c: ml_collections.ConfigDict) -> optax.GradientTransformation
   decay_mask = lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)
   return optax.chain(
       optax.clip_by_global_norm(c.grad_clip),
-      optax.adamw(lr, c.b1, c.b2, weight_decay=c.weight_decay,
-                  mask=decay_mask))
+      optax.adamw(lr, c.b1, c.b2, eps=c.get('adam_eps', 1e-8),
+                  weight_decay=c.weight_decay, mask=decay_mask))
 
 
 def state_shardings(tx, params, param_shardings, mesh):
@@ -114,7 +114,7 @@ def train_step(state: TrainState, batch: dict, frozen: Any, *,
     (grads, metrics), _ = jax.lax.scan(
         body, zeros, (jnp.arange(grad_accum), micro))
     grads, metrics = jax.tree.map(lambda x: x / grad_accum, (grads, metrics))
-  metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+  metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   return state.replace(step=state.step + 1, params=params,
@@ -308,7 +308,7 @@ def fit(c: ml_collections.ConfigDict, workdir: str, *, loss_fn: LossFn,
       host = _check_finite(*pending)
     pending = (step + 1, metrics)
     done = step + 1
-    if done % c.log_every == 0 or done == end:
+    if done % c.log_every == 0 or done in (start + 1, end):  # + initial.
       host = _check_finite(*pending)
       rate = (done - s0) / max(time.time() - t0, 1e-9)
       host.update(step=done, steps_per_s=rate,
@@ -377,6 +377,8 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, teacher=None,
     (final TrainState, history of logged metrics).
   """
   mesh = mesh or parallel.create_mesh(dict(c.mesh))
+  # Bad prompt files fail before any model is built.
+  prompts = data_lib.load_prompts(c.data.prompts) if data is None else None
   t_cfg, t_params = _resolve_teacher(c, teacher, mesh)
   s_cfg, s_params = student if student is not None else (
       _flux_config(c.student), None)
@@ -417,8 +419,7 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, teacher=None,
   if data is None:
     ref = t_cfg or s_cfg
     data = data_lib.PromptData(
-        data_lib.load_prompts(c.data.prompts),
-        data_lib.random_embedder(ref, c.data.txt_len, c.seed), ref, grid,
+        prompts, data_lib.random_embedder(ref, c.data.txt_len, c.seed), ref, grid,
         c.batch_size, c.seed)
     if c.data.get('cache_dir') and t_cfg is not None:
       data = data_lib.build_cache(c.data.cache_dir, data, spec.teacher,
@@ -454,6 +455,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.warmup_steps = 10
   c.weight_decay = 0.0
   c.b1, c.b2 = 0.9, 0.999
+  c.adam_eps = 1e-8
   c.grad_clip = 1.0
   c.compute_dtype = 'bfloat16'     # params stay fp32 (master weights).
   c.remat = False

@@ -72,8 +72,12 @@ def _timesteps(cfg: FluxConfig, inputs) -> jax.Array:
 
 
 def _ids(grid_h: int, grid_w: int, txt_len: int):
-  return (np.asarray(sampling.image_ids(1, grid_h, grid_w)),
-          np.zeros((1, txt_len, 3), np.float32))
+  """(img_ids [1, L, 3], txt_ids [1, T, 3]) as numpy constants, the same
+  values as sampling.image_ids / text_ids (numpy so that building a function
+  inside a jit trace still bakes constants)."""
+  rows, cols = np.meshgrid(np.arange(grid_h), np.arange(grid_w), indexing='ij')
+  ids = np.stack([np.zeros_like(rows), rows, cols], -1).astype(np.float32)
+  return ids.reshape(1, -1, 3), np.zeros((1, txt_len, 3), np.float32)
 
 
 def denoiser_fn(cfg: FluxConfig, grid_h: int, grid_w: int,

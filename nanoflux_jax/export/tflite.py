@@ -167,14 +167,21 @@ def _saved_model(fn: Callable, params, inputs: InputSpecs, path: str) -> None:
   gc.collect()
 
 
-def _quantize_int4(data: bytes) -> bytes:
+def _quantize_int4(data: bytes) -> tuple[bytes, str]:
+  """int4 weights, int8 dynamic activations: blockwise (32 weights per
+  scale) where every quantized dimension divides by 32, else per channel
+  (e.g. a tiny CLIP's 37-wide MLP). Returns (model, scheme)."""
   from ai_edge_quantizer import quantizer, recipe  # pylint: disable=g-import-not-at-top
-  try:
-    result = quantizer.Quantizer(data, recipe.dynamic_wi4b32_afp32()).quantize(
-        enable_progress_bar=False, enable_progress_report=False)
-  except Exception as e:  # pylint: disable=broad-except
-    raise ExportError(f'ai-edge-quantizer failed (int4 blockwise): {e}') from e
-  return bytes(result.quantized_model)
+  errors = []
+  for scheme, make in (('int4_block32', recipe.dynamic_wi4b32_afp32),
+                       ('int4_channel', recipe.dynamic_wi4c_afp32)):
+    try:
+      result = quantizer.Quantizer(data, make()).quantize(
+          enable_progress_bar=False, enable_progress_report=False)
+      return bytes(result.quantized_model), scheme
+    except Exception as e:  # pylint: disable=broad-except
+      errors.append(f'{scheme}: {e}')
+  raise ExportError('ai-edge-quantizer failed: ' + '; '.join(errors))
 
 
 def convert(fn: Callable, params, inputs: InputSpecs, path: str, *,
@@ -193,8 +200,9 @@ def convert(fn: Callable, params, inputs: InputSpecs, path: str, *,
       None: only when the float32 weights exceed FLATBUFFER_LIMIT.
     workdir: where the intermediate SavedModel goes (default: a temp folder).
   Returns:
-    {'file', 'bytes', 'ops', 'inputs', 'outputs', 'quantize',
-     'buffer_offset', 'peak_rss_mb'}.
+    {'file', 'bytes', 'ops', 'inputs', 'outputs', 'quantize', 'scheme'
+     (int4: 'int4_block32' or 'int4_channel'), 'buffer_offset',
+     'peak_rss_mb'}.
   Raises:
     ExportError: the model needs non-builtin ops (named), or quantization
       failed.
@@ -228,8 +236,9 @@ def convert(fn: Callable, params, inputs: InputSpecs, path: str, *,
           + (f'; ops without a builtin lowering: {ops}' if ops else '') +
           f'\n{msg[-3000:]}') from e
     del conv
+    scheme = quantize
     if quantize == 'int4':
-      data = _quantize_int4(data)
+      data, scheme = _quantize_int4(data)
     with open(path, 'wb') as f:
       f.write(data)
     del data
@@ -244,5 +253,6 @@ def convert(fn: Callable, params, inputs: InputSpecs, path: str, *,
   sig = signature(path)
   return {'file': os.path.basename(path), 'bytes': os.path.getsize(path),
           'ops': ops, 'inputs': sig['inputs'], 'outputs': sig['outputs'],
-          'quantize': quantize, 'buffer_offset': bool(use_buffer_offset),
+          'quantize': quantize, 'scheme': scheme,
+          'buffer_offset': bool(use_buffer_offset),
           'peak_rss_mb': round(peak_rss_mb(), 1)}

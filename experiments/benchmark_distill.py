@@ -1,0 +1,105 @@
+r"""Distillation throughput: steps/s, student tokens/s, bytes per device.
+
+  python experiments/benchmark_distill.py [--batch_size=4 --steps=10]
+
+Teacher: FluxConfig.benchmark() (hidden 768, 4 double + 8 single, 1024 image
++ 128 text tokens), fp32, one device. Student: variant (d) of the ladder when
+`nanoflux_jax.compress` provides it; otherwise half the heads and MLP
+channels per block plus static modulation (the down-sampler is not applied;
+the script says which student it used). Last line: one JSON object.
+"""
+import functools
+import json
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from nanoflux_jax import parallel
+from nanoflux_jax import sampling
+from nanoflux_jax.configs import FluxConfig
+from nanoflux_jax.distill import data as data_lib
+from nanoflux_jax.distill import trainer
+
+_BATCH = flags.DEFINE_integer('batch_size', 4, 'Global batch.')
+_STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps (after warm-up).')
+_GRID = (32, 32)   # 1024 image tokens.
+_TXT = 128
+
+
+def student_config(teacher: FluxConfig) -> tuple[FluxConfig, str]:
+  try:
+    from nanoflux_jax import compress  # pylint: disable=g-import-not-at-top
+    if all(hasattr(compress, f) for f in ('prune', 'to_static_modulation')):
+      raise NotImplementedError  # API not settled yet; use the fallback.
+  except (ImportError, NotImplementedError):
+    pass
+  n_d, n_s = teacher.depth, teacher.depth_single_blocks
+  mlp = int(teacher.hidden_size * teacher.mlp_ratio) // 2
+  sched = tuple(sampling.get_schedule(4, _GRID[0] * _GRID[1], shift=False))[:-1]
+  cfg = teacher.replace(
+      double_heads=(teacher.num_heads // 2,) * n_d,
+      single_heads=(teacher.num_heads // 2,) * n_s,
+      double_mlp_img=(mlp,) * n_d, double_mlp_txt=(mlp,) * n_d,
+      single_mlp=(mlp,) * n_s, modulation='static', static_timesteps=sched)
+  return cfg, ('fallback: 50% heads + MLP, static modulation, no '
+               'down-sampler (nanoflux_jax.compress not available)')
+
+
+def main(argv):
+  del argv
+  teacher = FluxConfig.benchmark()
+  student, how = student_config(teacher)
+  print('student:', how)
+  mesh = parallel.create_mesh((1, 1, 1), jax.devices()[:1])
+  t_params, t_sh = parallel.init_flux(teacher, mesh, jax.random.PRNGKey(1))
+  s_params, s_sh = parallel.init_flux(student, mesh, jax.random.PRNGKey(0))
+  c = trainer.default_config()
+  c.num_steps = 1000
+  tx = trainer.make_optimizer(c)
+  params, p_sh = {'student': s_params}, {'student': s_sh}
+  state_sh = trainer.state_shardings(tx, params, p_sh, mesh)
+  state = jax.jit(lambda p: trainer.TrainState(
+      step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p),
+      rng=jax.random.PRNGKey(0)), out_shardings=state_sh)(params)
+  schedule = tuple(sampling.get_schedule(4, _GRID[0] * _GRID[1], shift=False))
+  spec = trainer.DistillSpec(student=student, teacher=teacher,
+                             schedule=schedule, grid=_GRID,
+                             weights=(('output_kd', 1.0),))
+  data = data_lib.PromptData(
+      data_lib.load_prompts('builtin'),
+      data_lib.random_embedder(teacher, _TXT), teacher, _GRID, _BATCH.value)
+  batch = data_lib.to_global(data.batch(0), mesh)
+  batch_sh = {k: parallel.batch_sharding(mesh, v.ndim) for k, v in
+              batch.items()}
+  step = trainer.compile_train_step(
+      functools.partial(trainer.distill_loss, spec=spec), tx, 1, state_sh,
+      batch_sh, {'teacher': t_sh}, mesh)
+  compiled = step.lower(state, batch, {'teacher': t_params}).compile()
+  mem = compiled.memory_analysis()
+  nbytes = int(mem.argument_size_in_bytes + mem.output_size_in_bytes +
+               mem.temp_size_in_bytes - mem.alias_size_in_bytes)
+  frozen = {'teacher': t_params}
+  for _ in range(2):  # Warm-up.
+    state, m = step(state, batch, frozen)
+  jax.block_until_ready(m)
+  t0 = time.perf_counter()
+  for _ in range(_STEPS.value):
+    state, m = step(state, batch, frozen)
+  jax.block_until_ready(m)
+  dt = time.perf_counter() - t0
+  steps_per_s = _STEPS.value / dt
+  tokens = _BATCH.value * (_GRID[0] * _GRID[1] + _TXT)
+  print(f'device: {jax.devices()[0].device_kind}; batch {_BATCH.value}; '
+        f'loss {float(m["loss"]):.4f}; memory {mem}')
+  print(json.dumps({'steps_per_s': round(steps_per_s, 4),
+                    'tokens_per_s': round(steps_per_s * tokens, 1),
+                    'bytes_per_device': nbytes}))
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,162 @@
+r"""LiteRT (TFLite) latency of a phone-size student DiT vs JAX, fp32 and int8.
+
+  python experiments/benchmark_tflite.py [--grid=32 --txt_len=128 --threads=2]
+
+Model: `nanoflux_jax.compress` does not exist yet, so the student stands in as
+FluxConfig.benchmark() (hidden 768, 4 double + 8 single blocks) with static
+modulation (4 timesteps, no pooled vector) and halved per-block widths (6 of
+12 heads and MLP 1536 of 3072 in every block, as head/FFN pruning would
+leave it), random weights. Batch 1, a 32x32 token grid (512 px) + 128 text
+tokens.
+
+Measures the median ms per denoiser step under LiteRT (XNNPACK, --threads)
+for the fp32 and int8 (dynamic-range) files, next to jax.jit fp32 in the same
+run (runs interleaved so machine load hits all alike), and one 4-step image:
+a T5 encoder file (d_model 512, 4 layers; a stand-in for a distilled T5) + 4
+int8 denoiser steps + FLUX's VAE decoder (fp32) at 512 px. The last line is
+one JSON object.
+"""
+import json
+import os
+import statistics
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import numpy as np
+
+import nanoflux_jax as nf
+from nanoflux_jax.export import components
+from nanoflux_jax.export import runner
+from nanoflux_jax.export import tflite
+from nanoflux_jax.models import flux
+from nanoflux_jax.models import t5 as t5_lib
+from nanoflux_jax.models import vae as vae_lib
+
+_GRID = flags.DEFINE_integer('grid', 32, 'Token grid side (tokens = grid^2).')
+_TXT_LEN = flags.DEFINE_integer('txt_len', 128, 'Text tokens.')
+_THREADS = flags.DEFINE_integer('threads', 2, 'LiteRT threads.')
+_REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed runs per measurement.')
+_IMAGE = flags.DEFINE_bool('image', True, 'Also time a whole 4-step image.')
+
+STATIC_TS = (1.0, 0.75, 0.5, 0.25)
+
+
+def student_config() -> nf.FluxConfig:
+  base = nf.FluxConfig.benchmark()
+  return base.replace(
+      modulation='static', static_timesteps=STATIC_TS,
+      double_heads=(6,) * base.depth, single_heads=(6,) * base.depth_single_blocks,
+      double_mlp_img=(1536,) * base.depth, double_mlp_txt=(1536,) * base.depth,
+      single_mlp=(1536,) * base.depth_single_blocks)
+
+
+def _time(fn, repeats):
+  out = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    fn()
+    out.append((time.perf_counter() - t0) * 1e3)
+  return statistics.median(out)
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  cfg, g, t = student_config(), _GRID.value, _TXT_LEN.value
+  params = flux.init_params(cfg, jax.random.key(0))
+  n = sum(x.size for x in jax.tree.leaves(params))
+  print(f'student: {n / 1e6:.1f}M params, {g * g} image + {t} text tokens')
+  work = tempfile.mkdtemp(prefix='bench_tflite_')
+  fn, specs = components.denoiser_fn(cfg, g, g, t)
+  files = {}
+  for q in ('none', 'int8'):
+    t0 = time.perf_counter()
+    files[q] = tflite.convert(fn, params, specs,
+                              os.path.join(work, f'denoiser_{q}.tflite'),
+                              quantize=q)
+    print(f'export {q}: {time.perf_counter() - t0:.1f} s, '
+          f'{files[q]["bytes"] / 1e6:.1f} MB, peak RSS '
+          f'{files[q]["peak_rss_mb"]:.0f} MB')
+  models = {q: runner.TFLiteModel(work, e, _THREADS.value)
+            for q, e in files.items()}
+  rng = np.random.default_rng(0)
+  x = {k: rng.standard_normal(s).astype(d) if d == np.float32
+       else np.zeros(s, d) for k, (s, d) in specs.items()}
+
+  # JAX: the library's fastest CPU path (attention 'auto' = per-head).
+  jfn = jax.jit(lambda p, x: flux.Flux(cfg).apply(
+      {'params': p}, img=x['img'], img_ids=nf.sampling.image_ids(1, g, g),
+      txt=x['txt'], txt_ids=nf.sampling.text_ids(1, t),
+      timesteps=jax.numpy.take(jax.numpy.asarray(STATIC_TS), x['step'])))
+  want = np.asarray(jfn(params, x))
+  err = {q: float(np.abs(m(**x)['velocity'] - want).max() /
+                  np.abs(want).max()) for q, m in models.items()}
+  runs = {'jax': lambda: jfn(params, x).block_until_ready(),
+          'none': lambda: models['none'](**x),
+          'int8': lambda: models['int8'](**x)}
+  for f in runs.values():
+    f()
+  ms = {k: [] for k in runs}
+  for _ in range(_REPEATS.value):  # interleaved
+    for k, f in runs.items():
+      ms[k].append(_time(f, 1))
+  ms = {k: statistics.median(v) for k, v in ms.items()}
+  print(f'ms/step: jax fp32 {ms["jax"]:.0f}, litert fp32 {ms["none"]:.0f}, '
+        f'litert int8 {ms["int8"]:.0f}; max rel err vs jax: '
+        f'fp32 {err["none"]:.1e}, int8 {err["int8"]:.1e}')
+
+  image_s = None
+  if _IMAGE.value:
+    t5_cfg = nf.T5Config(d_model=cfg.context_in_dim, d_kv=64, d_ff=1024,
+                         num_layers=4, num_heads=8)
+    t5_p = t5_lib.T5Encoder(t5_cfg).init(
+        jax.random.key(1), np.zeros((1, t), np.int32))['params']
+    vae_cfg = nf.VAEConfig.flux()
+    z = np.zeros((1, 16, 16, vae_cfg.latent_channels), np.float32)
+    vae_p = jax.jit(lambda: vae_lib.AutoencoderKL(vae_cfg).init(
+        jax.random.key(2), z, method='decode'))()['params']
+    tfn, tspecs = components.t5_fn(t5_cfg, t)
+    e_t5 = tflite.convert(tfn, flax_unbox(t5_p), tspecs,
+                          os.path.join(work, 't5.tflite'), quantize='int8')
+    vfn, vspecs = components.vae_decoder_fn(vae_cfg, g, g, cfg.in_channels)
+    e_vae = tflite.convert(vfn, flax_unbox(vae_p), vspecs,
+                           os.path.join(work, 'vae.tflite'))
+    m_t5 = runner.TFLiteModel(work, e_t5, _THREADS.value)
+    m_vae = runner.TFLiteModel(work, e_vae, _THREADS.value)
+    ids = np.zeros((1, t), np.int32)
+    lat = x['img']
+
+    def image():
+      txt = m_t5(input_ids=ids)['t5_embeds']
+      y = lat
+      ts = np.linspace(1, 0, 5, dtype=np.float32)
+      for i in range(4):
+        v = models['int8'](img=y, txt=txt, step=np.array([i], np.int32))
+        y = y + (ts[i + 1] - ts[i]) * v['velocity']
+      return m_vae(latents=y)['image']
+
+    image()
+    image_s = _time(image, 2) / 1e3
+    print(f'4-step image {16 * g}x{16 * g} (T5 int8 + 4 x DiT int8 + VAE '
+          f'fp32): {image_s:.2f} s')
+  print(json.dumps({
+      'jax_ms': round(ms['jax'], 1), 'litert_fp32_ms': round(ms['none'], 1),
+      'litert_int8_ms': round(ms['int8'], 1),
+      'fp32_vs_jax': round(ms['none'] / ms['jax'], 3),
+      'int8_vs_fp32': round(ms['int8'] / ms['none'], 3),
+      'fp32_mb': round(files['none']['bytes'] / 1e6, 1),
+      'int8_mb': round(files['int8']['bytes'] / 1e6, 1),
+      'image_s': None if image_s is None else round(image_s, 2)}))
+
+
+def flax_unbox(tree):
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  return nn.meta.unbox(tree)
+
+
+if __name__ == '__main__':
+  app.run(main)

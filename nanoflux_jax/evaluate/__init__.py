@@ -1,0 +1,1 @@
+"""Evaluation: the shapes-world attribute classifier and toy metrics."""

@@ -1,0 +1,110 @@
+"""Sensitivity criteria, calibration data and mask selection."""
+import jax
+import numpy as np
+import pytest
+
+from nanoflux_jax import compress
+
+from test_compress import _cfg, _params
+
+USELESS_HEAD = (0, 1)   # (double block, head) whose proj rows are zeroed.
+IDENTITY_BLOCK = 1      # single block whose gates are zeroed.
+
+
+@pytest.fixture(scope='module')
+def planted():
+  cfg = _cfg()
+  params = _params(cfg)
+  b, h = USELESS_HEAD
+  for s in ('img', 'txt'):
+    proj = params[f'double_blocks_{b}'][f'{s}_attn']['proj']
+    proj['kernel'] = proj['kernel'].at[h].set(0)
+  lin = params[f'single_blocks_{IDENTITY_BLOCK}']['modulation']['lin']
+  lin['kernel'] = lin['kernel'].at[:, 2].set(0)
+  lin['bias'] = lin['bias'].at[2].set(0)
+  calib = compress.calibration_set(cfg, params, jax.random.key(0), n=2,
+                                   num_steps=2, img_grid=(4, 4), txt_len=5)
+  return cfg, params, calib
+
+
+def test_calibration_set_shapes(planted):
+  cfg, _, calib = planted
+  assert calib['img'].shape == (4, 16, cfg.in_channels)
+  assert calib['target'].shape == (4, 16, cfg.in_channels)
+  np.testing.assert_allclose(calib['timesteps'], [1, 1, .5, .5])
+  # Step 0 is the noise itself: x_1 - target = x_0 of the trajectory.
+  assert not np.allclose(calib['img'][:2], calib['img'][2:])
+
+
+def _heads(scores):
+  return np.concatenate([np.asarray(v) for v in
+                         scores.double_heads + scores.single_heads])
+
+
+def test_loss_finds_useless_head(planted):
+  cfg, params, calib = planted
+  scores = compress.sensitivity(cfg, params, calib, 'loss', mlp_groups=4)
+  heads = _heads(scores)
+  b, h = USELESS_HEAD
+  assert np.argmin(heads) == b * cfg.num_heads + h
+  # Every other head of a live block matters (the identity block's heads
+  # score 0 too: nothing they do reaches the output).
+  live = np.concatenate([np.asarray(v) for v in scores.double_heads])
+  assert live[b * cfg.num_heads + h] < 1e-10 < np.sort(live)[1]
+  np.testing.assert_array_equal(scores.single_heads[IDENTITY_BLOCK], 0)
+  # The identity block costs nothing either; every other block does.
+  blocks = np.concatenate([scores.double_blocks, scores.single_blocks])
+  assert np.argmin(blocks) == cfg.depth + IDENTITY_BLOCK
+  # MLP groups: 4 distinct scores per MLP, shared by each group's channels.
+  assert len(np.unique(np.asarray(scores.single_mlp[0]))) == 4
+
+
+def test_taylor_scores(planted):
+  cfg, params, calib = planted
+  scores = compress.sensitivity(cfg, params, calib, 'taylor')
+  assert jax.tree.structure(scores) == jax.tree.structure(
+      compress.PruneMask.ones(cfg))
+  heads = _heads(scores)
+  assert np.all(np.isfinite(heads)) and np.all(heads >= 0)
+  b, h = USELESS_HEAD
+  assert np.argmin(heads) == b * cfg.num_heads + h
+
+
+def test_block_io_finds_identity_block(planted):
+  cfg, params, calib = planted
+  scores = compress.sensitivity(cfg, params, calib, 'block_io')
+  blocks = np.concatenate([scores.double_blocks, scores.single_blocks])
+  assert np.argmin(blocks) == cfg.depth + IDENTITY_BLOCK
+  assert blocks.min() < 1e-6
+  with pytest.raises(ValueError, match='NaN'):
+    compress.select(cfg, scores, keep_heads=0.5)
+  mask = compress.select(cfg, scores, keep_blocks=3)
+  assert mask.single_blocks[IDENTITY_BLOCK] == 0 and (
+      mask.double_blocks.sum() + mask.single_blocks.sum()) == 3
+
+
+def test_select_ratios_and_target():
+  cfg = _cfg()
+  rng = np.random.default_rng(0)
+  scores = jax.tree.map(lambda x: rng.random(x.shape),
+                        compress.PruneMask.ones(cfg))
+  # One block's heads all score lowest: global ranking must still keep one.
+  scores = scores.replace(double_heads=(np.full(4, -1.0),) +
+                          scores.double_heads[1:])
+  mask = compress.select(cfg, scores, keep_heads=0.5, keep_mlp=0.25)
+  assert mask.double_heads[0].sum() == 1
+  assert sum(v.sum() for v in mask.double_heads + mask.single_heads) == 9
+  per_block = compress.select(cfg, scores, keep_heads=0.5, scope='block')
+  assert all(v.sum() == 2 for v in per_block.double_heads)
+  full = compress.count_params(cfg)
+  target = int(0.7 * full)
+  mask = compress.select(cfg, scores, target_params=target)
+  small_cfg, _ = compress.prune(cfg, _params(cfg), mask)
+  assert compress.count_params(small_cfg) <= target
+  assert compress.count_params(small_cfg) > 0.6 * full
+  with pytest.raises(ValueError, match='keep_mlp=1.5'):
+    compress.select(cfg, scores, keep_mlp=1.5)
+  with pytest.raises(ValueError, match='unreachable'):
+    compress.select(cfg, scores, target_params=1000)
+  with pytest.raises(ValueError, match="'nope'"):
+    compress.sensitivity(cfg, {}, {}, 'nope')

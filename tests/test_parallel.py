@@ -1,0 +1,94 @@
+"""Mesh construction, logical-axis rules and sharded init on 8 CPU devices."""
+import os
+import tempfile
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from nanoflux_jax import checkpoint
+from nanoflux_jax import parallel
+from nanoflux_jax.configs import FluxConfig
+from nanoflux_jax.convert import flux as convert_flux
+
+jax.config.update('jax_compilation_cache_dir', os.path.join(
+    tempfile.gettempdir(), 'nanoflux_jax_test_cache'))
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+
+CFG = FluxConfig.tiny(depth=1, depth_single_blocks=1, attention_impl='xla')
+
+
+def test_mesh_shape_resolves_the_rest():
+  assert parallel.mesh_shape({'data': -1}, 8) == (8, 1, 1)
+  assert parallel.mesh_shape({'fsdp': 2, 'tensor': 2, 'data': -1}, 8) == (
+      2, 2, 2)
+  assert parallel.mesh_shape((1, -1, 2), 8) == (1, 4, 2)
+  mesh = parallel.create_mesh({'data': 2, 'fsdp': -1, 'tensor': 2})
+  assert dict(mesh.shape) == {'data': 2, 'fsdp': 2, 'tensor': 2}
+
+
+@pytest.mark.parametrize('spec,match', [
+    ({'data': 3, 'fsdp': -1}, r'do not divide the device count 8'),
+    ({'data': 2, 'fsdp': 2, 'tensor': 3}, r'needs 12 devices but there are 8'),
+    ({'data': -1, 'fsdp': -1}, r'at most one axis'),
+    ({'model': 2}, r"unknown axes \['model'\]"),
+])
+def test_bad_mesh_raises(spec, match):
+  with pytest.raises(ValueError, match=match):
+    parallel.create_mesh(spec)
+
+
+def test_rules_table_is_the_single_source():
+  rules = dict(parallel.RULES)
+  assert rules['embed'] == 'fsdp'
+  assert rules['heads'] == rules['mlp'] == 'tensor'
+  assert rules['act_batch'] == ('data', 'fsdp')
+  for name in ('embed', 'heads', 'kv', 'mlp', 'vocab', 'conv_in', 'conv_out',
+               'act_batch', 'act_len', 'act_embed'):
+    assert name in rules, name
+
+
+def test_sharded_init_places_params_by_rule():
+  mesh = parallel.create_mesh({'data': 2, 'fsdp': 2, 'tensor': 2})
+  params, shardings = parallel.init_flux(CFG, mesh, jax.random.PRNGKey(0))
+  qkv = params['double_blocks_0']['img_attn']['qkv']['kernel']
+  assert qkv.shape == (64, 3, 4, 16)
+  assert qkv.sharding.spec == P('fsdp', None, 'tensor', None)
+  # Each device holds a quarter: 64/2 rows x 4/2 heads.
+  assert qkv.addressable_shards[0].data.shape == (32, 3, 2, 16)
+  fc1 = params['double_blocks_0']['img_mlp']['fc1']['kernel']
+  assert fc1.sharding.spec == P('fsdp', 'tensor')
+  assert jax.tree.map(lambda x: x.sharding, params) == shardings
+  # Same values as an unsharded init with the same key.
+  from nanoflux_jax.models import flux
+  want = flux.init_params(CFG, jax.random.PRNGKey(0))
+  np.testing.assert_allclose(np.asarray(qkv),
+                             want['double_blocks_0']['img_attn']['qkv']['kernel'],
+                             rtol=1e-6)
+
+
+def test_odd_widths_fall_back_to_replication():
+  mesh = parallel.create_mesh({'data': 2, 'fsdp': 2, 'tensor': 2})
+  pruned = CFG.replace(double_heads=(3,), single_mlp=(77,))
+  sh = parallel.param_shardings(pruned, mesh)
+  # 3 heads do not split 2 ways: that dim is replicated, embed stays FSDP.
+  assert sh['double_blocks_0']['img_attn']['qkv']['kernel'].spec == P(
+      'fsdp', None, None, None)
+  assert sh['single_blocks_0']['mlp_in']['kernel'].spec == P('fsdp', None)
+  assert sh['double_blocks_0']['img_mlp']['fc1']['kernel'].spec == P(
+      'fsdp', 'tensor')
+
+
+def test_checkpoint_shards_while_loading(tmp_path):
+  from nanoflux_jax.models import flux
+  params = flux.init_params(CFG, jax.random.PRNGKey(1))
+  checkpoint.save(str(tmp_path / 'ckpt'), CFG, params)
+  mesh = parallel.create_mesh({'data': 1, 'fsdp': 4, 'tensor': 2})
+  cfg, loaded = convert_flux.load_flux_transformer(
+      str(tmp_path / 'ckpt'), shardings=parallel.loading_shardings(mesh))
+  assert cfg == CFG
+  k = loaded['single_blocks_0']['mlp_in']['kernel']
+  assert k.sharding.spec == P('fsdp', 'tensor')
+  assert k.addressable_shards[0].data.shape == (16, 64)
+  jax.tree.map(np.testing.assert_array_equal, loaded, params)

@@ -53,7 +53,7 @@ def save(path: str, config, params) -> None:
     ckptr.wait_until_finished()
     with open(os.path.join(tmp, CONFIG_FILE), 'w') as f:
       json.dump(_config_json(config), f, indent=2, sort_keys=True)
-    _replace_dir(tmp, path)
+    replace_dir(tmp, path)
   finally:
     try:  # Let a failed async write stop before removing its folder.
       ckptr.wait_until_finished()
@@ -68,8 +68,12 @@ def _config_json(config) -> dict:
   return {'class': type(config).__name__, 'config': config.to_dict()}
 
 
-def _replace_dir(src: str, dst: str) -> None:
-  """Moves folder src to dst; an existing dst is only removed afterwards."""
+def replace_dir(src: str, dst: str) -> None:
+  """Moves folder src to dst; an existing dst is only removed afterwards.
+
+  The last step of every atomic folder write (checkpoints, pipelines, TFLite
+  exports): build the folder beside dst, then swap it in.
+  """
   old = None
   if os.path.exists(dst):
     old = f'{dst}.old-{uuid.uuid4().hex[:8]}'

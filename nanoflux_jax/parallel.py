@@ -130,6 +130,26 @@ def _fit(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
   return P(*out)
 
 
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+  """`nn.with_logical_constraint` whose spec is `_fit` to x's shape.
+
+  A no-op unless a mesh is set (`jax.set_mesh`) and logical rules are active
+  (`nn.logical_axis_rules`), exactly when flax's constraint is active. Mesh
+  axes that do not divide a dim are dropped from it (odd pruned widths,
+  small micro-batches) instead of padding it.
+  """
+  rules = nn.get_logical_axis_rules()
+  mesh = jax.sharding.get_abstract_mesh()
+  if not rules or mesh.empty:
+    return x
+  if len(logical_axes) != x.ndim:
+    raise ValueError(f'constrain: {len(logical_axes)} logical axes '
+                     f'{tuple(logical_axes)} for an array of shape {x.shape}')
+  spec = _fit(nn.logical_to_mesh_axes(tuple(logical_axes), rules), x.shape,
+              mesh)
+  return jax.lax.with_sharding_constraint(x, spec)
+
+
 def logical_shardings(abstract_boxed, mesh: Mesh, rules=RULES):
   """Boxed (nn.Partitioned) abstract tree -> unboxed tree of NamedShardings."""
   specs = nn.get_partition_spec(abstract_boxed)

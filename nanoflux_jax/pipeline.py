@@ -133,7 +133,7 @@ class FluxPipeline:
       self.tokenizer_2.save_pretrained(os.path.join(tmp, 'tokenizer_2'))
       with open(os.path.join(tmp, PIPELINE_FILE), 'w') as f:
         json.dump({'components': list(_COMPONENTS + _TOKENIZERS)}, f)
-      checkpoint._replace_dir(tmp, directory)  # pylint: disable=protected-access
+      checkpoint.replace_dir(tmp, directory)
     finally:
       shutil.rmtree(tmp, ignore_errors=True)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -316,10 +316,10 @@ def infer_config(source, fmt: str, base: dict[str, Any]) -> FluxConfig:
           f'{origin}: static-modulation tables have {n_steps} rows but the '
           f'stored config lists timesteps {cfg.get("static_timesteps")}')
   if cfg['depth']:
-    norm = (f'double_blocks.0.img_attn.norm.query_norm.scale' if bfl else
+    norm = ('double_blocks.0.img_attn.norm.query_norm.scale' if bfl else
             'transformer_blocks.0.attn.norm_q.weight')
   else:
-    norm = (f'single_blocks.0.norm.query_norm.scale' if bfl else
+    norm = ('single_blocks.0.norm.query_norm.scale' if bfl else
             'single_transformer_blocks.0.attn.norm_q.weight')
   hd = shape(norm)[0]
   cfg['head_dim'] = hd
@@ -388,14 +388,9 @@ def _resolve(path: str) -> tuple[str, str]:
 
 
 def _diffusers_base(path: str) -> dict[str, Any]:
-  cfg_file = os.path.join(path, 'config.json')
-  if not os.path.isdir(path) or not os.path.exists(cfg_file):
+  if not os.path.isfile(os.path.join(path, 'config.json')):
     return {}
-  try:
-    with open(cfg_file) as f:
-      c = json.load(f)
-  except json.JSONDecodeError as e:
-    raise CheckpointError(f'{cfg_file}: corrupt json: {e}') from e
+  cfg_file, c = loading.read_config_json(path)
   if c.get('patch_size', 1) != 1:
     raise CheckpointError(f'{cfg_file}: patch_size {c["patch_size"]} '
                           'is not supported (FLUX uses 1)')

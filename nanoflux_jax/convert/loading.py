@@ -14,6 +14,8 @@ concatenate). `load_strict` then
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from typing import Any, Callable, Mapping
 
 import jax
@@ -106,3 +108,24 @@ def load_strict(source: Mapping[str, np.ndarray], plan: dict[str, Entry],
     raise CheckpointError(f'{origin}: {len(errors)} tensors have the wrong '
                           'shape:\n  ' + '\n  '.join(errors))
   return traverse_util.unflatten_dict(out, sep='/')
+
+
+def read_config_json(path: str) -> tuple[str, dict[str, Any]]:
+  """Reads a model folder's config.json (or that file) -> (file name, dict).
+
+  Raises CheckpointError naming the file when it is missing or corrupt.
+  """
+  fname = os.fspath(path)
+  if os.path.isdir(fname):
+    fname = os.path.join(fname, 'config.json')
+  if not os.path.isfile(fname):
+    raise CheckpointError(f'{fname}: no such file (a model folder needs '
+                          'config.json beside its *.safetensors)')
+  try:
+    with open(fname) as f:
+      d = json.load(f)
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise CheckpointError(f'{fname}: corrupt config: {e}') from e
+  if not isinstance(d, dict):
+    raise CheckpointError(f'{fname}: corrupt config: not a JSON object')
+  return fname, d

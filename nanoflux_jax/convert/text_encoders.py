@@ -7,7 +7,6 @@ raises one error naming it.
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -18,6 +17,7 @@ import numpy as np
 
 from nanoflux_jax.configs import ClipConfig
 from nanoflux_jax.configs import T5Config
+from nanoflux_jax.convert import loading
 from nanoflux_jax.convert.loading import Entry
 from nanoflux_jax.convert.loading import linear
 from nanoflux_jax.convert.loading import load_strict
@@ -29,21 +29,6 @@ from nanoflux_jax.models.t5 import T5Encoder
 
 
 # ------------------------------------------------------------------ configs --
-def _read_config(path: str) -> tuple[str, dict[str, Any]]:
-  fname = os.path.join(os.fspath(path), 'config.json')
-  if not os.path.isfile(fname):
-    raise CheckpointError(f'{fname}: no such file (expected an HF model '
-                          'folder with config.json and *.safetensors)')
-  try:
-    with open(fname) as f:
-      d = json.load(f)
-  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise CheckpointError(f'{fname}: corrupt config: {e}') from e
-  if not isinstance(d, dict):
-    raise CheckpointError(f'{fname}: corrupt config: not a JSON object')
-  return fname, d
-
-
 def _pick(fname: str, d: dict[str, Any], mapping: dict[str, str],
           hf_defaults: dict[str, Any]) -> dict[str, Any]:
   """Our field -> d[HF field], falling back to transformers' own default.
@@ -79,7 +64,7 @@ def _dtype_name(dtype) -> str:
 
 def t5_config_from_hf(path: str) -> T5Config:
   """Reads an HF T5 (v1.1) config.json into a T5Config."""
-  fname, d = _read_config(path)
+  fname, d = loading.read_config_json(path)
   ffn = d.get('feed_forward_proj', 'relu')
   if ffn != 'gated-gelu':
     raise CheckpointError(f'{fname}: feed_forward_proj={ffn!r} is not '
@@ -100,7 +85,7 @@ def t5_config_from_hf(path: str) -> T5Config:
 
 def clip_config_from_hf(path: str) -> ClipConfig:
   """Reads an HF CLIPTextModel config.json into a ClipConfig."""
-  fname, d = _read_config(path)
+  fname, d = loading.read_config_json(path)
   if d.get('model_type') == 'clip' or 'text_config' in d:
     raise CheckpointError(f'{fname}: a full CLIPModel config; point at a '
                           'CLIPTextModel folder (e.g. FLUX text_encoder/)')

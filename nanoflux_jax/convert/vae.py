@@ -7,7 +7,6 @@ implement), write down where each of our params comes from as a plan of
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Optional
 
@@ -16,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from nanoflux_jax.configs import VAEConfig
+from nanoflux_jax.convert import loading
 from nanoflux_jax.convert.loading import Entry, conv, linear, load_strict, same
 from nanoflux_jax.convert.safetensors_io import CheckpointError, open_tensors
 from nanoflux_jax.models.vae import AutoencoderKL
@@ -42,19 +42,7 @@ def vae_config_from_diffusers(path: str) -> VAEConfig:
     CheckpointError naming the file when it is missing, corrupt, or asks for
     something we do not implement (quant convs, other block types, ...).
   """
-  path = os.fspath(path)
-  if os.path.isdir(path):
-    path = os.path.join(path, 'config.json')
-  if not os.path.isfile(path):
-    raise CheckpointError(f'{path}: no such file (a diffusers vae/ folder '
-                          'needs config.json)')
-  try:
-    with open(path) as f:
-      raw = json.load(f)
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise CheckpointError(f'{path}: corrupt JSON: {e}') from e
-  if not isinstance(raw, dict):
-    raise CheckpointError(f'{path}: expected a JSON object')
+  path, raw = loading.read_config_json(path)
   cls = raw.get('_class_name', 'AutoencoderKL')
   if cls != 'AutoencoderKL':
     raise CheckpointError(f'{path}: _class_name {cls!r}, expected '

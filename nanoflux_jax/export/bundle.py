@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from nanoflux_jax import checkpoint
 from nanoflux_jax import sampling
 from nanoflux_jax.export import components
 from nanoflux_jax.export import tflite
@@ -183,21 +184,10 @@ def export_pipeline(pipe, out_dir: str, height: int, width: int, *,
     }
     with open(os.path.join(tmp, MANIFEST), 'w') as fh:
       json.dump(manifest, fh, indent=2)
-    _replace_dir(tmp, out_dir)
+    checkpoint.replace_dir(tmp, out_dir)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
   return manifest
-
-
-def _replace_dir(src: str, dst: str) -> None:
-  """Moves src to dst; an existing dst is removed only after the move."""
-  old = None
-  if os.path.exists(dst):
-    old = f'{dst}.old-{uuid.uuid4().hex[:8]}'
-    os.replace(dst, old)
-  os.replace(src, dst)
-  if old:
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def size_table(manifests: dict[str, dict]) -> str:

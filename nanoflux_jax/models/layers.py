@@ -13,13 +13,60 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from nanoflux_jax import parallel
+
 Array = jax.Array
+
+
+class _NamedBox(nn.LogicallyPartitioned):
+  """Logical names of a DenseGeneral kernel (or bias) in its *final* shape.
+
+  flax's DenseGeneral initialises a flat 2-D kernel (1-D bias), unboxes it
+  and only then reshapes it to (in..., features...) (google/flax#3676). Under
+  a mesh, `nn.LogicallyPartitioned.unbox` would constrain the flat value with
+  the rank-N names and fail; this box leaves a value of another rank alone
+  and constrains the reshaped one through `parallel.constrain` (fitted, like
+  the shardings `parallel.param_shardings` gives the params).
+  """
+
+  def unbox(self, apply_constraint=True):
+    if not apply_constraint or jnp.ndim(self.value) != len(self.names):
+      return self.value
+    return parallel.constrain(self.value, self.names)
+
+
+def _named_init(init, names):
+  return lambda *a, **kw: _NamedBox(init(*a, **kw), tuple(names))
+
+
+# Activation names of a dense output's feature dims, from its kernel's names:
+# the model dim is the residual stream (act_embed), heads / MLP channels stay
+# tensor-parallel as their params are.
+_ACT_NAME = {'embed': 'act_embed'}
+
+
+class Dense(nn.DenseGeneral):
+  """nn.DenseGeneral (same params) whose output carries a sharding constraint.
+
+  `out_axes` names the feature dims of the output; the leading dims are
+  (act_batch, act_len, ...). Pinning every projection's output keeps XLA's
+  sharding propagation from inventing layouts such as a residual stream
+  split over 'tensor' (see experiments/repro_xla_sharding.py). A no-op
+  without a mesh and logical rules (`parallel.constrain`).
+  """
+  out_axes: tuple[str | None, ...] = ()
+
+  def __call__(self, inputs: Array) -> Array:
+    y = super().__call__(inputs)
+    lead = y.ndim - len(self.out_axes)
+    names = ('act_batch',) + ('act_len',) * (lead - 1) if lead else ()
+    return parallel.constrain(y, names[:lead] + tuple(self.out_axes))
 
 
 def dense(features, axes: Sequence[str | None], *, name: str,
           dtype, param_dtype, use_bias: bool = True, in_axes: int = 1,
-          kernel_init=nn.initializers.lecun_normal()) -> nn.DenseGeneral:
-  """A DenseGeneral whose kernel and bias carry logical axis names.
+          kernel_init=nn.initializers.lecun_normal()) -> Dense:
+  """A DenseGeneral whose kernel, bias and output carry logical axis names.
 
   Args:
     features: int or tuple of output dims (e.g. (3, heads, head_dim) for qkv).
@@ -28,12 +75,13 @@ def dense(features, axes: Sequence[str | None], *, name: str,
   """
   features = (features,) if isinstance(features, int) else tuple(features)
   bias_axes = tuple(axes[in_axes:])
-  return nn.DenseGeneral(
+  return Dense(
       features=features if len(features) > 1 else features[0],
       axis=tuple(range(-in_axes, 0)) if in_axes > 1 else -1,
       use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
-      kernel_init=nn.with_logical_partitioning(kernel_init, tuple(axes)),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, bias_axes))
+      kernel_init=_named_init(kernel_init, axes),
+      bias_init=_named_init(nn.initializers.zeros, bias_axes),
+      out_axes=tuple(_ACT_NAME.get(a, a) for a in bias_axes))
 
 
 def layer_norm(x: Array, eps: float = 1e-6) -> Array:

@@ -1,0 +1,30 @@
+r"""Distils a small T5 text encoder from the teacher T5 through the denoiser.
+
+  python experiments/distill_text_encoder.py \
+      --config=experiments/configs/distill_text_encoder_tiny.py \
+      --workdir=/tmp/distill_te
+Writes workdir/checkpoints (resumable) and, when done,
+workdir/student_text_encoder (config {'t5': ..., 'out_dim': ...} + params).
+"""
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+
+from nanoflux_jax.distill import text_encoder
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints and the student.',
+                               required=True)
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.')
+
+
+def main(argv):
+  del argv
+  logging.info('process %d/%d, %d devices', jax.process_index(),
+               jax.process_count(), jax.device_count())
+  text_encoder.train_text_encoder(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == '__main__':
+  app.run(main)

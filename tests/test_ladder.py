@@ -24,8 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, 'experiments', 'configs', 'ladder_tiny.py')
 # The CLI runs compile the same programs (one device each): a persistent
 # cache (test_trainer.py's) lets the later runs skip most compilation.
-CACHE = os.environ.get('LADDER_TEST_CACHE') or os.path.join(
-    tempfile.gettempdir(), 'nanoflux_jax_test_cache')
+CACHE = os.path.join(tempfile.gettempdir(), 'nanoflux_jax_test_cache')
 RUNGS = ['rung_0_prune', 'rung_1_static_modulation']
 
 
@@ -141,3 +140,21 @@ def test_bad_rungs_fail_before_any_work(tmp_path, rungs, match):
   with pytest.raises(ValueError, match=match):
     ladder.run_ladder(c, str(tmp_path / 'wd'))
   assert not (tmp_path / 'wd').exists()
+
+
+def test_downsample_and_text_encoder_rungs_are_checked_up_front():
+  c = _config()
+  c.rungs = [{'kind': 'text_encoder', 'distill': {'num_steps': 2}},
+             {'kind': 'downsample', 'start': 0, 'end': -1}]
+  if ladder._trainer_distills_downsampled():  # pylint: disable=protected-access
+    assert [r['kind'] for r in ladder.check_config(c)] == [
+        'text_encoder', 'downsample']
+  else:  # Until trainer.distill_loss passes img_grid to the student.
+    with pytest.raises(NotImplementedError, match='rung 1.*img_grid'):
+      ladder.check_config(c)
+  c.rungs = [{'kind': 'text_encoder', 'distill': {'num_step': 2}}]
+  with pytest.raises(ValueError, match="unknown distill option 'num_step'"):
+    ladder.check_config(c)
+  c.rungs = [{'kind': 'downsample', 'start': 0, 'end': 1, 'factor': 4}]
+  with pytest.raises(ValueError, match=r'grid \(2, 2\) is not divisible'):
+    ladder.check_config(c)

@@ -58,19 +58,15 @@ Student = tuple[FluxConfig, Any]  # (config, unboxed params)
 # ---------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class RungKind:
-  """A ladder step: `compress` the current student, then distil it.
-
-  compress: (ctx, student, opts) -> student.
-  defaults: every option the kind accepts (beyond 'kind' and 'distill').
-  check: optional (ctx_free config, opts, where) -> None; raises on bad opts.
-  distill: optional replacement of the denoiser distillation,
-    (ctx, student, rung, rung_dir) -> (finished, losses, start_step).
-  """
+  """compress: (ctx, student, opts) -> student. defaults: every option the
+  kind takes besides 'kind' and 'distill'. check: (config, opts, where),
+  raises on bad options before any work. distill: replaces trainer.train,
+  (ctx, student, opts, rung_dir) -> _finished(...)."""
   name: str
   compress: Callable[..., Student]
   defaults: Mapping[str, Any]
   check: Callable[..., None] | None = None
-  distill: Callable[..., tuple[bool, dict, int]] | None = None
+  distill: Callable[..., tuple[bool, dict]] | None = None
 
 
 RUNG_KINDS: dict[str, RungKind] = {}
@@ -114,7 +110,6 @@ class Context:
 
 
 def _img_grid(cfg: FluxConfig, grid):
-  """The static img_grid argument: only down-sampling models need it."""
   return tuple(grid) if cfg.downsample_start is not None else None
 
 
@@ -311,10 +306,6 @@ def _override(base: ml_collections.ConfigDict, over: Mapping[str, Any],
       base[k] = v
 
 
-def rung_name(i: int, kind: str) -> str:
-  return f'rung_{i}_{kind}'
-
-
 def check_config(config: ml_collections.ConfigDict) -> list[dict]:
   """Validates every rung; returns them as dicts with defaults filled in.
 
@@ -361,22 +352,19 @@ def check_config(config: ml_collections.ConfigDict) -> list[dict]:
 def _forward_ms(ctx: Context, student: Student, repeats: int) -> float:
   """Median ms of a jitted batch-1 forward (compile + one warm-up excluded)."""
   cfg, params = student
-  h, w = ctx.grid
-  t = ctx.config.distill.data.txt_len
+  (h, w), t = ctx.grid, ctx.config.distill.data.txt_len
   x = dict(img=jnp.zeros((1, h * w, cfg.in_channels)),
-           img_ids=sampling.image_ids(1, h, w),
+           img_ids=sampling.image_ids(1, h, w), txt_ids=sampling.text_ids(1, t),
            txt=jnp.zeros((1, t, cfg.context_in_dim)),
-           txt_ids=sampling.text_ids(1, t), timesteps=jnp.full((1,), 0.5),
-           y=jnp.zeros((1, cfg.vec_in_dim)))
-  fwd = jax.jit(lambda p, x: flux_lib.Flux(cfg).apply(
-      {'params': p}, **x, img_grid=_img_grid(cfg, ctx.grid)))
-  fwd(params, x).block_until_ready()
+           timesteps=jnp.full((1,), 0.5), y=jnp.zeros((1, cfg.vec_in_dim)))
+  fwd = jax.jit(functools.partial(flux_lib.Flux(cfg).apply,
+                                  img_grid=_img_grid(cfg, ctx.grid)))
   times = []
-  for _ in range(max(1, repeats)):
+  for _ in range(max(1, repeats) + 1):
     t0 = time.perf_counter()
-    fwd(params, x).block_until_ready()
+    fwd({'params': params}, **x).block_until_ready()
     times.append(1e3 * (time.perf_counter() - t0))
-  return statistics.median(times)
+  return statistics.median(times[1:])
 
 
 def _sample(ctx: Context, student: Student) -> np.ndarray:
@@ -424,12 +412,11 @@ def _measure(ctx: Context, student: Student, name: str, workdir: str,
     images.save_grid(latent_preview(latents, ctx.grid,
                                     ctx.config.samples.scale),
                      os.path.join(workdir, png))
-  mse = 0.0 if reference is None else float(np.mean(
-      np.square(latents - reference)))
+  mse = 0.0 if reference is None else np.mean(np.square(latents - reference))
   return dict(name=name, params=int(compress.count_params(cfg)),
               gflops=compress.count_flops(cfg, h * w, t) / 1e9,
               ms=_forward_ms(ctx, student, ctx.config.timing.repeats),
-              sample_mse=mse, samples=png), latents
+              sample_mse=float(mse), samples=png), latents
 
 
 # ---------------------------------------------------------------------------
@@ -446,10 +433,9 @@ def _write_atomic(path: str, text: str) -> None:
 
 
 def _read_json(path: str):
-  if not os.path.isfile(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
+  if os.path.isfile(path):
+    with open(path) as f:
+      return json.load(f)
 
 
 def _fmt(v, spec: str) -> str:
@@ -510,13 +496,15 @@ def _distill_denoiser(ctx: Context, student: Student, rung: dict,
   return _finished(state, history, tc)
 
 
-def _finished(state, history, tc) -> tuple[bool, dict, int]:
-  """(reached num_steps, last logged losses, step this call started at)."""
+def _finished(state, history, tc) -> tuple[bool, dict]:
+  """(reached num_steps, report fields: last logged losses, the step this
+  call started at (> 0: resumed), num_steps)."""
   step = int(jax.device_get(state.step))
   losses = {k: v for k, v in (history[-1] if history else {}).items()
             if k not in ('step', 'steps_per_s', 'tokens_per_s')}
   start = int(history[0]['step']) - 1 if history else step
-  return step >= tc.num_steps, losses, start
+  return step >= tc.num_steps, dict(losses=losses, start_step=start,
+                                    steps=tc.num_steps)
 
 
 def _compressed(ctx: Context, kind: RungKind, rung: dict, rung_dir: str,
@@ -579,7 +567,7 @@ def run_ladder(config: ml_collections.ConfigDict, workdir: str, *,
   student = lambda: ctx.teacher
   for i, rung in enumerate(rungs):
     kind = RUNG_KINDS[rung['kind']]
-    name = rung_name(i, kind.name)
+    name = f'rung_{i}_{kind.name}'
     rung_dir = os.path.join(workdir, name)
     out_dir = os.path.join(rung_dir, 'student')
     done = _read_json(os.path.join(rung_dir, 'done.json'))
@@ -596,7 +584,7 @@ def run_ladder(config: ml_collections.ConfigDict, workdir: str, *,
       continue
 
     compressed = _compressed(ctx, kind, rung, rung_dir, student)
-    finished, losses, start = (kind.distill or _distill_denoiser)(
+    finished, fields = (kind.distill or _distill_denoiser)(
         ctx, compressed, rung, rung_dir)
     if not finished:
       logging.info('ladder: %s stopped early (distill.stop_after); rerun to '
@@ -607,8 +595,7 @@ def run_ladder(config: ml_collections.ConfigDict, workdir: str, *,
       current = load(out_dir)
       student = lambda current=current: current
     row, _ = _measure(ctx, student(), name, workdir, np.load(ref_file))
-    row.update(kind=kind.name, losses=losses, start_step=start,
-               steps=rung['distill'].get('num_steps', dc.num_steps))
+    row.update(fields, kind=kind.name)
     _write_atomic(os.path.join(rung_dir, 'done.json'), json.dumps(
         dict(rung=_marker_key(rung), row=row), indent=2))
     report['rungs'].append(row)

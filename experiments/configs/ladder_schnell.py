@@ -1,0 +1,75 @@
+r"""The NanoFLUX ladder on FLUX.1-schnell (TPU pod; not run in tests).
+
+  python experiments/ladder.py --config=experiments/configs/ladder_schnell.py \
+      --config.teacher.path=/ckpt/FLUX.1-schnell --workdir=gs://bucket/ladder
+Launch the same command on every host. Rungs follow the paper's order:
+  0 prune      half the heads, 75% of MLP channels (Taylor sensitivity)
+  1 depth      keep 40 of 57 blocks (block in/out similarity), merging the
+               dropped ones into their neighbours
+  2 static_modulation   AdaLN -> 4-step tables (~3.2B params less)
+  3 downsample the ResNet token down-sampler over the middle blocks
+  4 text_encoder        a small T5 learns T5-XXL through the frozen student
+Each rung is distilled from the original schnell teacher. Rung 3 needs a
+trainer that passes img_grid to down-sampled students (the ladder checks
+this before starting); rung 4 needs teacher_t5 (an HF text_encoder_2/
+folder) or distill.pipeline.
+"""
+from nanoflux_jax.distill import text_encoder
+from nanoflux_jax.distill import trainer
+
+import ml_collections
+
+
+def _distill(steps: int) -> dict:
+  return {'num_steps': steps, 'warmup_steps': min(500, steps // 10)}
+
+
+def get_config(arg: str = ''):
+  c = ml_collections.ConfigDict()
+  # 12B teacher + student + Adam state: FSDP over the whole pod slice.
+  c.mesh = {'data': 1, 'fsdp': -1, 'tensor': 1}
+  c.teacher = {'path': '', 'preset': '', 'seed': 0, 'overrides': {}}
+  c.distill = trainer.default_config()
+  c.distill.batch_size = 64
+  c.distill.learning_rate = 1e-4
+  c.distill.weight_decay = 0.01
+  c.distill.remat = True
+  c.distill.compute_dtype = 'bfloat16'
+  c.distill.num_sampling_steps = 4          # schnell: 4 steps, no shift.
+  c.distill.loss.weights = {'output_kd': 1.0, 'feature_kd': 0.1, 'rf': 0.0}
+  c.distill.data = {'prompts': 'builtin', 'grid': (32, 32), 'txt_len': 256,
+                    'cache_dir': '', 'cache_shards': 64}   # 512 x 512 px.
+  c.distill.log_every = 50
+  c.distill.checkpoint_every = 1000
+  c.samples = {'prompts': 'builtin', 'num': 8, 'seed': 0, 'scale': 4}
+  c.timing = {'repeats': 5}
+  te = text_encoder.default_config()
+  te.student.num_layers = 12
+  te.student.d_model = 1024
+  te.data.grid = (32, 32)
+  te.data.txt_len = 256
+  te.compute_dtype = 'bfloat16'
+  c.rungs = [
+      # Feature KD only here: pruning keeps block indices aligned with the
+      # teacher's; after the depth rung the pairs would have to be remapped.
+      {'kind': 'prune', 'criterion': 'taylor', 'keep_heads': 0.5,
+       'keep_mlp': 0.75, 'scope': 'global', 'calib_n': 8,
+       'distill': {**_distill(20_000),
+                   'loss': {'feature_pairs': ((4, 4), (18, 18), (40, 40))}}},
+      {'kind': 'depth', 'keep_blocks': 40, 'criterion': 'block_io',
+       'merge': True, 'calib_n': 8, 'distill': _distill(20_000)},
+      {'kind': 'static_modulation', 'distill': _distill(10_000)},
+      {'kind': 'downsample', 'start': 4, 'end': -5, 'factor': 2,
+       'distill': _distill(20_000)},
+      {'kind': 'text_encoder', 'teacher_t5': '', 'denoiser': 'student',
+       'distill': {'num_steps': 20_000, 'batch_size': 64,
+                   'student': te.student.to_dict(), 'data': te.data.to_dict(),
+                   'compute_dtype': 'bfloat16'}},
+  ]
+  if arg == 'runlocal':  # Plumbing check on one host: a few steps per rung.
+    for r in c.rungs:
+      r['distill'] = {**r['distill'], 'num_steps': 2}
+      if 'warmup_steps' in r['distill']:
+        r['distill']['warmup_steps'] = 1
+    c.distill.batch_size = 2
+  return c

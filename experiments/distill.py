@@ -5,7 +5,6 @@ r"""Distils a FLUX student from a teacher (or trains it from scratch).
 Multi-host: launch the same command on every host; jax.distributed is
 initialised only when the launcher says there are several processes.
 """
-import os
 
 from absl import app
 from absl import flags
@@ -13,6 +12,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from nanoflux_jax import parallel
 from nanoflux_jax.distill import trainer
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints and samples.',
@@ -21,22 +21,9 @@ _INIT = flags.DEFINE_string('init', '', 'Student checkpoint to start from '
                             '(used only when workdir has no checkpoint).')
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.')
 
-_MULTI_HOST_ENV = ('JAX_COORDINATOR_ADDRESS', 'COORDINATOR_ADDRESS',
-                   'MEGASCALE_COORDINATOR_ADDRESS', 'SLURM_NTASKS',
-                   'OMPI_COMM_WORLD_SIZE', 'TPU_WORKER_HOSTNAMES')
-
-
-def maybe_initialize_distributed() -> None:
-  """jax.distributed.initialize() only under a multi-process launcher."""
-  if any(os.environ.get(k) for k in _MULTI_HOST_ENV):
-    if os.environ.get('SLURM_NTASKS', '2') != '1' and os.environ.get(
-        'OMPI_COMM_WORLD_SIZE', '2') != '1':
-      jax.distributed.initialize()
-
-
 def main(argv):
   del argv
-  maybe_initialize_distributed()
+  parallel.maybe_initialize_distributed()
   c = _CONFIG.value
   if _INIT.value:
     c.init = _INIT.value

@@ -12,6 +12,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from nanoflux_jax import parallel
 from nanoflux_jax.distill import text_encoder
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints and the student.',
@@ -21,6 +22,7 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.')
 
 def main(argv):
   del argv
+  parallel.maybe_initialize_distributed()
   logging.info('process %d/%d, %d devices', jax.process_index(),
                jax.process_count(), jax.device_count())
   text_encoder.train_text_encoder(_CONFIG.value, _WORKDIR.value)

@@ -6,7 +6,6 @@ Rerunning the same command resumes: finished rungs are loaded, an
 interrupted rung continues from its last trainer checkpoint. Multi-host:
 launch the same command on every host.
 """
-import os
 
 from absl import app
 from absl import flags
@@ -14,31 +13,18 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from nanoflux_jax import parallel
 from nanoflux_jax.distill import ladder
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Ladder outputs; resumed.',
                                required=True)
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.')
 
-# Same rule as experiments/distill.py (binaries are scripts, not a package).
-_MULTI_HOST_ENV = ('JAX_COORDINATOR_ADDRESS', 'COORDINATOR_ADDRESS',
-                   'MEGASCALE_COORDINATOR_ADDRESS', 'SLURM_NTASKS',
-                   'OMPI_COMM_WORLD_SIZE', 'TPU_WORKER_HOSTNAMES')
-
-
-def maybe_initialize_distributed() -> None:
-  """jax.distributed.initialize() only under a multi-process launcher."""
-  if any(os.environ.get(k) for k in _MULTI_HOST_ENV):
-    if os.environ.get('SLURM_NTASKS', '2') != '1' and os.environ.get(
-        'OMPI_COMM_WORLD_SIZE', '2') != '1':
-      jax.distributed.initialize()
-
-
 def main(argv):
   del argv
   # Validate before touching devices or the teacher.
   ladder.check_config(_CONFIG.value)
-  maybe_initialize_distributed()
+  parallel.maybe_initialize_distributed()
   logging.info('process %d/%d, %d devices', jax.process_index(),
                jax.process_count(), jax.device_count())
   report = ladder.run_ladder(_CONFIG.value, _WORKDIR.value)

@@ -15,9 +15,11 @@ jit(init, out_shardings), so a full model never sits on one device first.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -240,3 +242,22 @@ def describe(tree) -> dict[str, str]:
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
   return {jax.tree_util.keystr(k, simple=True, separator='/'):
           str(getattr(v.sharding, 'spec', v.sharding)) for k, v in flat}
+
+
+# Environment variables set by multi-process launchers (TPU pods, SLURM,
+# MPI, an explicit coordinator).
+_MULTI_HOST_ENV = ('JAX_COORDINATOR_ADDRESS', 'COORDINATOR_ADDRESS',
+                   'MEGASCALE_COORDINATOR_ADDRESS', 'SLURM_NTASKS',
+                   'OMPI_COMM_WORLD_SIZE', 'TPU_WORKER_HOSTNAMES')
+
+
+def maybe_initialize_distributed() -> None:
+  """jax.distributed.initialize() under a multi-process launcher; else no-op.
+
+  Binaries call this first, so the same command runs on a laptop and on
+  every host of a pod slice.
+  """
+  if any(os.environ.get(k) for k in _MULTI_HOST_ENV):
+    if os.environ.get('SLURM_NTASKS', '2') != '1' and os.environ.get(
+        'OMPI_COMM_WORLD_SIZE', '2') != '1':
+      jax.distributed.initialize()

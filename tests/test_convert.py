@@ -149,7 +149,7 @@ def test_checkpoint_roundtrip_and_atomic_replace(tmp_path, tiny):
 
 
 def test_diffusers_pipeline_folder_and_sharded_transformer(tmp_path):
-  from tiny_flux import make_tiny_flux_pipeline
+  from nanoflux_jax.testing.tiny_flux import make_tiny_flux_pipeline
   make_tiny_flux_pipeline(tmp_path / 'pipe')
   index = tmp_path / 'pipe' / 'transformer' / (
       'diffusion_pytorch_model.safetensors.index.json')

@@ -6,7 +6,7 @@ import sys
 import numpy as np
 from PIL import Image
 
-from tiny_flux import make_tiny_flux_pipeline
+from nanoflux_jax.testing.tiny_flux import make_tiny_flux_pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

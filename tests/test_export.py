@@ -28,7 +28,7 @@ from nanoflux_jax.export import tflite
 from nanoflux_jax.models import flux
 
 from refs import max_rel_err, require
-from tiny_flux import make_tiny_flux_pipeline
+from nanoflux_jax.testing.tiny_flux import make_tiny_flux_pipeline
 
 H, W, T, STEPS = 32, 48, 16, 3   # tiny VAE factor 2: packed grid 8 x 12.
 PROMPTS = ['a red circle on the left', 'a photo of a blue dog']

@@ -92,3 +92,46 @@ def test_checkpoint_shards_while_loading(tmp_path):
   assert k.sharding.spec == P('fsdp', 'tensor')
   assert k.addressable_shards[0].data.shape == (16, 64)
   jax.tree.map(np.testing.assert_array_equal, loaded, params)
+
+
+def test_flux_value_and_grad_on_2x2x2_mesh_match_single_device():
+  # Traced under the mesh, as the trainer does: flax's DenseGeneral used to
+  # fail there on multi-dim kernels, and without the activation constraints
+  # XLA miscompiled this mesh (experiments/repro_xla_sharding.py).
+  import flax.linen as nn
+  import jax.numpy as jnp
+  from nanoflux_jax.models import flux
+  params = flux.init_params(CFG, jax.random.PRNGKey(0))
+  rng = np.random.default_rng(0)
+  inputs = {k: jnp.asarray(rng.standard_normal(v.shape), jnp.float32)
+            for k, v in flux.dummy_inputs(CFG, 8, 8, 4).items()}
+  target = jnp.asarray(rng.standard_normal((8, 8, CFG.out_dim)), jnp.float32)
+
+  def loss(p, x):
+    return jnp.mean(jnp.square(flux.Flux(CFG).apply({'params': p}, **x) -
+                               target))
+
+  want = jax.jit(jax.value_and_grad(loss))(params, inputs)
+  mesh = parallel.create_mesh({'data': 2, 'fsdp': 2, 'tensor': 2})
+  p = parallel.shard_like(params, parallel.param_shardings(CFG, mesh))
+  x = {k: jax.device_put(v, parallel.batch_sharding(mesh, v.ndim))
+       for k, v in inputs.items()}
+  with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.RULES):
+    got = jax.jit(jax.value_and_grad(loss))(p, x)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
+               got, want)
+
+
+def test_constrain_is_a_noop_without_mesh_and_fits_odd_dims():
+  import flax.linen as nn
+  import jax.numpy as jnp
+  x = jnp.ones((6, 3))
+  names = ('act_batch', 'heads')
+  assert parallel.constrain(x, names) is x  # No mesh, no rules.
+  mesh = parallel.create_mesh({'data': 2, 'fsdp': 2, 'tensor': 2})
+  with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.RULES):
+    y = jax.jit(lambda a: parallel.constrain(a * 2, names))(x)
+    with pytest.raises(ValueError, match='2 logical axes'):
+      parallel.constrain(jnp.ones((2, 2, 2)), names)
+  # 6 rows do not split 4 ways, 3 heads not 2 ways: both replicated.
+  assert y.sharding.spec in (P(), P(None, None), P(None,))

@@ -5,7 +5,7 @@ import pytest
 import nanoflux_jax as nf
 
 from refs import max_rel_err, require
-from tiny_flux import make_tiny_flux_pipeline
+from nanoflux_jax.testing.tiny_flux import make_tiny_flux_pipeline
 
 PROMPTS = ['a red circle on the left', 'a photo of a blue dog on a square']
 LATENT_TOL = 1e-4     # max relative error of the final packed latents.

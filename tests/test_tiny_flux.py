@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from refs import require
-import tiny_flux
+from nanoflux_jax.testing import tiny_flux
 
 PROMPTS = ['a photo of a red cat', 'The blue square is on the LEFT of a dog!']
 HEIGHT, WIDTH = 32, 48  # multiples of vae_scale_factor * 2 = 4; non-square

@@ -49,19 +49,12 @@ def _mesh8():
   return parallel.create_mesh({'data': 2, 'fsdp': 2, 'tensor': 2})
 
 
-# XLA's CPU SPMD partitioner miscompiles the tiny Flux forward when the batch
-# is split over (data, fsdp) while params are split over fsdp AND tensor on a
-# 2x2x2 mesh (max |diff| ~2.4 in the velocity; both Shardy and GSPMD; every
-# 2-axis mesh and every single sharded param alone are exact). Reproducer:
-# shard tiny-Flux params by parallel.RULES on create_mesh((2, 2, 2)) and
-# compare the jitted forward with an unsharded one.
-_XLA_222 = pytest.mark.xfail(
-    reason='XLA CPU SPMD miscompile on the (2,2,2) mesh; see comment',
-    strict=False)
-
-
-@pytest.mark.parametrize('shape', [
-    pytest.param((2, 2, 2), marks=_XLA_222), (2, 1, 4), (1, 4, 2)])
+# (2, 2, 2) used to be wrong (max |diff| ~2.4): without a mesh at trace time
+# the activation constraints were off, XLA's propagation split the residual
+# stream over 'tensor', and XLA's SPMD partitioner then miscompiles the
+# [B(data,fsdp), L, M(tensor)] x [M(tensor), D(fsdp)] -> D(tensor) dot
+# (experiments/repro_xla_sharding.py). The trainer now traces under the mesh.
+@pytest.mark.parametrize('shape', [(2, 2, 2), (2, 1, 4), (1, 4, 2)])
 def test_sharded_step_matches_single_device(tmp_path, shape):
   # A larger Adam eps: with eps=1e-8 Adam turns float-rounding-sized gradients
   # (e.g. of QK-norm scales) into +-lr steps, so a sharded reduction order

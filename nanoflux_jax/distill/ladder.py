@@ -47,6 +47,7 @@ from nanoflux_jax import parallel
 from nanoflux_jax import sampling
 from nanoflux_jax.configs import FluxConfig
 from nanoflux_jax.distill import data as data_lib
+from nanoflux_jax.distill import text_encoder
 from nanoflux_jax.distill import trainer
 from nanoflux_jax.models import flux as flux_lib
 
@@ -192,11 +193,6 @@ def _check_downsample(c, opts, where):
   if any(g % opts['factor'] for g in grid):
     raise ValueError(f"{where}: data.grid {grid} is not divisible by the "
                      f"downsample factor {opts['factor']}")
-  if not _trainer_distills_downsampled():
-    raise NotImplementedError(
-        f'{where}: nanoflux_jax.distill.trainer.distill_loss does not pass '
-        'img_grid to the student, so a down-sampled student cannot be '
-        'distilled yet (Flux raises "pass the static img_grid")')
 
 
 @register_rung('downsample', dict(start=None, end=None, factor=2, channels=0,
@@ -211,45 +207,8 @@ def _downsample(ctx: Context, student: Student, opts) -> Student:
                                   opts['factor'], opts['channels'])
 
 
-@functools.cache
-def _trainer_distills_downsampled() -> bool:
-  """Whether trainer.distill_loss traces with a down-sampling student."""
-  t_cfg = FluxConfig.tiny(depth=1, depth_single_blocks=1)
-  s_cfg = t_cfg.replace(downsample_start=0, downsample_end=1)
-  spec = trainer.DistillSpec(student=s_cfg, teacher=t_cfg, schedule=(1., 0.),
-                             grid=(2, 2), weights=(('output_kd', 1.0),))
-  z = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
-  batch = {'noise': z(1, 4, 16), 'txt': z(1, 2, 24), 'y': z(1, 32)}
-  try:
-    jax.eval_shape(functools.partial(trainer.distill_loss, spec=spec),
-                   {'student': flux_lib.param_shapes(s_cfg)},
-                   {'teacher': flux_lib.param_shapes(t_cfg)}, batch,
-                   jax.random.PRNGKey(0))
-  except ValueError as e:
-    if 'img_grid' in str(e):
-      return False
-    raise
-  return True
-
-
-def _text_encoder_module():
-  """nanoflux_jax.distill.text_encoder, or an error naming what is missing."""
-  try:
-    # pylint: disable-next=g-import-not-at-top
-    from nanoflux_jax.distill import text_encoder
-  except ImportError as e:
-    raise NotImplementedError(
-        "rung kind 'text_encoder' needs nanoflux_jax.distill.text_encoder."
-        f'train_text_encoder, which cannot be imported: {e}') from e
-  for f in ('train_text_encoder', 'default_config'):
-    if not hasattr(text_encoder, f):
-      raise NotImplementedError(f"rung kind 'text_encoder' needs nanoflux_jax"
-                                f'.distill.text_encoder.{f}, which is missing')
-  return text_encoder
-
-
 def _text_encoder_config(c, rung, where) -> ml_collections.ConfigDict:
-  tc = _text_encoder_module().default_config()
+  tc = text_encoder.default_config()
   _override(tc, rung['distill'], f'{where}.distill')
   return tc
 
@@ -271,14 +230,13 @@ def _distill_text_encoder(ctx: Context, student: Student, rung, rung_dir):
   it from distill.pipeline or its random preset. The student T5 is written
   to rung_dir/student_text_encoder; the denoiser passes on unchanged.
   """
-  te = _text_encoder_module()
   t5 = None
   if rung['teacher_t5']:
     # pylint: disable-next=g-import-not-at-top
     from nanoflux_jax.convert.text_encoders import load_t5_encoder
     t5 = load_t5_encoder(rung['teacher_t5'])
   tc = _text_encoder_config(ctx.config, rung, 'text_encoder')
-  state, history = te.train_text_encoder(
+  state, history = text_encoder.train_text_encoder(
       tc, rung_dir, teacher_t5=t5, mesh=ctx.mesh,
       denoiser=student if rung['denoiser'] == 'student' else ctx.teacher)
   return _finished(state, history, tc)

@@ -31,6 +31,7 @@ import optax
 import orbax.checkpoint as ocp
 
 from nanoflux_jax import checkpoint as nf_checkpoint
+from nanoflux_jax import images
 from nanoflux_jax import parallel
 from nanoflux_jax import sampling
 from nanoflux_jax.configs import FluxConfig
@@ -122,20 +123,32 @@ def train_step(state: TrainState, batch: dict, frozen: Any, *,
 
 
 def compile_train_step(loss_fn, tx, grad_accum, state_sh, batch_sh, frozen_sh,
-                       mesh):
-  """jit(train_step) with explicit in/out shardings and the state donated."""
+                       mesh, rules=parallel.RULES):
+  """jit(train_step) with explicit in/out shardings and the state donated.
+
+  The step is traced under `jax.set_mesh(mesh)` and `rules`, so the models'
+  activation constraints (act_batch / act_len / act_embed, and every
+  `layers.dense` output) are active. They are needed for correctness, not
+  only speed: without them XLA's propagation may split the residual stream
+  over 'tensor', and on a (data, fsdp, tensor) mesh XLA's SPMD partitioner
+  then miscompiles a dot (experiments/repro_xla_sharding.py).
+  """
   fn = jax.jit(
       functools.partial(train_step, loss_fn=loss_fn, tx=tx,
                         grad_accum=grad_accum),
       in_shardings=(state_sh, batch_sh, frozen_sh),
       out_shardings=(state_sh, parallel.replicated(mesh)), donate_argnums=0)
 
-  # Traced without a global mesh on purpose: under `jax.set_mesh`, flax
-  # 0.12's DenseGeneral re-boxes its flat kernel with the rank-3 logical
-  # names and fails (models/layers.dense with multi-dim features). Without a
-  # mesh the models' activation constraints are no-ops; GSPMD propagates the
-  # layout from the explicitly sharded params and batch instead.
-  return fn
+  def under_mesh(f):
+    @functools.wraps(f)
+    def wrapped(*args):
+      with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        return f(*args)
+    return wrapped
+
+  step = under_mesh(fn)
+  step.lower = under_mesh(fn.lower)  # For benchmarks' cost analysis.
+  return step
 
 
 # ---------------------------------------------------------------------------
@@ -174,7 +187,8 @@ def distill_loss(params, frozen, batch, rng, *, spec: DistillSpec):
   def run(model, p, x, t, inter=False):
     return model.apply({'params': p}, img=x, img_ids=img_ids,
                        txt=batch['txt'], txt_ids=txt_ids, timesteps=t,
-                       y=batch['y'], return_intermediates=inter)
+                       y=batch['y'], return_intermediates=inter,
+                       img_grid=spec.grid)
 
   k_t, k_rf = jax.random.split(rng)
   t, idx, on = losses.sample_timesteps(
@@ -235,21 +249,6 @@ def _check_finite(step: int, metrics: dict) -> dict:
     raise FloatingPointError(f'step {step}: non-finite {bad}: '
                              f'{ {k: host[k] for k in bad} }')
   return host
-
-
-def _save_grid(path: str, images: np.ndarray) -> None:
-  """uint8 [N, H, W, 3] -> one PNG grid (ceil(sqrt N) columns)."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  images = np.asarray(images)
-  n, h, w, c = images.shape
-  cols = int(math.ceil(math.sqrt(n)))
-  rows = int(math.ceil(n / cols))
-  grid = np.zeros((rows * h, cols * w, c), np.uint8)
-  for i, im in enumerate(images):
-    r, q = divmod(i, cols)
-    grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = im
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  Image.fromarray(grid).save(path)
 
 
 def fit(c: ml_collections.ConfigDict, workdir: str, *, loss_fn: LossFn,
@@ -324,10 +323,10 @@ def fit(c: ml_collections.ConfigDict, workdir: str, *, loss_fn: LossFn,
       _check_finite(*pending)  # Never save a NaN state.
       mngr.save(done, args=ocp.args.StandardSave(state))
     if sample_fn is not None and c.sample_every and done % c.sample_every == 0:
-      images = sample_fn(done, state.params)
+      samples = sample_fn(done, state.params)
       if jax.process_index() == 0:
-        _save_grid(os.path.join(workdir, 'samples', f'step_{done:07d}.png'),
-                   images)
+        images.save_grid(samples, os.path.join(workdir, 'samples',
+                                               f'step_{done:07d}.png'))
   if pending is not None:
     _check_finite(*pending)
   mngr.wait_until_finished()

@@ -39,34 +39,43 @@ def _named_init(init, names):
   return lambda *a, **kw: _NamedBox(init(*a, **kw), tuple(names))
 
 
-# Activation names of a dense output's feature dims, from its kernel's names:
-# the model dim is the residual stream (act_embed), heads / MLP channels stay
-# tensor-parallel as their params are.
-_ACT_NAME = {'embed': 'act_embed'}
+def _act_names(ndim: int, feature_names: Sequence[str | None]) -> tuple:
+  """Logical names of an activation [batch, len..., features...].
+
+  The feature dims take their kernel dims' names, except that the model dim
+  is the residual stream (act_embed, not the FSDP-split param axis 'embed');
+  heads / MLP channels stay tensor-parallel as their params are.
+  """
+  features = tuple('act_embed' if a == 'embed' else a for a in feature_names)
+  lead = ndim - len(features)
+  return (('act_batch',) + ('act_len',) * (lead - 1))[:lead] + features
 
 
 class Dense(nn.DenseGeneral):
-  """nn.DenseGeneral (same params) whose output carries a sharding constraint.
+  """nn.DenseGeneral (same params) whose input and output are constrained.
 
-  `out_axes` names the feature dims of the output; the leading dims are
-  (act_batch, act_len, ...). Pinning every projection's output keeps XLA's
-  sharding propagation from inventing layouts such as a residual stream
-  split over 'tensor' (see experiments/repro_xla_sharding.py). A no-op
-  without a mesh and logical rules (`parallel.constrain`).
+  `logical_axes` names every kernel dim, inputs first. Input and output get
+  `_act_names` (and so, under autodiff, do their cotangents). Pinning both
+  sides of every projection keeps XLA's sharding propagation from choosing
+  layouts such as a model dim split over 'tensor', which XLA's SPMD
+  partitioner miscompiles on a (data, fsdp, tensor) mesh (see
+  experiments/repro_xla_sharding.py). A no-op without a mesh and logical
+  rules (`parallel.constrain`).
   """
-  out_axes: tuple[str | None, ...] = ()
+  logical_axes: tuple[str | None, ...] = ()
 
   def __call__(self, inputs: Array) -> Array:
+    n_in = len(self.axis) if isinstance(self.axis, tuple) else 1
+    names = tuple(self.logical_axes)
+    inputs = parallel.constrain(inputs, _act_names(inputs.ndim, names[:n_in]))
     y = super().__call__(inputs)
-    lead = y.ndim - len(self.out_axes)
-    names = ('act_batch',) + ('act_len',) * (lead - 1) if lead else ()
-    return parallel.constrain(y, names[:lead] + tuple(self.out_axes))
+    return parallel.constrain(y, _act_names(y.ndim, names[n_in:]))
 
 
 def dense(features, axes: Sequence[str | None], *, name: str,
           dtype, param_dtype, use_bias: bool = True, in_axes: int = 1,
           kernel_init=nn.initializers.lecun_normal()) -> Dense:
-  """A DenseGeneral whose kernel, bias and output carry logical axis names.
+  """A DenseGeneral whose kernel, bias and activations carry logical names.
 
   Args:
     features: int or tuple of output dims (e.g. (3, heads, head_dim) for qkv).
@@ -74,6 +83,9 @@ def dense(features, axes: Sequence[str | None], *, name: str,
     in_axes: how many trailing input dims are contracted (2 for [heads, kv]).
   """
   features = (features,) if isinstance(features, int) else tuple(features)
+  if len(axes) != in_axes + len(features):
+    raise ValueError(f'dense {name}: {len(axes)} axis names {tuple(axes)} for '
+                     f'{in_axes} input and {len(features)} output dims')
   bias_axes = tuple(axes[in_axes:])
   return Dense(
       features=features if len(features) > 1 else features[0],
@@ -81,7 +93,7 @@ def dense(features, axes: Sequence[str | None], *, name: str,
       use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
       kernel_init=_named_init(kernel_init, axes),
       bias_init=_named_init(nn.initializers.zeros, bias_axes),
-      out_axes=tuple(_ACT_NAME.get(a, a) for a in bias_axes))
+      logical_axes=tuple(axes))
 
 
 def layer_norm(x: Array, eps: float = 1e-6) -> Array:

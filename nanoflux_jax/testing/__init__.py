@@ -1,0 +1,1 @@
+"""Offline test fixtures: tiny random diffusers FLUX pipelines (needs torch)."""

@@ -146,12 +146,8 @@ def test_downsample_and_text_encoder_rungs_are_checked_up_front():
   c = _config()
   c.rungs = [{'kind': 'text_encoder', 'distill': {'num_steps': 2}},
              {'kind': 'downsample', 'start': 0, 'end': -1}]
-  if ladder._trainer_distills_downsampled():  # pylint: disable=protected-access
-    assert [r['kind'] for r in ladder.check_config(c)] == [
-        'text_encoder', 'downsample']
-  else:  # Until trainer.distill_loss passes img_grid to the student.
-    with pytest.raises(NotImplementedError, match='rung 1.*img_grid'):
-      ladder.check_config(c)
+  assert [r['kind'] for r in ladder.check_config(c)] == [
+      'text_encoder', 'downsample']
   c.rungs = [{'kind': 'text_encoder', 'distill': {'num_step': 2}}]
   with pytest.raises(ValueError, match="unknown distill option 'num_step'"):
     ladder.check_config(c)

@@ -149,7 +149,7 @@ def test_sample_hook_writes_png_grids(tmp_path):
   files = sorted(os.listdir(tmp_path / 'samples'))
   assert files == ['step_0000002.png', 'step_0000004.png']
   im = np.asarray(Image.open(tmp_path / 'samples' / files[0]))
-  assert im.shape == (8, 8, 3)  # 3 images in a 2x2 grid of 4x4.
+  assert im.shape == (2 + 2 * (4 + 2), 2 + 2 * (4 + 2), 3)  # 3 4x4 in 2x2.
 
 
 def test_grad_accumulation_matches_one_big_batch():

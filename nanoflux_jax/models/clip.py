@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from nanoflux_jax.configs import ClipConfig
+from nanoflux_jax.models import layers
 
 _RESIDUAL = ('act_batch', 'act_len', 'act_embed')
 
@@ -84,12 +85,9 @@ class ClipAttention(nn.Module):
     init = nn.initializers.variance_scaling(1.0, 'fan_in', 'normal')
 
     def proj(name):
-      return nn.DenseGeneral(
-          (heads, head_dim), dtype=dtype, param_dtype=pdtype, name=name,
-          kernel_init=nn.with_logical_partitioning(
-              init, ('embed', 'heads', 'kv')),
-          bias_init=nn.with_logical_partitioning(
-              nn.initializers.zeros, ('heads', 'kv')))(x)
+      return layers.dense((heads, head_dim), ('embed', 'heads', 'kv'),
+                          name=name, dtype=dtype, param_dtype=pdtype,
+                          kernel_init=init)(x)
 
     q, k, v = proj('q'), proj('k'), proj('v')  # [B, T, H, Dh]
     # transformers scales the logits (not q) by head_dim**-0.5; same order
@@ -99,13 +97,9 @@ class ClipAttention(nn.Module):
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(logits, axis=-1).astype(dtype)
     out = jnp.einsum('bhqk,bkhd->bqhd', weights, v)
-    return nn.DenseGeneral(
-        cfg.hidden_size, axis=(-2, -1), dtype=dtype, param_dtype=pdtype,
-        name='out',
-        kernel_init=nn.with_logical_partitioning(
-            init, ('heads', 'kv', 'embed')),
-        bias_init=nn.with_logical_partitioning(
-            nn.initializers.zeros, ('embed',)))(out)
+    return layers.dense(cfg.hidden_size, ('heads', 'kv', 'embed'), name='out',
+                        in_axes=2, dtype=dtype, param_dtype=pdtype,
+                        kernel_init=init)(out)
 
 
 class ClipMLP(nn.Module):
@@ -124,11 +118,8 @@ class ClipMLP(nn.Module):
     init = nn.initializers.variance_scaling(1.0, 'fan_in', 'normal')
 
     def dense(features, axes, name):
-      return nn.Dense(
-          features, dtype=dtype, param_dtype=pdtype, name=name,
-          kernel_init=nn.with_logical_partitioning(init, axes),
-          bias_init=nn.with_logical_partitioning(nn.initializers.zeros,
-                                                 axes[1:]))
+      return layers.dense(features, axes, name=name, dtype=dtype,
+                          param_dtype=pdtype, kernel_init=init)
 
     h = quick_gelu(dense(cfg.intermediate_size, ('embed', 'mlp'), 'fc1')(x))
     return dense(cfg.hidden_size, ('mlp', 'embed'), 'fc2')(h)

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nanoflux_jax.configs import T5Config
+from nanoflux_jax.models import layers
 
 _RESIDUAL = ('act_batch', 'act_len', 'act_embed')
 
@@ -116,22 +117,18 @@ class T5Attention(nn.Module):
     init = nn.initializers.variance_scaling(1.0, 'fan_in', 'normal')
 
     def proj(name):
-      return nn.DenseGeneral(
-          (cfg.num_heads, cfg.d_kv), use_bias=False, dtype=dtype,
-          param_dtype=pdtype, name=name,
-          kernel_init=nn.with_logical_partitioning(
-              init, ('embed', 'heads', 'kv')))(x)
+      return layers.dense((cfg.num_heads, cfg.d_kv), ('embed', 'heads', 'kv'),
+                          name=name, dtype=dtype, param_dtype=pdtype,
+                          use_bias=False, kernel_init=init)(x)
 
     q, k, v = proj('q'), proj('k'), proj('v')  # [B, T, H, Dh]
     # No 1/sqrt(Dh): T5 folds that scale into q's initialisation.
     logits = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32)
     weights = jax.nn.softmax(logits + bias, axis=-1).astype(dtype)
     out = jnp.einsum('bhqk,bkhd->bqhd', weights, v)
-    return nn.DenseGeneral(
-        cfg.d_model, axis=(-2, -1), use_bias=False, dtype=dtype,
-        param_dtype=pdtype, name='o',
-        kernel_init=nn.with_logical_partitioning(
-            init, ('heads', 'kv', 'embed')))(out)
+    return layers.dense(cfg.d_model, ('heads', 'kv', 'embed'), name='o',
+                        in_axes=2, dtype=dtype, param_dtype=pdtype,
+                        use_bias=False, kernel_init=init)(out)
 
 
 class T5GatedFFN(nn.Module):
@@ -150,9 +147,8 @@ class T5GatedFFN(nn.Module):
     init = nn.initializers.variance_scaling(1.0, 'fan_in', 'normal')
 
     def dense(features, axes, name):
-      return nn.Dense(features, use_bias=False, dtype=dtype,
-                      param_dtype=pdtype, name=name,
-                      kernel_init=nn.with_logical_partitioning(init, axes))
+      return layers.dense(features, axes, name=name, dtype=dtype,
+                          param_dtype=pdtype, use_bias=False, kernel_init=init)
 
     # transformers' 'gated-gelu' uses gelu_new, the tanh approximation.
     gate = jax.nn.gelu(dense(cfg.d_ff, ('embed', 'mlp'), 'wi_0')(x),

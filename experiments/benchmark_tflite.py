@@ -2,12 +2,12 @@ r"""LiteRT (TFLite) latency of a phone-size student DiT vs JAX, fp32 and int8.
 
   python experiments/benchmark_tflite.py [--grid=32 --txt_len=128 --threads=2]
 
-Model: `nanoflux_jax.compress` does not exist yet, so the student stands in as
-FluxConfig.benchmark() (hidden 768, 4 double + 8 single blocks) with static
-modulation (4 timesteps, no pooled vector) and halved per-block widths (6 of
-12 heads and MLP 1536 of 3072 in every block, as head/FFN pruning would
-leave it), random weights. Batch 1, a 32x32 token grid (512 px) + 128 text
-tokens.
+Model: variant (d) of the compression benchmark, built with
+`nanoflux_jax.compress` from FluxConfig.benchmark() (hidden 768, 4 double + 8
+single blocks, random weights): 50% of heads and MLP channels pruned per
+block, static modulation (4 timesteps, no pooled vector) and the token
+down-sampler over blocks 2..9. Batch 1, a 32x32 token grid (512 px) + 128
+text tokens.
 
 Measures the median ms per denoiser step under LiteRT (XNNPACK, --threads)
 for the fp32 and int8 (dynamic-range) files, next to jax.jit fp32 in the same
@@ -45,13 +45,20 @@ _IMAGE = flags.DEFINE_bool('image', True, 'Also time a whole 4-step image.')
 STATIC_TS = (1.0, 0.75, 0.5, 0.25)
 
 
-def student_config() -> nf.FluxConfig:
-  base = nf.FluxConfig.benchmark()
-  return base.replace(
-      modulation='static', static_timesteps=STATIC_TS,
-      double_heads=(6,) * base.depth, single_heads=(6,) * base.depth_single_blocks,
-      double_mlp_img=(1536,) * base.depth, double_mlp_txt=(1536,) * base.depth,
-      single_mlp=(1536,) * base.depth_single_blocks)
+def student():
+  """-> (cfg, params) of variant (d)."""
+  from nanoflux_jax import compress  # pylint: disable=g-import-not-at-top
+  cfg = nf.FluxConfig.benchmark()
+  params = flux.init_params(cfg, jax.random.key(0))
+  scores = jax.tree.map(lambda m: np.random.default_rng(0).random(m.shape),
+                        compress.PruneMask.ones(cfg))
+  mask = compress.select(cfg, scores, keep_heads=0.5, keep_mlp=0.5,
+                         scope='block')
+  cfg, params = compress.prune(cfg, params, mask)
+  pooled = jax.random.normal(jax.random.key(1), (4, cfg.vec_in_dim))
+  cfg, params = compress.to_static_modulation(cfg, params, STATIC_TS, pooled)
+  return compress.add_downsampler(cfg, params, 2, cfg.num_blocks - 3,
+                                  jax.random.key(2))
 
 
 def _time(fn, repeats):
@@ -66,8 +73,7 @@ def _time(fn, repeats):
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  cfg, g, t = student_config(), _GRID.value, _TXT_LEN.value
-  params = flux.init_params(cfg, jax.random.key(0))
+  (cfg, params), g, t = student(), _GRID.value, _TXT_LEN.value
   n = sum(x.size for x in jax.tree.leaves(params))
   print(f'student: {n / 1e6:.1f}M params, {g * g} image + {t} text tokens')
   work = tempfile.mkdtemp(prefix='bench_tflite_')
@@ -91,7 +97,8 @@ def main(argv):
   jfn = jax.jit(lambda p, x: flux.Flux(cfg).apply(
       {'params': p}, img=x['img'], img_ids=nf.sampling.image_ids(1, g, g),
       txt=x['txt'], txt_ids=nf.sampling.text_ids(1, t),
-      timesteps=jax.numpy.take(jax.numpy.asarray(STATIC_TS), x['step'])))
+      timesteps=jax.numpy.take(jax.numpy.asarray(STATIC_TS), x['step']),
+      img_grid=(g, g)))
   want = np.asarray(jfn(params, x))
   err = {q: float(np.abs(m(**x)['velocity'] - want).max() /
                   np.abs(want).max()) for q, m in models.items()}

@@ -28,6 +28,9 @@ _SINGLE = flags.DEFINE_integer('single', 8, 'Single blocks.')
 _GRID = flags.DEFINE_integer('grid', 8, 'Packed token grid side.')
 _TXT = flags.DEFINE_integer('txt_len', 16, 'Text tokens.')
 _CHUNK_MB = flags.DEFINE_integer('chunk_mb', 1024, 'Chunk limit (MB).')
+_MODES = flags.DEFINE_list('modes', ['single_file', 'chunked'],
+                           'Which exports to run (peak RSS is per process, '
+                           'so run one mode per process to compare them).')
 
 
 def random_params(cfg, seed=0):
@@ -69,7 +72,9 @@ def main(argv):
       txt_ids=nf.sampling.text_ids(1, t), timesteps=inputs['timesteps'],
       y=inputs['y']))
   report = {'params': n}
-  for name, chunk in (('single_file', None), ('chunked', _CHUNK_MB.value * 2**20)):
+  modes = {'single_file': None, 'chunked': _CHUNK_MB.value * 2**20}
+  for name in _MODES.value:
+    chunk = modes[name]
     out = os.path.join(_OUT.value, name)
     os.makedirs(out, exist_ok=True)
     start = time.perf_counter()

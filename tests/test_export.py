@@ -150,6 +150,33 @@ def test_static_student_matches_jax_and_chunks(static_student):
   assert max_rel_err(outs[0], outs[1]) > 1e-2  # The step index is used.
 
 
+def test_compressed_student_with_downsampler_matches_jax(tmp_path):
+  """Pruned widths + static modulation + token down-sampler (unchunked)."""
+  _require_tflite()
+  from nanoflux_jax import compress
+  cfg = nf.FluxConfig.tiny(depth=2, depth_single_blocks=3)
+  params = flux.init_params(cfg, jax.random.key(3))
+  mask = compress.select(cfg, jax.tree.map(
+      lambda m: np.random.default_rng(0).random(m.shape),
+      compress.PruneMask.ones(cfg)), keep_heads=0.5, keep_mlp=0.5,
+                         scope='block')
+  cfg, params = compress.prune(cfg, params, mask)
+  pooled = jax.random.normal(jax.random.key(4), (2, cfg.vec_in_dim))
+  cfg, params = compress.to_static_modulation(cfg, params, STATIC_TS, pooled)
+  cfg, params = compress.add_downsampler(cfg, params, 1, 3, jax.random.key(5))
+  entries = bundle.export_denoiser(cfg, params, str(tmp_path), 4, 4, 8,
+                                   max_chunk_bytes=None)
+  model = runner.TFLiteModel(str(tmp_path), entries[0])
+  assert tflite.non_builtin_ops(tflite.tflite_ops(model.path)) == []
+  x = _random_inputs(components.denoiser_inputs(cfg, 16, 8))
+  x['step'] = np.array([2], np.int32)
+  want = flux.Flux(cfg).apply(
+      {'params': params}, img=x['img'], img_ids=nf.sampling.image_ids(1, 4, 4),
+      txt=x['txt'], txt_ids=nf.sampling.text_ids(1, 8),
+      timesteps=jnp.array([STATIC_TS[2]]), img_grid=(4, 4))
+  assert max_rel_err(model(**x)['velocity'], want) < TOL
+
+
 def test_chunk_chain_equals_flux_in_jax():
   # The adaln hand-off with every embedder (time, guidance, vector).
   cfg = nf.FluxConfig.tiny(guidance_embed=True, depth=1)

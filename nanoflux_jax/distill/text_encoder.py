@@ -644,27 +644,11 @@ def default_config() -> ml_collections.ConfigDict:
       'init': 'auto',
       'layer_map': config_dict.placeholder(tuple),  # None: evenly spaced.
   }
-  c.num_steps = 100
-  c.stop_after = None
-  c.batch_size = 8
-  c.grad_accum = 1
-  c.learning_rate = 1e-3
-  c.min_lr_ratio = 0.1
-  c.warmup_steps = 10
-  c.weight_decay = 0.0
-  c.b1, c.b2 = 0.9, 0.999
-  c.adam_eps = 1e-8
-  c.grad_clip = 1.0
-  c.compute_dtype = 'bfloat16'   # params stay fp32.
+  trainer.add_loop_defaults(c)
   c.num_sampling_steps = 4       # the denoiser's fixed schedule.
   c.guidance = DEFAULT_GUIDANCE  # dev denoisers only.
   c.loss = {'lambda_emb': 1.0, 'lambda_vis': 1.0, 'vis_blocks': (0,),
             'vis_normalize': False, 'monitor_vis': True}
   c.data = {'prompts': 'builtin', 'txt_len': 16, 'grid': (4, 4),
             'num_prompts': 64}   # num_prompts: random ids without tokenizer.
-  c.log_every = 10
-  c.checkpoint_every = 100
-  c.keep_checkpoints = 3
-  c.async_checkpoint = True
-  c.sample_every = 0
   return c

@@ -445,6 +445,21 @@ def default_config() -> ml_collections.ConfigDict:
   c.teacher = {'path': '', 'preset': 'tiny', 'overrides': {}, 'seed': 1}
   c.student = {'preset': 'tiny', 'overrides': {}}
   c.init = ''                      # nanoflux checkpoint to start from.
+  add_loop_defaults(c)
+  c.remat = False
+  c.num_sampling_steps = 4         # the fixed schedule (schnell: 4, no shift).
+  c.loss = {'weights': {'output_kd': 1.0, 'feature_kd': 0.0, 'rf': 0.0},
+            'feature_pairs': ()}
+  c.timesteps = {'mode': 'schedule', 'logit_mean': 0.0, 'logit_std': 1.0,
+                 'schedule_prob': 0.5}
+  c.data = {'prompts': 'builtin', 'grid': (4, 4), 'txt_len': 8,
+            'cache_dir': '', 'cache_shards': 8}
+  return c
+
+
+def add_loop_defaults(c: ml_collections.ConfigDict) -> None:
+  """The optimizer, precision and checkpointing fields `fit` reads, shared by
+  every config that trains through it (DiT and text-encoder distillation)."""
   c.num_steps = 100
   c.stop_after = None              # int: stop early (preemption tests).
   c.batch_size = 8
@@ -457,17 +472,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.adam_eps = 1e-8
   c.grad_clip = 1.0
   c.compute_dtype = 'bfloat16'     # params stay fp32 (master weights).
-  c.remat = False
-  c.num_sampling_steps = 4         # the fixed schedule (schnell: 4, no shift).
-  c.loss = {'weights': {'output_kd': 1.0, 'feature_kd': 0.0, 'rf': 0.0},
-            'feature_pairs': ()}
-  c.timesteps = {'mode': 'schedule', 'logit_mean': 0.0, 'logit_std': 1.0,
-                 'schedule_prob': 0.5}
-  c.data = {'prompts': 'builtin', 'grid': (4, 4), 'txt_len': 8,
-            'cache_dir': '', 'cache_shards': 8}
   c.log_every = 10
   c.checkpoint_every = 100
   c.keep_checkpoints = 3
   c.async_checkpoint = True
   c.sample_every = 0
-  return c

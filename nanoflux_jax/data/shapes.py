@@ -12,7 +12,7 @@ Scene i of a world with seed s is a pure function of (s, i).
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -145,7 +145,3 @@ def vocabulary() -> list[str]:
   for phrase in _POSITION_PHRASE.values():
     words |= set(phrase.split())
   return sorted(words)
-
-
-def captions(scenes: Sequence[Scene]) -> list[str]:
-  return [s.caption for s in scenes]

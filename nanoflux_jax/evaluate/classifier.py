@@ -7,7 +7,6 @@ its penultimate features are the embedding behind toy-FID.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -163,7 +162,3 @@ def evaluate_on_world(clf: Classifier, n: int = 512, seed: int = 777):
   images, _, scenes = shapes.ShapesWorld(seed, clf.resolution).batch(0, n)
   preds, _ = clf(images)
   return accuracy(preds, batch_labels(scenes))
-
-
-def dumps(d) -> str:
-  return json.dumps(d, sort_keys=True)

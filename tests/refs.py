@@ -30,3 +30,20 @@ def max_rel_err(ours, ref):
   ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
   assert ours.shape == ref.shape, (ours.shape, ref.shape)
   return float(np.max(np.abs(ours - ref)) / (np.max(np.abs(ref)) + 1e-30))
+
+
+def resave_hf_folder(src, dst, edit):
+  """Copies an HF model folder to dst with its tensors passed through
+  edit(dict) (to plant missing, extra or mis-shaped tensors)."""
+  import os  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from nanoflux_jax.convert.safetensors_io import open_tensors, save_file  # pylint: disable=g-import-not-at-top
+  os.makedirs(dst)
+  shutil.copy(os.path.join(src, 'config.json'), dst)
+  source = open_tensors(src)
+  tensors = {k: np.array(source[k]) for k in source}
+  source.close()
+  edit(tensors)
+  save_file(tensors, os.path.join(dst, 'model.safetensors'))
+  return dst

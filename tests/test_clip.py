@@ -2,7 +2,6 @@
 import functools
 import json
 import os
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -12,11 +11,10 @@ import pytest
 from nanoflux_jax.configs import ClipConfig
 from nanoflux_jax.convert import text_encoders
 from nanoflux_jax.convert.safetensors_io import CheckpointError
-from nanoflux_jax.convert.safetensors_io import open_tensors
-from nanoflux_jax.convert.safetensors_io import save_file
 from nanoflux_jax.models.clip import ClipTextModel
 from tests.refs import max_rel_err
 from tests.refs import require
+from tests.refs import resave_hf_folder
 from tests.refs import to_numpy
 
 # fp32 on CPU; observed errors are ~1e-7.
@@ -120,7 +118,7 @@ def test_legacy_layout_with_position_ids(hf, tmp_path):
     for k in list(t):
       t[f'text_model.{k}'] = t.pop(k)
     t['text_model.embeddings.position_ids'] = np.arange(20)[None]
-  dst = _resave(path, str(tmp_path / 'legacy'), legacy)
+  dst = resave_hf_folder(path, str(tmp_path / 'legacy'), legacy)
   cfg, params = text_encoders.load_clip_text(dst)
   ids, mask = _inputs()
   hidden, pooled = _ours(cfg, params, ids, mask)
@@ -128,22 +126,10 @@ def test_legacy_layout_with_position_ids(hf, tmp_path):
   assert max(max_rel_err(hidden, ref_hidden),
              max_rel_err(pooled, ref_pooled)) <= TOL
   # A mix of both layouts is not silently accepted.
-  mixed = _resave(dst, str(tmp_path / 'mixed'), lambda t: t.update(
+  mixed = resave_hf_folder(dst, str(tmp_path / 'mixed'), lambda t: t.update(
       {'final_layer_norm.bias': t['text_model.final_layer_norm.bias']}))
   with pytest.raises(CheckpointError, match='unexpected'):
     text_encoders.load_clip_text(mixed)
-
-
-def _resave(src, dst, edit):
-  """Copies an HF folder to dst with its tensors passed through edit(dict)."""
-  os.makedirs(dst)
-  shutil.copy(os.path.join(src, 'config.json'), dst)
-  source = open_tensors(src)
-  tensors = {k: np.array(source[k]) for k in source}
-  source.close()
-  edit(tensors)
-  save_file(tensors, os.path.join(dst, 'model.safetensors'))
-  return dst
 
 
 def test_missing_and_unexpected_tensors(hf, tmp_path):
@@ -151,9 +137,9 @@ def test_missing_and_unexpected_tensors(hf, tmp_path):
   key = 'encoder.layers.1.self_attn.k_proj.bias'
   with pytest.raises(CheckpointError, match=key.replace('.', r'\.')):
     text_encoders.load_clip_text(
-        _resave(path, str(tmp_path / 'a'), lambda t: t.pop(key)))
+        resave_hf_folder(path, str(tmp_path / 'a'), lambda t: t.pop(key)))
   with pytest.raises(CheckpointError, match='text_projection'):
-    text_encoders.load_clip_text(_resave(
+    text_encoders.load_clip_text(resave_hf_folder(
         path, str(tmp_path / 'b'),
         lambda t: t.update({'text_projection.weight': np.ones((4, 32))})))
 

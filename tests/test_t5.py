@@ -13,12 +13,11 @@ import pytest
 from nanoflux_jax.configs import T5Config
 from nanoflux_jax.convert import text_encoders
 from nanoflux_jax.convert.safetensors_io import CheckpointError
-from nanoflux_jax.convert.safetensors_io import open_tensors
-from nanoflux_jax.convert.safetensors_io import save_file
 from nanoflux_jax.models.t5 import T5Encoder
 from nanoflux_jax.models.t5 import relative_position_bucket
 from tests.refs import max_rel_err
 from tests.refs import require
+from tests.refs import resave_hf_folder
 from tests.refs import to_numpy
 
 # fp32 on CPU; observed errors are ~1e-7.
@@ -134,18 +133,6 @@ def test_sharded_params_match_single_device(hf):
                              rtol=1e-5, atol=1e-6)
 
 
-def _resave(src, dst, edit):
-  """Copies an HF folder to dst with its tensors passed through edit(dict)."""
-  os.makedirs(dst)
-  shutil.copy(os.path.join(src, 'config.json'), dst)
-  source = open_tensors(src)
-  tensors = {k: np.array(source[k]) for k in source}
-  source.close()
-  edit(tensors)
-  save_file(tensors, os.path.join(dst, 'model.safetensors'))
-  return dst
-
-
 def test_tied_embedding_keys(hf, tmp_path):
   model, single, _ = hf
   ids, mask = _inputs()
@@ -161,7 +148,7 @@ def test_tied_embedding_keys(hf, tmp_path):
 
   for name, edit in (('both', both), ('embed_tokens', only_embed_tokens)):
     cfg, params = text_encoders.load_t5_encoder(
-        _resave(single, str(tmp_path / name), edit))
+        resave_hf_folder(single, str(tmp_path / name), edit))
     assert max_rel_err(_ours(cfg, params, ids, mask), ref) <= TOL
 
 
@@ -172,17 +159,17 @@ def test_missing_unexpected_and_misshaped_tensors(hf, tmp_path):
   def drop(t):
     del t[key]
   with pytest.raises(CheckpointError, match=key.replace('.', r'\.')):
-    text_encoders.load_t5_encoder(_resave(single, str(tmp_path / 'a'), drop))
+    text_encoders.load_t5_encoder(resave_hf_folder(single, str(tmp_path / 'a'), drop))
 
   def extra(t):
     t['encoder.block.9.layer.0.layer_norm.weight'] = np.ones(32, np.float32)
   with pytest.raises(CheckpointError, match=r'encoder\.block\.9'):
-    text_encoders.load_t5_encoder(_resave(single, str(tmp_path / 'b'), extra))
+    text_encoders.load_t5_encoder(resave_hf_folder(single, str(tmp_path / 'b'), extra))
 
   def reshape(t):
     t[key] = np.zeros((32, 40), np.float32)
   with pytest.raises(CheckpointError, match='wrong shape'):
-    text_encoders.load_t5_encoder(_resave(single, str(tmp_path / 'c'),
+    text_encoders.load_t5_encoder(resave_hf_folder(single, str(tmp_path / 'c'),
                                           reshape))
 
   q = 'encoder.block.0.layer.0.SelfAttention.q.weight'
@@ -190,7 +177,7 @@ def test_missing_unexpected_and_misshaped_tensors(hf, tmp_path):
   def transpose(t):  # [in, out]: the element count fits, only the shape not.
     t[q] = np.ascontiguousarray(t[q].T)
   with pytest.raises(CheckpointError, match=q.replace('.', r'\.')):
-    text_encoders.load_t5_encoder(_resave(single, str(tmp_path / 'd'),
+    text_encoders.load_t5_encoder(resave_hf_folder(single, str(tmp_path / 'd'),
                                           transpose))
 
 

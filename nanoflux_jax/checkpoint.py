@@ -49,8 +49,11 @@ def save(path: str, config, params) -> None:
                     'not arrays')
   ckptr = ocp.StandardCheckpointer()
   try:
-    ckptr.save(os.path.join(tmp, 'params'), params)
-    ckptr.wait_until_finished()
+    if jax.tree.leaves(params):
+      ckptr.save(os.path.join(tmp, 'params'), params)
+      ckptr.wait_until_finished()
+    else:  # A parameter-free component (e.g. a pixel-shuffle codec).
+      os.makedirs(tmp)
     with open(os.path.join(tmp, CONFIG_FILE), 'w') as f:
       json.dump(_config_json(config), f, indent=2, sort_keys=True)
     replace_dir(tmp, path)
@@ -115,6 +118,8 @@ def load(path: str, *, dtype=None, shardings=None, **config_overrides):
     config = config.replace(param_dtype=np.dtype(dtype).name)
   if config_overrides:
     config = config.replace(**config_overrides)
+  if not os.path.isdir(os.path.join(path, 'params')):
+    return config, {}  # Saved from an empty params tree.
   ckptr = ocp.StandardCheckpointer()
   meta = ckptr.metadata(os.path.join(path, 'params'))
   tree = getattr(meta, 'item_metadata', meta)

@@ -231,7 +231,11 @@ class ClipConfig(_Serializable):
 
 @dataclasses.dataclass(frozen=True)
 class VAEConfig(_Serializable):
-  """FLUX.1's AutoencoderKL (diffusers layout, no quant convs)."""
+  """FLUX.1's AutoencoderKL (diffusers layout, no quant convs), or, with
+  kind='pixel', a parameter-free pixel (un)shuffle: latents are the image's
+  f x f pixel blocks stacked as channels (toy worlds; see `pixel`)."""
+  kind: str = 'kl'                 # 'kl' (AutoencoderKL) or 'pixel'.
+  pixel_factor: int = 1            # kind='pixel': pixels per latent side.
   in_channels: int = 3
   out_channels: int = 3
   latent_channels: int = 16
@@ -247,15 +251,33 @@ class VAEConfig(_Serializable):
   def __post_init__(self):
     object.__setattr__(self, 'block_out_channels',
                        tuple(self.block_out_channels))
+    if self.kind not in ('kl', 'pixel'):
+      raise ValueError(f"VAEConfig.kind={self.kind!r}; expected 'kl' or "
+                       "'pixel'")
+    if self.kind == 'pixel' and (
+        self.latent_channels != self.in_channels * self.pixel_factor ** 2):
+      raise ValueError(f'VAEConfig: a pixel codec with factor '
+                       f'{self.pixel_factor} has latent_channels '
+                       f'{self.in_channels * self.pixel_factor ** 2}, got '
+                       f'{self.latent_channels}')
 
   @property
   def downsample_factor(self) -> int:
-    """Spatial down-sampling of the encoder: 2 ** (num blocks - 1)."""
+    """Pixels per latent side: 2 ** (num blocks - 1), or pixel_factor."""
+    if self.kind == 'pixel':
+      return self.pixel_factor
     return 2 ** (len(self.block_out_channels) - 1)
 
   @classmethod
   def flux(cls, **kw) -> 'VAEConfig':
     return cls(**kw)
+
+  @classmethod
+  def pixel(cls, factor: int = 4, **kw) -> 'VAEConfig':
+    """Pixel-unshuffled RGB as the latent space: 3 f^2 channels, no
+    parameters, x in [-1, 1] used as it is (scaling 1, shift 0)."""
+    return cls(kind='pixel', pixel_factor=factor, latent_channels=3 * factor ** 2,
+               scaling_factor=1.0, shift_factor=0.0, **kw)
 
   @classmethod
   def tiny(cls, **kw) -> 'VAEConfig':

@@ -9,6 +9,7 @@ and calls of the same shapes.
 """
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import os
@@ -26,8 +27,8 @@ from nanoflux_jax import checkpoint
 from nanoflux_jax import sampling
 from nanoflux_jax.configs import ClipConfig, FluxConfig, T5Config, VAEConfig
 from nanoflux_jax.models.clip import ClipTextModel
-from nanoflux_jax.models.t5 import T5Encoder
-from nanoflux_jax.models.vae import AutoencoderKL, model_to_latents
+from nanoflux_jax.models.t5 import StudentTextEncoder, T5Encoder
+from nanoflux_jax.models.vae import model_to_latents, vae_module
 
 PIPELINE_FILE = 'nanoflux_pipeline.json'
 _COMPONENTS = ('transformer', 'text_encoder', 'text_encoder_2', 'vae')
@@ -41,6 +42,13 @@ def _t5_encode(cfg: T5Config, params, ids: jax.Array) -> jax.Array:
   return T5Encoder(cfg).apply({'params': params}, ids).astype(jnp.float32)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _student_encode(cfg: T5Config, out_dim: int, params,
+                    ids: jax.Array) -> jax.Array:
+  return StudentTextEncoder(cfg, out_dim).apply({'params': params},
+                                                ids).astype(jnp.float32)
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _clip_pooled(cfg: ClipConfig, params, ids: jax.Array) -> jax.Array:
   return ClipTextModel(cfg).apply({'params': params}, ids)[1].astype(
@@ -52,8 +60,8 @@ def _decode(cfg: VAEConfig, params, packed: jax.Array, h: int,
             w: int) -> jax.Array:
   """Packed latents [B, L, 4C] -> uint8 images [B, h*s, w*s, 3]."""
   z = model_to_latents(sampling.unpack(packed, h, w), cfg)  # [B, C, h, w]
-  x = AutoencoderKL(cfg).apply({'params': params}, z.transpose(0, 2, 3, 1),
-                               method='decode').astype(jnp.float32)
+  x = vae_module(cfg).apply({'params': params}, z.transpose(0, 2, 3, 1),
+                            method='decode').astype(jnp.float32)
   return jnp.round(jnp.clip(x / 2 + 0.5, 0, 1) * 255).astype(jnp.uint8)
 
 
@@ -62,6 +70,23 @@ def _load_tokenizer(path: str):
   if not os.path.isdir(path):
     raise FileNotFoundError(f'{path}: tokenizer folder is missing')
   return transformers.AutoTokenizer.from_pretrained(path)
+
+
+def _student(config, params, where: str,
+             dtype=None) -> tuple[T5Config, int, Any]:
+  """checkpoint.load's (config, params) of a student text encoder ->
+  (T5Config, out_dim, params).
+
+  The config is the dict distill.text_encoder.save_student writes:
+  {'t5': T5Config dict, 'out_dim': int}; `where` names the folder in errors.
+  """
+  if not isinstance(config, dict) or set(config) != {'t5', 'out_dim'}:
+    raise ValueError(f'{where}: not a student text-encoder checkpoint '
+                     f'(config {config!r})')
+  cfg = T5Config.from_dict(config['t5'])
+  if dtype is not None:  # As checkpoint.load records it for a T5Config.
+    cfg = cfg.replace(param_dtype=np.dtype(dtype).name)
+  return cfg, int(config['out_dim']), params
 
 
 def _component(folder: str, name: str) -> str:
@@ -77,15 +102,25 @@ class FluxPipeline:
 
   Build with `FluxPipeline.from_pretrained(folder)` (a diffusers FLUX folder
   or a folder written by `save`), or from configs and params directly.
+  `with_text_encoder` swaps T5 for a distilled student.
+
+  The T5 stage is `t5_cfg`, `t5_params` and `t5_out_dim`: None for FLUX's
+  T5Encoder, else the width of a StudentTextEncoder (then t5_params is its
+  {'t5', 'proj'} tree).
   """
 
   def __init__(self, transformer: tuple[FluxConfig, Any],
                text_encoder: tuple[ClipConfig, Any],
-               text_encoder_2: tuple[T5Config, Any],
+               text_encoder_2: tuple,
                vae: tuple[VAEConfig, Any], tokenizer, tokenizer_2):
+    """text_encoder_2 is (cfg, params) for T5, or (cfg, out_dim, params) for
+    a StudentTextEncoder, as distill.text_encoder.load_student returns."""
     self.flux_cfg, self.flux_params = transformer
     self.clip_cfg, self.clip_params = text_encoder
-    self.t5_cfg, self.t5_params = text_encoder_2
+    if len(text_encoder_2) == 3:
+      self.t5_cfg, self.t5_out_dim, self.t5_params = text_encoder_2
+    else:
+      (self.t5_cfg, self.t5_params), self.t5_out_dim = text_encoder_2, None
     self.vae_cfg, self.vae_params = vae
     self.tokenizer, self.tokenizer_2 = tokenizer, tokenizer_2
     self.last_timings: dict[str, float] = {}
@@ -140,9 +175,14 @@ class FluxPipeline:
   @classmethod
   def load(cls, directory: str, dtype=None, *,
            flux_overrides: dict | None = None) -> 'FluxPipeline':
-    """Loads a folder written by `save`."""
+    """Loads a folder written by `save` (its text_encoder_2/ may hold a
+    student text encoder, see `with_text_encoder`)."""
     paths = {n: _component(directory, n) for n in _COMPONENTS + _TOKENIZERS}
     parts = {n: checkpoint.load(paths[n], dtype=dtype) for n in _COMPONENTS}
+    cfg, params = parts['text_encoder_2']
+    if isinstance(cfg, dict):  # A student text encoder (see _components).
+      parts['text_encoder_2'] = _student(cfg, params, paths['text_encoder_2'],
+                                         dtype)
     if flux_overrides:
       cfg, params = parts['transformer']
       parts['transformer'] = (cfg.replace(**flux_overrides), params)
@@ -151,10 +191,46 @@ class FluxPipeline:
                _load_tokenizer(paths['tokenizer']),
                _load_tokenizer(paths['tokenizer_2']))
 
+  def with_text_encoder(self, student) -> 'FluxPipeline':
+    """A new pipeline whose T5 stage is a distilled student text encoder.
+
+    The transformer, CLIP, VAE and tokenizers are shared, not copied; the
+    student reads tokenizer_2's ids.
+
+    Args:
+      student: a folder written by distill.text_encoder.save_student, or
+        (T5Config, out_dim, params) as load_student returns it (params: the
+        StudentTextEncoder tree {'t5': ..., 'proj': ...}).
+    Returns:
+      A FluxPipeline whose encode_prompt yields the student's [B, T, out_dim]
+      embeddings; `self` is unchanged.
+    Raises:
+      ValueError: out_dim is not the transformer's context_in_dim, or the
+        student's vocab_size is not this pipeline's T5 vocab_size.
+    """
+    if isinstance(student, (str, os.PathLike)):
+      student = _student(*checkpoint.load(student), os.fspath(student))
+    cfg, out_dim, params = student
+    if out_dim != self.flux_cfg.context_in_dim:
+      raise ValueError(f'with_text_encoder: student out_dim={out_dim} but the '
+                       'transformer reads context_in_dim='
+                       f'{self.flux_cfg.context_in_dim}')
+    if cfg.vocab_size != self.t5_cfg.vocab_size:
+      raise ValueError(f'with_text_encoder: student vocab_size={cfg.vocab_size}'
+                       f' but tokenizer_2 feeds T5 vocab_size='
+                       f'{self.t5_cfg.vocab_size}')
+    new = copy.copy(self)  # Shares every other component's params.
+    new.t5_cfg, new.t5_out_dim, new.t5_params = cfg, int(out_dim), params
+    new.last_timings = {}
+    return new
+
   def _components(self):
+    t5_cfg = self.t5_cfg
+    if self.t5_out_dim is not None:  # The config save_student writes.
+      t5_cfg = {'t5': t5_cfg.to_dict(), 'out_dim': self.t5_out_dim}
     return (('transformer', self.flux_cfg, self.flux_params),
             ('text_encoder', self.clip_cfg, self.clip_params),
-            ('text_encoder_2', self.t5_cfg, self.t5_params),
+            ('text_encoder_2', t5_cfg, self.t5_params),
             ('vae', self.vae_cfg, self.vae_params))
 
   # --------------------------------------------------------------------------
@@ -174,7 +250,7 @@ class FluxPipeline:
     ids = []
     for tok, length, name in ((self.tokenizer_2, max_sequence_length, 'T5'),
                               (self.tokenizer, CLIP_MAX_LENGTH, 'CLIP')):
-      full = tok(list(prompts), padding='longest', truncation=False)['input_ids']
+      full = tok(list(prompts), truncation=False)['input_ids']
       for p, f in zip(prompts, full):
         if len(f) > length:
           logging.warning('%s: prompt truncated to %d tokens (it has %d): %r',
@@ -188,8 +264,12 @@ class FluxPipeline:
                     max_sequence_length: int = 256) -> tuple[jax.Array, jax.Array]:
     """-> (t5 embeddings [B, T, context], pooled CLIP [B, vec]), float32."""
     t5_ids, clip_ids = self.tokenize(prompts, max_sequence_length)
-    return (_t5_encode(self.t5_cfg, self.t5_params, t5_ids),
-            _clip_pooled(self.clip_cfg, self.clip_params, clip_ids))
+    if self.t5_out_dim is None:
+      txt = _t5_encode(self.t5_cfg, self.t5_params, t5_ids)
+    else:
+      txt = _student_encode(self.t5_cfg, self.t5_out_dim, self.t5_params,
+                            t5_ids)
+    return txt, _clip_pooled(self.clip_cfg, self.clip_params, clip_ids)
 
   def decode_latents(self, packed: jax.Array, height: int,
                      width: int) -> jax.Array:

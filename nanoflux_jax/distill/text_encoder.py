@@ -53,6 +53,8 @@ from nanoflux_jax.distill import data as data_lib
 from nanoflux_jax.distill import losses
 from nanoflux_jax.distill import trainer
 from nanoflux_jax.models import flux as flux_lib
+# StudentTextEncoder lives in models/ so that the pipeline can run it.
+from nanoflux_jax.models.t5 import StudentTextEncoder
 from nanoflux_jax.models.t5 import T5Encoder
 
 Array = jax.Array
@@ -106,34 +108,6 @@ def student_t5_config(teacher: T5Config, num_layers: int | None = None,
   if bad:
     raise ValueError(f'student_t5_config: sizes must be >= 1, got {bad}')
   return cfg
-
-
-class StudentTextEncoder(nn.Module):
-  """A T5 encoder followed by a Dense projection to the teacher's width.
-
-  Param tree: t5/... (a T5Encoder tree), proj/{kernel [d_model, out_dim],
-  bias [out_dim]}.
-
-  Attributes:
-    config: the student's T5 config.
-    out_dim: the teacher's d_model (= the denoiser's context_in_dim).
-  """
-  config: T5Config
-  out_dim: int
-
-  @nn.compact
-  def __call__(self, input_ids: Array,
-               attention_mask: Array | None = None) -> Array:
-    """[B, T] int ids (+ optional [B, T] mask) -> [B, T, out_dim]."""
-    cfg = self.config
-    h = T5Encoder(cfg, name='t5')(input_ids, attention_mask)
-    return nn.Dense(
-        self.out_dim, dtype=jnp.dtype(cfg.dtype),
-        param_dtype=jnp.dtype(cfg.param_dtype), name='proj',
-        kernel_init=nn.with_logical_partitioning(
-            nn.initializers.lecun_normal(), ('embed', None)),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros,
-                                               (None,)))(h)
 
 
 def _dummy_ids(length: int = 4) -> Array:

@@ -98,7 +98,8 @@ def export_pipeline(pipe, out_dir: str, height: int, width: int, *,
   """Exports `pipe` (a nanoflux_jax FluxPipeline) for one resolution, batch 1.
 
   Args:
-    pipe: has flux_cfg/flux_params, t5_cfg/t5_params, clip_cfg/clip_params,
+    pipe: has flux_cfg/flux_params, t5_cfg/t5_params/t5_out_dim (a distilled
+      student text encoder when t5_out_dim is set), clip_cfg/clip_params,
       vae_cfg/vae_params, tokenizer (CLIP) and tokenizer_2 (T5).
     out_dir: the folder to (re)place.
     height, width: pixels, multiples of 2 * VAE downsampling (16 for FLUX).
@@ -130,7 +131,8 @@ def export_pipeline(pipe, out_dir: str, height: int, width: int, *,
   t_start = time.perf_counter()
   try:
     files: dict[str, Any] = {}
-    fn, inputs = components.t5_fn(pipe.t5_cfg, max_sequence_length)
+    fn, inputs = components.t5_fn(pipe.t5_cfg, max_sequence_length,
+                                  pipe.t5_out_dim)
     files['t5'] = tflite.convert(fn, pipe.t5_params, inputs,
                                  os.path.join(tmp, 't5.tflite'),
                                  quantize=quantize)

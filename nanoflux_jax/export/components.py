@@ -32,8 +32,8 @@ from nanoflux_jax.configs import ClipConfig, FluxConfig, T5Config, VAEConfig
 from nanoflux_jax.models import flux as flux_lib
 from nanoflux_jax.models import layers
 from nanoflux_jax.models.clip import ClipTextModel
-from nanoflux_jax.models.t5 import T5Encoder
-from nanoflux_jax.models.vae import AutoencoderKL, model_to_latents
+from nanoflux_jax.models.t5 import StudentTextEncoder, T5Encoder
+from nanoflux_jax.models.vae import model_to_latents, vae_module
 
 F32, I32 = np.float32, np.int32
 _HEAD_KEYS = ('img_in', 'txt_in', 'time_in', 'guidance_in', 'vector_in')
@@ -220,12 +220,20 @@ def run_chunks_jax(cfg: FluxConfig, params, chunks: list[list[str]],
 # ----------------------------------------------------------------------------
 # Text encoders and VAE decoder.
 # ----------------------------------------------------------------------------
-def t5_fn(cfg: T5Config, length: int) -> tuple[Callable, dict]:
-  """input_ids [1, length] int32 -> t5_embeds [1, length, d_model] f32."""
+def t5_fn(cfg: T5Config, length: int,
+          out_dim: int | None = None) -> tuple[Callable, dict]:
+  """input_ids [1, length] int32 -> t5_embeds [1, length, width] f32.
+
+  out_dim None: FLUX's T5Encoder (width d_model). Otherwise a distilled
+  StudentTextEncoder (params {'t5', 'proj'}) projecting to width out_dim, so
+  the file has the same signature and output name as the teacher's.
+  """
   cfg = cfg.replace(dtype='float32', param_dtype='float32')
+  model = (T5Encoder(cfg) if out_dim is None
+           else StudentTextEncoder(cfg, out_dim))
 
   def fn(params, x):
-    h = T5Encoder(cfg).apply({'params': params}, x['input_ids'])
+    h = model.apply({'params': params}, x['input_ids'])
     return {'t5_embeds': h.astype(jnp.float32)}
 
   return fn, {'input_ids': ((1, length), I32)}
@@ -255,8 +263,8 @@ def vae_decoder_fn(cfg: VAEConfig, grid_h: int, grid_w: int,
 
   def fn(params, x):
     z = model_to_latents(sampling.unpack(x['latents'], h, w), cfg)
-    img = AutoencoderKL(cfg).apply({'params': params}, z.transpose(0, 2, 3, 1),
-                                   method='decode').astype(jnp.float32)
+    img = vae_module(cfg).apply({'params': params}, z.transpose(0, 2, 3, 1),
+                                method='decode').astype(jnp.float32)
     img = jnp.round(jnp.clip(img / 2 + 0.5, 0, 1) * 255)
     return {'image': img.astype(jnp.uint8)}
 
@@ -265,6 +273,8 @@ def vae_decoder_fn(cfg: VAEConfig, grid_h: int, grid_w: int,
 
 def vae_decoder_params(vae_params) -> dict:
   """The decoder's subtree (the encoder is not exported), as `fn` expects."""
+  if not vae_params:  # A parameter-free pixel codec.
+    return {}
   if 'decoder' not in vae_params:
     raise KeyError(f'VAE params have no decoder/ subtree (keys: '
                    f'{sorted(vae_params)})')

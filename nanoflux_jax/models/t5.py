@@ -237,3 +237,35 @@ class T5Encoder(nn.Module):
       x = T5Block(cfg, name=f'layers_{i}')(x, bias)
     return T5LayerNorm(cfg.layer_norm_epsilon, dtype, pdtype,
                        name='final_norm')(x)
+
+
+class StudentTextEncoder(nn.Module):
+  """A T5 encoder followed by a Dense projection to the teacher's width.
+
+  The distilled text encoder (distill/text_encoder.py trains it); it lives
+  here so that the pipeline and the exporter can run it without importing
+  the training code.
+
+  Param tree: t5/... (a T5Encoder tree), proj/{kernel [d_model, out_dim],
+  bias [out_dim]}.
+
+  Attributes:
+    config: the student's T5 config.
+    out_dim: the teacher's d_model (= the denoiser's context_in_dim).
+  """
+  config: T5Config
+  out_dim: int
+
+  @nn.compact
+  def __call__(self, input_ids: jax.Array,
+               attention_mask: jax.Array | None = None) -> jax.Array:
+    """[B, T] int ids (+ optional [B, T] mask) -> [B, T, out_dim]."""
+    cfg = self.config
+    h = T5Encoder(cfg, name='t5')(input_ids, attention_mask)
+    return nn.Dense(
+        self.out_dim, dtype=_dtype(cfg.dtype),
+        param_dtype=_dtype(cfg.param_dtype), name='proj',
+        kernel_init=nn.with_logical_partitioning(
+            nn.initializers.lecun_normal(), ('embed', None)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros,
+                                               (None,)))(h)

@@ -258,3 +258,41 @@ class AutoencoderKL(nn.Module):
       noise = jax.random.normal(rng, mean.shape, jnp.float32)
       z = mean + jnp.exp(0.5 * logvar) * noise.astype(mean.dtype)
     return self.decode(z)
+
+
+class PixelShuffleCodec(nn.Module):
+  """A parameter-free 'VAE' for toy worlds (VAEConfig.pixel): latents are
+  the image's f x f pixel blocks stacked as channels, ordered (dy, dx, rgb).
+
+  Same interface as AutoencoderKL: encode -> (mean, logvar) with a
+  deterministic posterior (logvar at its -30 floor), decode -> images.
+  """
+  config: VAEConfig
+
+  def encode(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """[B, H, W, C] in [-1, 1] -> ([B, H/f, W/f, f*f*C], same-shape logvar)."""
+    f = self.config.pixel_factor
+    b, h, w, c = x.shape
+    if h % f or w % f:
+      raise ValueError(f'PixelShuffleCodec.encode: image size {(h, w)} is not '
+                       f'a multiple of the pixel factor {f}')
+    z = x.reshape(b, h // f, f, w // f, f, c).transpose(0, 1, 3, 2, 4, 5)
+    z = z.reshape(b, h // f, w // f, f * f * c)
+    return z, jnp.full_like(z, -30.0)
+
+  def decode(self, z: jax.Array) -> jax.Array:
+    """[B, h, w, f*f*C] -> [B, h*f, w*f, C]."""
+    f = self.config.pixel_factor
+    b, h, w, fc = z.shape
+    x = z.reshape(b, h, w, f, f, fc // (f * f)).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, h * f, w * f, fc // (f * f))
+
+  def __call__(self, x: jax.Array, sample_posterior: bool = False,
+               rng: Optional[jax.Array] = None) -> jax.Array:
+    del sample_posterior, rng  # The posterior is a point mass.
+    return self.decode(self.encode(x)[0])
+
+
+def vae_module(cfg: VAEConfig) -> nn.Module:
+  """The autoencoder module `cfg` describes (AutoencoderKL or pixel codec)."""
+  return PixelShuffleCodec(cfg) if cfg.kind == 'pixel' else AutoencoderKL(cfg)

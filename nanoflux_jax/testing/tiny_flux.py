@@ -138,21 +138,21 @@ CLIP_MAX_LENGTH = 77
 _PRINTABLE = ''.join(chr(c) for c in range(33, 127))
 
 
-def _t5_corpus():
-  """`SENTENCES` as written, capitalised with a full stop, and in caps."""
-  out = list(SENTENCES)
-  out += [s[0].upper() + s[1:] + '.' for s in SENTENCES]
-  out += [s.upper() for s in SENTENCES[::3]]
+def _t5_corpus(sentences):
+  """`sentences` as written, capitalised with a full stop, and in caps."""
+  out = list(sentences)
+  out += [s[0].upper() + s[1:] + '.' for s in sentences]
+  out += [s.upper() for s in sentences[::3]]
   out.append('0123456789 ' + _PRINTABLE)
   return out
 
 
-def _train_spm(vocab_size):
+def _train_spm(vocab_size, sentences):
   """Trains a T5-style sentencepiece unigram model; returns its serialized bytes."""
   import sentencepiece as spm  # pylint: disable=g-import-not-at-top
   buf = io.BytesIO()
   spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(_t5_corpus()),
+      sentence_iterator=iter(_t5_corpus(sentences)),
       model_writer=buf,
       model_type='unigram',
       vocab_size=vocab_size,
@@ -173,11 +173,12 @@ def _train_spm(vocab_size):
   return buf.getvalue()
 
 
-def make_t5_tokenizer(directory, vocab_size=DEFAULT_SIZES['t5_vocab_size']):
+def make_t5_tokenizer(directory, vocab_size=DEFAULT_SIZES['t5_vocab_size'],
+                      sentences=SENTENCES):
   """A tiny FLUX tokenizer_2 look-alike, saved to and reloaded from `directory`.
 
   A sentencepiece unigram model (pad 0 '<pad>', eos 1 '</s>', unk 2 '<unk>', no
-  bos, nmt_nfkc normalisation) trained on `SENTENCES`, wrapped as a
+  bos, nmt_nfkc normalisation) trained on `sentences`, wrapped as a
   `transformers.T5Tokenizer` (tokenizers-backed) with no extra ids and
   model_max_length 512. Like FLUX's it appends '</s>' and pads with 0.
   `directory` also receives the raw `spiece.model`.
@@ -189,7 +190,7 @@ def make_t5_tokenizer(directory, vocab_size=DEFAULT_SIZES['t5_vocab_size']):
   from sentencepiece import sentencepiece_model_pb2  # pylint: disable=g-import-not-at-top
   directory = pathlib.Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
-  model_bytes = _train_spm(vocab_size)
+  model_bytes = _train_spm(vocab_size, list(sentences))
   proto = sentencepiece_model_pb2.ModelProto()
   proto.ParseFromString(model_bytes)
   vocab = [(p.piece, p.score) for p in proto.pieces]
@@ -268,7 +269,8 @@ def _learn_bpe(words, num_merges):
   return merges
 
 
-def make_clip_tokenizer(directory, num_merges=DEFAULT_SIZES['clip_num_merges']):
+def make_clip_tokenizer(directory, num_merges=DEFAULT_SIZES['clip_num_merges'],
+                        sentences=SENTENCES):
   """A tiny FLUX `tokenizer/` look-alike, saved to and reloaded from `directory`.
 
   The vocab is laid out like CLIP's: the 256 byte characters, the same with the
@@ -285,7 +287,7 @@ def make_clip_tokenizer(directory, num_merges=DEFAULT_SIZES['clip_num_merges']):
   directory = pathlib.Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
   chars = list(_bytes_to_unicode().values())
-  merges = _learn_bpe(_clip_words(SENTENCES), num_merges)
+  merges = _learn_bpe(_clip_words(sentences), num_merges)
   tokens = chars + [c + '</w>' for c in chars] + [a + b for a, b in merges]
   tokens += ['<|startoftext|>', '<|endoftext|>']
   assert len(set(tokens)) == len(tokens), 'duplicate BPE tokens'

@@ -1,0 +1,244 @@
+"""The shapes world's teacher: a small FLUX pipeline trained from scratch.
+
+The toy stand-in for FLUX.1-schnell, with the same parts and code paths:
+  - tokenizers fitted on the world's captions (a sentencepiece T5 tokenizer
+    and a byte-level BPE CLIP tokenizer, as FLUX ships);
+  - a T5-style encoder and a CLIP-style pooled vector, randomly initialised
+    and frozen (FLUX's encoders are frozen too; the DiT learns to read them);
+  - a pixel-unshuffle latent space (`VAEConfig.pixel`): 64 px RGB -> 16x16x48
+    latents -> 8x8 packed tokens of 192 channels;
+  - a FLUX DiT (double + single blocks, RoPE, AdaLN) trained with rectified
+    flow by `trainer.train` on `ShapesData`.
+
+`load_or_train(c, directory)` returns the trained `FluxPipeline`, cached in
+directory/pipeline; a second run loads it. Layout of `directory`:
+  init/        the untrained pipeline (tokenizers + frozen encoders): a
+               resumed training run reuses exactly these encoders
+  train/       the trainer's checkpoints and samples/step_*.png grids
+  pipeline/    the trained pipeline (FluxPipeline.save)
+"""
+from __future__ import annotations
+
+import functools
+import os
+import tempfile
+
+from absl import logging
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from nanoflux_jax import parallel
+from nanoflux_jax import sampling
+from nanoflux_jax.configs import ClipConfig, FluxConfig, T5Config, VAEConfig
+from nanoflux_jax.data import shapes
+from nanoflux_jax.distill import data as data_lib
+from nanoflux_jax.distill import trainer
+from nanoflux_jax.models.clip import ClipTextModel
+from nanoflux_jax.models.t5 import T5Encoder
+from nanoflux_jax.models.vae import vae_module
+from nanoflux_jax.pipeline import PIPELINE_FILE, FluxPipeline
+from nanoflux_jax.testing import tiny_flux
+
+# Scenes the tokenizers are fitted on: enough to see every word many times.
+_CORPUS_SCENES = 2000
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The teacher of the `quick` shapes ladder (see experiments/configs)."""
+  c = ml_collections.ConfigDict()
+  c.world_seed = 0
+  c.resolution = 64
+  c.pixel_factor = 4          # 64 px -> 16x16 latents -> 8x8 tokens.
+  c.txt_len = 24              # T5 tokens (the longest caption has 22).
+  c.seed = 0
+  c.t5 = {'vocab_size': 256, 'd_model': 64, 'd_kv': 16, 'num_heads': 4,
+          'd_ff': 128, 'num_layers': 2}
+  c.clip = {'num_merges': 200, 'hidden_size': 64, 'intermediate_size': 128,
+            'num_layers': 2, 'num_heads': 4}
+  c.flux = {'hidden_size': 128, 'num_heads': 2, 'head_dim': 64,
+            'mlp_ratio': 4.0, 'depth': 2, 'depth_single_blocks': 4,
+            'axes_dim': (8, 28, 28)}
+  c.train = trainer.default_config()
+  c.train.teacher = {'path': '', 'preset': ''}   # from scratch.
+  c.train.loss.weights = {'output_kd': 0.0, 'feature_kd': 0.0, 'rf': 1.0}
+  c.train.timesteps.mode = 'logit_normal'
+  c.train.compute_dtype = 'float32'
+  c.train.num_steps = 1500
+  c.train.batch_size = 32
+  c.train.learning_rate = 1e-3
+  c.train.warmup_steps = 100
+  c.train.log_every = 100
+  c.train.checkpoint_every = 500
+  c.train.sample_every = 500
+  c.train.num_sampling_steps = 8
+  return c
+
+
+# ---------------------------------------------------------------------------
+# The untrained pipeline.
+# ---------------------------------------------------------------------------
+def captions(world_seed: int, num: int) -> list[str]:
+  world = shapes.ShapesWorld(world_seed)
+  return [world.scene(i).caption for i in range(num)]
+
+
+def flux_config(c: ml_collections.ConfigDict, vae: VAEConfig, t5: T5Config,
+                clip: ClipConfig) -> FluxConfig:
+  return FluxConfig(in_channels=4 * vae.latent_channels,
+                    context_in_dim=t5.d_model, vec_in_dim=clip.hidden_size,
+                    **dict(c.flux))
+
+
+def _frozen_init(module: nn.Module, seed: int, ids) -> dict:
+  return jax.jit(lambda r: nn.meta.unbox(module.init(r, ids)['params']))(
+      jax.random.PRNGKey(seed))
+
+
+def build_pipeline(c: ml_collections.ConfigDict, tokenizer_dir: str
+                   ) -> FluxPipeline:
+  """Tokenizers fitted on captions (written under tokenizer_dir), random
+  frozen encoders, the pixel codec and an untrained DiT."""
+  corpus = captions(c.world_seed, _CORPUS_SCENES) + [
+      ' '.join(shapes.vocabulary())]
+  t5_kw = dict(c.t5)
+  tok_t5 = tiny_flux.make_t5_tokenizer(
+      os.path.join(tokenizer_dir, 'tokenizer_2'), t5_kw.pop('vocab_size'),
+      sentences=corpus)
+  clip_kw = dict(c.clip)
+  tok_clip = tiny_flux.make_clip_tokenizer(
+      os.path.join(tokenizer_dir, 'tokenizer'), clip_kw.pop('num_merges'),
+      sentences=corpus)
+  t5_cfg = T5Config.tiny(vocab_size=len(tok_t5), **t5_kw)
+  clip_cfg = ClipConfig.tiny(vocab_size=len(tok_clip), **clip_kw)
+  vae_cfg = VAEConfig.pixel(c.pixel_factor)
+  cfg = flux_config(c, vae_cfg, t5_cfg, clip_cfg)
+  ids = jnp.zeros((1, 8), jnp.int32)
+  t5 = _frozen_init(T5Encoder(t5_cfg), c.seed + 1, ids)
+  clip = _frozen_init(ClipTextModel(clip_cfg), c.seed + 2, ids)
+  dit = nn.meta.unbox(parallel.init_flux(
+      cfg, parallel.create_mesh({'data': -1}), jax.random.PRNGKey(c.seed))[0])
+  return FluxPipeline((cfg, dit), (clip_cfg, clip), (t5_cfg, t5),
+                      (vae_cfg, {}), tok_clip, tok_t5)
+
+
+# ---------------------------------------------------------------------------
+# Training data.
+# ---------------------------------------------------------------------------
+@functools.partial(jax.jit, static_argnums=0)
+def _encode_images(cfg: VAEConfig, params, images: jax.Array) -> jax.Array:
+  """uint8 [B, H, W, 3] -> packed model-space latents [B, L, 4C]."""
+  x = images.astype(jnp.float32) / 127.5 - 1.0
+  z, _ = vae_module(cfg).apply({'params': params}, x, method='encode')
+  z = (z - cfg.shift_factor) * cfg.scaling_factor
+  return sampling.pack(z.transpose(0, 3, 1, 2))
+
+
+def encode_images(pipe: FluxPipeline, images: np.ndarray) -> np.ndarray:
+  return np.asarray(_encode_images(pipe.vae_cfg, pipe.vae_params,
+                                   jnp.asarray(images)))
+
+
+class ShapesData:
+  """Rendered scenes as (txt, y, noise, latents) batches, rendered on the fly.
+
+  Global batch `step` holds scenes step * B ... step * B + B - 1 of the world,
+  so a resumed run sees the batches an uninterrupted one would, and every
+  process renders only its own rows.
+  """
+
+  def __init__(self, pipe: FluxPipeline, world: shapes.ShapesWorld,
+               batch_size: int, txt_len: int, seed: int = 0):
+    self.pipe, self.world = pipe, world
+    self.batch_size, self.txt_len, self.seed = batch_size, txt_len, seed
+
+  def batch(self, step: int, process_index: int = 0,
+            process_count: int = 1) -> dict[str, np.ndarray]:
+    rows = data_lib._rows(self.batch_size, process_index, process_count)  # pylint: disable=protected-access
+    first = step * self.batch_size + rows.start
+    images, caps, _ = self.world.batch(first, rows.stop - rows.start)
+    txt, y = self.pipe.encode_prompt(caps, self.txt_len)
+    latents = encode_images(self.pipe, images)
+    noise = np.random.default_rng([self.seed, step, rows.start]
+                                  ).standard_normal(latents.shape, np.float32)
+    return {'txt': np.asarray(txt), 'y': np.asarray(y), 'noise': noise,
+            'latents': latents}
+
+
+def sample_images(pipe: FluxPipeline, flux, prompts, noise: np.ndarray,
+                  num_steps: int, txt_len: int, txt=None) -> np.ndarray:
+  """uint8 [N, R, R, 3] from `flux` = (cfg, params) inside `pipe`, from
+  fixed packed noise [N, L, C]; `txt` overrides the T5 embeddings."""
+  cfg, params = flux
+  n, length = noise.shape[:2]
+  f = pipe.latent_factor
+  gh = gw = int(round(length ** 0.5))
+  t5, y = pipe.encode_prompt(prompts, txt_len)
+  txt = t5 if txt is None else txt
+  ts = sampling.schedule_for(cfg, num_steps, length)
+  out = sampling.denoise(cfg, params, jnp.asarray(noise),
+                         sampling.image_ids(n, gh, gw), jnp.asarray(txt),
+                         sampling.text_ids(n, txt.shape[1]), y,
+                         jnp.asarray(ts, jnp.float32),
+                         img_grid=(gh, gw))
+  return np.asarray(pipe.decode_latents(out, gh * f, gw * f))
+
+
+# ---------------------------------------------------------------------------
+# Train or load.
+# ---------------------------------------------------------------------------
+def _is_pipeline(path: str) -> bool:
+  return os.path.isfile(os.path.join(path, PIPELINE_FILE))
+
+
+def load_or_train(c: ml_collections.ConfigDict, directory: str, *,
+                  mesh=None) -> FluxPipeline:
+  """The trained teacher pipeline in directory/pipeline, trained if absent.
+
+  An interrupted training resumes from directory/train's checkpoints.
+  """
+  final = os.path.join(directory, 'pipeline')
+  if _is_pipeline(final):
+    logging.info('shapes teacher: loading the cached %s', final)
+    return FluxPipeline.load(final)
+  init = os.path.join(directory, 'init')
+  if not _is_pipeline(init):
+    with tempfile.TemporaryDirectory() as tmp:
+      build_pipeline(c, tmp).save(init)
+  pipe = FluxPipeline.load(init)
+  world = shapes.ShapesWorld(c.world_seed, c.resolution)
+  grid = (c.resolution // pipe.latent_factor,) * 2
+  tc = ml_collections.ConfigDict(c.train.to_dict())
+  tc.data.grid, tc.data.txt_len = grid, c.txt_len
+  data = ShapesData(pipe, world, tc.batch_size, c.txt_len, c.seed)
+
+  # Progress grids: 8 fixed held-out captions (world seed + 1), fixed noise.
+  _, sample_caps, _ = shapes.ShapesWorld(c.world_seed + 1, c.resolution
+                                         ).batch(0, 8)
+  noise = np.random.default_rng(0).standard_normal(
+      (8, grid[0] * grid[1], pipe.flux_cfg.in_channels), np.float32)
+  sample_fn = lambda step, params: sample_images(
+      pipe, (pipe.flux_cfg, params['student']), sample_caps, noise,
+      tc.num_sampling_steps, c.txt_len)
+
+  logging.info('shapes teacher: training %s for %d steps in %s',
+               pipe.flux_cfg, tc.num_steps, directory)
+  train_dir = os.path.join(directory, 'train')
+  state, _ = trainer.train(tc, train_dir,
+                           student=(pipe.flux_cfg, pipe.flux_params),
+                           data=data, sample_fn=sample_fn, mesh=mesh)
+  if int(jax.device_get(state.step)) < tc.num_steps:
+    raise RuntimeError(f'shapes teacher: training in {train_dir} stopped at '
+                       f'step {int(state.step)} of {tc.num_steps} '
+                       '(stop_after); rerun to resume')
+  params = jax.device_get(state.params['student'])
+  teacher = FluxPipeline((pipe.flux_cfg, params),
+                         (pipe.clip_cfg, pipe.clip_params),
+                         (pipe.t5_cfg, pipe.t5_params),
+                         (pipe.vae_cfg, pipe.vae_params),
+                         pipe.tokenizer, pipe.tokenizer_2)
+  if jax.process_index() == 0:
+    teacher.save(final)
+  return teacher

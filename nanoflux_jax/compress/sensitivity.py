@@ -53,11 +53,11 @@ def _forward(cfg, params, inputs, img_grid, **kw):
 def calibration_set(cfg: FluxConfig, params: dict, key: Array, n: int,
                     num_steps: int = 4, img_grid: tuple[int, int] = (4, 4),
                     txt_len: int = 8, guidance: float | None = None,
-                    schedule=None) -> dict:
+                    schedule=None, txt=None, y=None) -> dict:
   """Samples n trajectories of the teacher and returns every step's input.
 
-  Noise, text embeddings and pooled vectors are standard normal (a stand-in
-  for real prompts; pass real ones by building the dict yourself).
+  Noise is standard normal; so are the text embeddings and pooled vectors
+  unless real prompts' `txt` [n, T, ctx] and `y` [n, vec] are given.
 
   Returns:
     dict of arrays with N = n * num_steps rows: img [N, L, in_channels] (x_t),
@@ -72,9 +72,14 @@ def calibration_set(cfg: FluxConfig, params: dict, key: Array, n: int,
   length = h * w
   k_img, k_txt, k_y = jax.random.split(key, 3)
   noise = jax.random.normal(k_img, (n, length, cfg.in_channels))
-  txt = jax.random.normal(k_txt, (n, txt_len, cfg.context_in_dim))
-  y = (jax.random.normal(k_y, (n, cfg.vec_in_dim))
-       if cfg.modulation == 'adaln' else None)
+  if txt is None:
+    txt = jax.random.normal(k_txt, (n, txt_len, cfg.context_in_dim))
+  txt = jnp.asarray(txt)
+  txt_len = txt.shape[1]
+  if cfg.modulation != 'adaln':
+    y = None
+  elif y is None:
+    y = jax.random.normal(k_y, (n, cfg.vec_in_dim))
   g = None
   if cfg.guidance_embed:
     if guidance is None:

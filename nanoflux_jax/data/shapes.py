@@ -51,7 +51,8 @@ class Scene:
   def caption(self) -> str:
     parts = [f'a {o.size} {o.colour} {o.shape} {_POSITION_PHRASE[o.position]}'
              for o in self.objects]
-    return ', '.join(parts) + f', on a {self.background} background'
+    article = 'an' if self.background[0] in 'aeiou' else 'a'
+    return ', '.join(parts) + f', on {article} {self.background} background'
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
@@ -140,7 +141,7 @@ class ShapesWorld:
 
 def vocabulary() -> list[str]:
   """Every word a caption can use (for fitting a tokenizer)."""
-  words = set('a on the at in of background'.split())
+  words = set('a an on the at in of background'.split())
   words |= set(SHAPES) | set(COLOURS) | set(SIZES)
   for phrase in _POSITION_PHRASE.values():
     words |= set(phrase.split())

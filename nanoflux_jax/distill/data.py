@@ -51,7 +51,9 @@ EmbedFn = Callable[[Sequence[str]], dict]
 # Prompts.
 # ---------------------------------------------------------------------------
 def load_prompts(source: str | Sequence[str] = 'builtin') -> list[str]:
-  """Prompts from a text file (one per line), JSONL, 'builtin' or a list.
+  """Prompts from a text file (one per line), JSONL, 'builtin', a list, or
+  'shapes:N[:seed]' (the captions of the first N scenes of the shapes world
+  with that seed, default 0).
 
   JSONL lines are objects with a 'prompt' or 'caption' field. Blank lines are
   skipped.
@@ -67,6 +69,8 @@ def load_prompts(source: str | Sequence[str] = 'builtin') -> list[str]:
     return prompts
   if source == 'builtin':
     return list(BUILTIN_PROMPTS)
+  if source.startswith('shapes:'):
+    return _shapes_captions(source)
   if not os.path.isfile(source):
     raise FileNotFoundError(f'prompt file {source!r} does not exist')
   prompts = []
@@ -90,6 +94,20 @@ def load_prompts(source: str | Sequence[str] = 'builtin') -> list[str]:
   if not prompts:
     raise ValueError(f'prompt file {source!r} contains no prompts')
   return prompts
+
+
+def _shapes_captions(source: str) -> list[str]:
+  from nanoflux_jax.data import shapes  # pylint: disable=g-import-not-at-top
+  parts = source.split(':')[1:]
+  try:
+    num, seed = int(parts[0]), int(parts[1]) if len(parts) > 1 else 0
+  except (ValueError, IndexError):
+    num = seed = -1
+  if len(parts) > 2 or num < 1 or seed < 0:
+    raise ValueError(f'prompt source {source!r}: expected shapes:N or '
+                     'shapes:N:seed with N >= 1')
+  world = shapes.ShapesWorld(seed)
+  return [world.scene(i).caption for i in range(num)]
 
 
 def random_embedder(cfg: FluxConfig, txt_len: int, seed: int = 0) -> EmbedFn:

@@ -47,6 +47,7 @@ from nanoflux_jax import parallel
 from nanoflux_jax import sampling
 from nanoflux_jax.configs import FluxConfig
 from nanoflux_jax.distill import data as data_lib
+from nanoflux_jax.distill import ladder_eval
 from nanoflux_jax.distill import text_encoder
 from nanoflux_jax.distill import trainer
 from nanoflux_jax.models import flux as flux_lib
@@ -89,11 +90,44 @@ class Context:
   mesh: jax.sharding.Mesh
   grid: tuple[int, int]
   schedule: tuple[float, ...]   # the fixed sampling schedule, 1 -> 0.
+  workdir: str
+  text_encoder: str | None = None  # the current student T5 folder.
+
+  @functools.cached_property
+  def pipeline(self):
+    """The teacher's FluxPipeline: the shapes-world teacher (trained once,
+    cached in workdir/teacher) or config.teacher.pipeline; None for a bare
+    DiT teacher (then prompts get random stand-in embeddings)."""
+    # pylint: disable=g-import-not-at-top
+    t = self.config.teacher
+    if t.get('shapes'):
+      from nanoflux_jax.distill import shapes_teacher
+      return shapes_teacher.load_or_train(
+          t.shapes, os.path.join(self.workdir, 'teacher'), mesh=self.mesh)
+    if t.get('pipeline'):
+      from nanoflux_jax.pipeline import FluxPipeline
+      return FluxPipeline.from_pretrained(t.pipeline)
+    return None
+
+  def pipeline_for(self, student: Student, text_encoder: str | None = None):
+    """The teacher pipeline with `student` as its DiT (host copies) and,
+    if given, a distilled student T5 (a text_encoder rung's folder)."""
+    # pylint: disable-next=g-import-not-at-top
+    from nanoflux_jax.pipeline import FluxPipeline
+    p = self.pipeline
+    pipe = FluxPipeline((student[0], jax.device_get(student[1])),
+                        (p.clip_cfg, p.clip_params), (p.t5_cfg, p.t5_params),
+                        (p.vae_cfg, p.vae_params), p.tokenizer, p.tokenizer_2)
+    return pipe.with_text_encoder(text_encoder) if text_encoder else pipe
 
   @functools.cached_property
   def teacher(self) -> Student:
     """Loaded on first use: a resumed ladder may not need it at all."""
     c = self.config
+    if self.pipeline is not None:
+      cfg = self.pipeline.flux_cfg
+      return cfg, parallel.shard_like(self.pipeline.flux_params,
+                                      parallel.param_shardings(cfg, self.mesh))
     if c.teacher.get('path'):
       # pylint: disable-next=g-import-not-at-top
       from nanoflux_jax.convert import flux as convert_flux
@@ -103,11 +137,22 @@ class Context:
     return cfg, parallel.init_flux(cfg, self.mesh, jax.random.PRNGKey(
         c.teacher.seed))[0]
 
-  def embed(self, prompts) -> dict:
-    """{'txt', 'y'} of prompts, exactly as trainer.train embeds them."""
+  def embed(self, prompts, chunk: int = 64) -> dict:
+    """{'txt', 'y'} of prompts: the pipeline's encoders, or else the random
+    stand-in that trainer.train uses."""
     d = self.config.distill
-    return data_lib.random_embedder(self.teacher[0], d.data.txt_len,
-                                    d.seed)(prompts)
+    if self.pipeline is None:
+      return data_lib.random_embedder(self.teacher[0], d.data.txt_len,
+                                      d.seed)(prompts)
+    parts = [self.pipeline.encode_prompt(prompts[i:i + chunk], d.data.txt_len)
+             for i in range(0, len(prompts), chunk)]
+    return {'txt': np.concatenate([np.asarray(p[0]) for p in parts]),
+            'y': np.concatenate([np.asarray(p[1]) for p in parts])}
+
+  @property
+  def resolution(self) -> int:
+    """Image side in pixels (pipelines only; square grids)."""
+    return self.grid[0] * self.pipeline.latent_factor
 
 
 def _img_grid(cfg: FluxConfig, grid):
@@ -115,11 +160,16 @@ def _img_grid(cfg: FluxConfig, grid):
 
 
 def _calib(ctx: Context, student: Student, opts) -> dict:
+  """Teacher-sampler states of the student; real prompts with a pipeline."""
   cfg, params = student
+  emb = {}
+  if ctx.pipeline is not None:
+    prompts = data_lib.load_prompts(ctx.config.distill.data.prompts)
+    emb = ctx.embed((prompts * opts['calib_n'])[:opts['calib_n']])
   return compress.calibration_set(
       cfg, params, jax.random.PRNGKey(opts['calib_seed']), opts['calib_n'],
       num_steps=len(ctx.schedule) - 1, img_grid=ctx.grid,
-      txt_len=ctx.config.distill.data.txt_len)
+      txt_len=ctx.config.distill.data.txt_len, **emb)
 
 
 def _check_prune(c, opts, where):
@@ -226,25 +276,73 @@ def _check_text_encoder(c, opts, where):
 def _distill_text_encoder(ctx: Context, student: Student, rung, rung_dir):
   """A small T5 learns the teacher T5 through the frozen denoiser.
 
-  teacher_t5: an HF T5EncoderModel folder; '' lets train_text_encoder take
-  it from distill.pipeline or its random preset. The student T5 is written
-  to rung_dir/student_text_encoder; the denoiser passes on unchanged.
+  teacher_t5: an HF T5EncoderModel folder; '' takes the ladder's teacher
+  pipeline (its T5, tokenizer and pooled CLIP vectors), else
+  distill.pipeline or a random preset. The student T5 is written to
+  rung_dir/student_text_encoder and, unless the rung is an `ablation`,
+  becomes the pipeline's T5 for the rungs after it; the denoiser passes on
+  unchanged.
   """
-  t5 = None
+  tc = _text_encoder_config(ctx.config, rung, 'text_encoder')
+  t5 = tokens = None
   if rung['teacher_t5']:
     # pylint: disable-next=g-import-not-at-top
     from nanoflux_jax.convert.text_encoders import load_t5_encoder
     t5 = load_t5_encoder(rung['teacher_t5'])
-  tc = _text_encoder_config(ctx.config, rung, 'text_encoder')
+  elif ctx.pipeline is not None:
+    t5 = (ctx.pipeline.t5_cfg, ctx.pipeline.t5_params)
+    tokens = text_encoder.pipeline_tokens(
+        ctx.pipeline, data_lib.load_prompts(tc.data.prompts), tc.data.txt_len)
   state, history = text_encoder.train_text_encoder(
-      tc, rung_dir, teacher_t5=t5, mesh=ctx.mesh,
+      tc, rung_dir, teacher_t5=t5, tokens=tokens, mesh=ctx.mesh,
       denoiser=student if rung['denoiser'] == 'student' else ctx.teacher)
   return _finished(state, history, tc)
 
 
-register_rung('text_encoder', dict(teacher_t5='', denoiser='student'),
+register_rung('text_encoder', dict(teacher_t5='', denoiser='student',
+                                   ablation=False),
               check=_check_text_encoder,
               distill=_distill_text_encoder)(lambda ctx, student, opts: student)
+
+
+_QUANT_NAMES = {'none': 'fp32'}
+
+
+def _check_export(c, opts, where):
+  # pylint: disable-next=g-import-not-at-top
+  from nanoflux_jax.export import tflite
+  if not (c.teacher.get('shapes') or c.teacher.get('pipeline')):
+    raise ValueError(f'{where}: export needs a teacher pipeline '
+                     '(teacher.shapes or teacher.pipeline) for the text '
+                     'encoders and the VAE')
+  if not opts['quantize']:
+    raise ValueError(f'{where}: export needs at least one quantize option')
+  for q in opts['quantize']:
+    tflite.check_quantize(q)
+
+
+def _export(ctx: Context, student: Student, rung, rung_dir):
+  """The current pipeline (student DiT + student T5) as .tflite files in
+  workdir/tflite/{fp32,int8,...}, one folder per quantization."""
+  del rung_dir
+  # pylint: disable-next=g-import-not-at-top
+  from nanoflux_jax.export import bundle
+  pipe = ctx.pipeline_for(student, ctx.text_encoder)
+  out = {}
+  for q in rung['quantize']:
+    path = os.path.join(ctx.workdir, 'tflite', _QUANT_NAMES.get(q, q))
+    m = bundle.export_pipeline(
+        pipe, path, ctx.resolution, ctx.resolution,
+        num_steps=len(ctx.schedule) - 1,
+        max_sequence_length=ctx.config.distill.data.txt_len, quantize=q)
+    out[_QUANT_NAMES.get(q, q)] = dict(
+        dir=os.path.relpath(path, ctx.workdir),
+        mb=m['sizes']['total_bytes'] / 1e6, export_s=m['export']['seconds'])
+  return True, dict(exports=out)
+
+
+register_rung('export', dict(quantize=('none', 'int8')), check=_check_export,
+              distill=_export)(lambda ctx, student, opts: student)
 
 
 # ---------------------------------------------------------------------------
@@ -277,8 +375,10 @@ def check_config(config: ml_collections.ConfigDict) -> list[dict]:
   if config.teacher.get('path') and not os.path.exists(config.teacher.path):
     raise FileNotFoundError(f'ladder: teacher path {config.teacher.path!r} '
                             'does not exist')
-  if not config.teacher.get('path') and not config.teacher.get('preset'):
-    raise ValueError('ladder: set config.teacher.path or config.teacher.preset')
+  if not any(config.teacher.get(k) for k in ('path', 'preset', 'shapes',
+                                             'pipeline')):
+    raise ValueError('ladder: set config.teacher.path, .preset, .shapes or '
+                     '.pipeline')
   data_lib.load_prompts(config.distill.data.prompts)
   data_lib.load_prompts(config.samples.prompts)
   rungs = []
@@ -367,9 +467,12 @@ def _measure(ctx: Context, student: Student, name: str, workdir: str,
   latents = _sample(ctx, student)
   png = os.path.join('samples', f'{name}.png')
   if jax.process_index() == 0:
-    images.save_grid(latent_preview(latents, ctx.grid,
-                                    ctx.config.samples.scale),
-                     os.path.join(workdir, png))
+    if ctx.pipeline is None:
+      grid_images = latent_preview(latents, ctx.grid, ctx.config.samples.scale)
+    else:
+      grid_images = np.asarray(ctx.pipeline.decode_latents(
+          jnp.asarray(latents), ctx.resolution, ctx.resolution))
+    images.save_grid(grid_images, os.path.join(workdir, png))
   mse = 0.0 if reference is None else np.mean(np.square(latents - reference))
   return dict(name=name, params=int(compress.count_params(cfg)),
               gflops=compress.count_flops(cfg, h * w, t) / 1e9,
@@ -419,6 +522,8 @@ def report_markdown(report: dict) -> str:
         f"{_fmt(loss.get('loss'), '.4g')} | "
         f"{_fmt(loss.get('output_kd'), '.4g')} | {r['sample_mse']:.4g} | "
         f"[png]({r['samples']}) |")
+  if report.get('evaluation'):
+    lines += ['', ladder_eval.markdown(report)]
   return '\n'.join(lines) + '\n'
 
 
@@ -449,8 +554,11 @@ def _distill_denoiser(ctx: Context, student: Student, rung: dict,
   """trainer.train from the original teacher; resumes its own checkpoints."""
   tc = ml_collections.ConfigDict(ctx.config.distill.to_dict())
   _override(tc, rung['distill'], 'distill')
-  state, history = trainer.train(tc, rung_dir, teacher=ctx.teacher,
-                                 student=student, mesh=ctx.mesh)
+  if tc.data.get('cache_dir'):  # Relative: one cache inside the workdir.
+    tc.data.cache_dir = os.path.join(ctx.workdir, tc.data.cache_dir)
+  state, history = trainer.train(
+      tc, rung_dir, teacher=ctx.teacher, student=student, mesh=ctx.mesh,
+      embed_fn=None if ctx.pipeline is None else ctx.embed)
   return _finished(state, history, tc)
 
 
@@ -488,7 +596,8 @@ def run_ladder(config: ml_collections.ConfigDict, workdir: str, *,
 
   Args:
     config: see experiments/configs/ladder_tiny.py (teacher, mesh, distill,
-      samples, timing, rungs).
+      samples, timing, rungs) and experiments/configs/shapes.py (plus
+      evaluate: the toy-world evaluation of every rung).
     workdir: all outputs; an existing ladder there is resumed.
     mesh: default parallel.create_mesh(config.mesh).
   Returns:
@@ -501,7 +610,7 @@ def run_ladder(config: ml_collections.ConfigDict, workdir: str, *,
   dc = config.distill
   grid = tuple(dc.data.grid)
   ctx = Context(config, mesh, grid, tuple(sampling.get_schedule(
-      dc.num_sampling_steps, grid[0] * grid[1], shift=False)))
+      dc.num_sampling_steps, grid[0] * grid[1], shift=False)), workdir)
   report = dict(setup=dict(img_len=grid[0] * grid[1], txt_len=dc.data.txt_len,
                            device=jax.devices()[0].device_kind,
                            repeats=config.timing.repeats),
@@ -523,6 +632,9 @@ def run_ladder(config: ml_collections.ConfigDict, workdir: str, *,
   load = lambda path: checkpoint.load(
       path, shardings=parallel.loading_shardings(mesh))
   student = lambda: ctx.teacher
+  # What each report row measures: its DiT, its T5 and, for exports, files.
+  stages = [dict(row=report['teacher'], dit=student, text_encoder=None,
+                 dir=os.path.join(workdir, 'teacher'))]
   for i, rung in enumerate(rungs):
     kind = RUNG_KINDS[rung['kind']]
     name = f'rung_{i}_{kind.name}'
@@ -536,29 +648,37 @@ def run_ladder(config: ml_collections.ConfigDict, workdir: str, *,
             f'but the config now says {_marker_key(rung)}; use a new workdir '
             'or delete that rung folder and the ones after it')
       logging.info('ladder: %s already done; skipping', name)
-      report['rungs'].append(done['row'])
+      row = done['row']
       if kind.distill is None:  # text_encoder leaves the denoiser as it is.
         student = functools.partial(load, out_dir)
-      continue
-
-    compressed = _compressed(ctx, kind, rung, rung_dir, student)
-    finished, fields = (kind.distill or _distill_denoiser)(
-        ctx, compressed, rung, rung_dir)
-    if not finished:
-      logging.info('ladder: %s stopped early (distill.stop_after); rerun to '
-                   'resume', name)
-      _write_report(workdir, report)
-      return report
-    if kind.distill is None:
-      current = load(out_dir)
-      student = lambda current=current: current
-    row, _ = _measure(ctx, student(), name, workdir, np.load(ref_file))
-    row.update(fields, kind=kind.name)
-    _write_atomic(os.path.join(rung_dir, 'done.json'), json.dumps(
-        dict(rung=_marker_key(rung), row=row), indent=2))
+    else:
+      compressed = _compressed(ctx, kind, rung, rung_dir, student)
+      finished, fields = (kind.distill or _distill_denoiser)(
+          ctx, compressed, rung, rung_dir)
+      if not finished:
+        logging.info('ladder: %s stopped early (distill.stop_after); rerun '
+                     'to resume', name)
+        _write_report(workdir, report)
+        return report
+      if kind.distill is None:
+        current = load(out_dir)
+        student = lambda current=current: current
+      row, _ = _measure(ctx, student(), name, workdir, np.load(ref_file))
+      row.update(fields, kind=kind.name, ablation=bool(rung.get('ablation')))
+      _write_atomic(os.path.join(rung_dir, 'done.json'), json.dumps(
+          dict(rung=_marker_key(rung), row=row), indent=2))
+      logging.info('ladder: %s done: %s', name, row)
     report['rungs'].append(row)
     _write_report(workdir, report)
-    logging.info('ladder: %s done: %s', name, row)
+    te = ctx.text_encoder
+    if kind.name == 'text_encoder':
+      te = os.path.join(rung_dir, text_encoder.STUDENT_DIR)
+      if not rung['ablation']:
+        ctx.text_encoder = te
+    stages.append(dict(row=row, dit=student, text_encoder=te, dir=rung_dir,
+                       exports=row.get('exports')))
+  if config.get('evaluate') and ctx.pipeline is not None:
+    report['evaluation'] = ladder_eval.evaluate_stages(ctx, stages)
   report['complete'] = True
   _write_report(workdir, report)
   return report

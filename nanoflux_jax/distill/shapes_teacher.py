@@ -58,9 +58,9 @@ def default_config() -> ml_collections.ConfigDict:
           'd_ff': 128, 'num_layers': 2}
   c.clip = {'num_merges': 200, 'hidden_size': 64, 'intermediate_size': 128,
             'num_layers': 2, 'num_heads': 4}
-  c.flux = {'hidden_size': 128, 'num_heads': 2, 'head_dim': 64,
+  c.flux = {'hidden_size': 128, 'num_heads': 4, 'head_dim': 32,
             'mlp_ratio': 4.0, 'depth': 2, 'depth_single_blocks': 4,
-            'axes_dim': (8, 28, 28)}
+            'axes_dim': (4, 14, 14)}
   c.train = trainer.default_config()
   c.train.teacher = {'path': '', 'preset': ''}   # from scratch.
   c.train.loss.weights = {'output_kd': 0.0, 'feature_kd': 0.0, 'rf': 1.0}
@@ -72,6 +72,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.warmup_steps = 100
   c.train.log_every = 100
   c.train.checkpoint_every = 500
+  c.train.keep_checkpoints = 1
   c.train.sample_every = 500
   c.train.num_sampling_steps = 8
   return c

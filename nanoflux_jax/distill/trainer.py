@@ -359,7 +359,7 @@ def _resolve_teacher(c, teacher, mesh):
 
 
 def train(c: ml_collections.ConfigDict, workdir: str, *, teacher=None,
-          student=None, data=None, sample_fn=None, mesh=None):
+          student=None, data=None, embed_fn=None, sample_fn=None, mesh=None):
   """Distils `student` from `teacher` (or trains it from scratch) in workdir.
 
   Args:
@@ -370,6 +370,8 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, teacher=None,
     student: optional (FluxConfig, params or None); else c.student. Params
       are used only when neither a workdir checkpoint nor c.init exists.
     data: a batch source; default PromptData from c.data.
+    embed_fn: prompts -> {'txt', 'y'} for the default PromptData (e.g. a
+      pipeline's encoder); default a random stand-in encoder.
     sample_fn: (step, params) -> uint8 images, for the sample-grid hook.
     mesh: default parallel.create_mesh(c.mesh).
   Returns:
@@ -418,8 +420,9 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, teacher=None,
   if data is None:
     ref = t_cfg or s_cfg
     data = data_lib.PromptData(
-        prompts, data_lib.random_embedder(ref, c.data.txt_len, c.seed), ref, grid,
-        c.batch_size, c.seed)
+        prompts, embed_fn or data_lib.random_embedder(ref, c.data.txt_len,
+                                                      c.seed),
+        ref, grid, c.batch_size, c.seed)
     if c.data.get('cache_dir') and t_cfg is not None:
       data = data_lib.build_cache(c.data.cache_dir, data, spec.teacher,
                                   t_params, schedule, c.data.cache_shards)

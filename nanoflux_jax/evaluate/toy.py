@@ -1,0 +1,99 @@
+"""Scoring a text-to-image pipeline on the shapes world.
+
+The same held-out prompts and the same packed noise go through every model
+being compared (teacher, each compressed student, the exported TFLite
+files), so differences come from the models alone:
+
+  s = toy.eval_set(world_seed=1000, num=64, resolution=64, latent_shape=...)
+  images = toy.generate(pipe, s, num_steps=8, txt_len=24)
+  toy.scores(clf, images, s, teacher_images)   # geneval, fid, psnr
+  toy.jax_ms_per_image(pipe, s, 8, 24)          # whole pipeline, batch 1
+"""
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+import numpy as np
+
+from nanoflux_jax.data import shapes
+from nanoflux_jax.evaluate import classifier as clf_lib
+from nanoflux_jax.evaluate import metrics
+
+
+@dataclasses.dataclass
+class EvalSet:
+  """Held-out prompts with their scenes, fixed noise, real renderings.
+
+  noise: packed [N, L, C] float32, one per prompt.
+  reference: uint8 [M, R, R, 3] real renderings (toy-FID's reference set).
+  """
+  prompts: list[str]
+  scenes: list[shapes.Scene]
+  noise: np.ndarray
+  reference: np.ndarray
+  resolution: int
+
+
+def eval_set(world_seed: int, num: int, resolution: int,
+             latent_shape: tuple[int, int], noise_seed: int = 0,
+             num_reference: int = 512) -> EvalSet:
+  """`num` scenes of world `world_seed` (disjoint from training worlds) with
+  noise of packed shape latent_shape = (L, C); the FID reference comes from
+  another world (world_seed + 1) so it shares no scene with the prompts."""
+  _, prompts, scenes = shapes.ShapesWorld(world_seed, resolution).batch(0, num)
+  noise = np.random.default_rng(noise_seed).standard_normal(
+      (num,) + tuple(latent_shape)).astype(np.float32)
+  reference = shapes.ShapesWorld(world_seed + 1, resolution).batch(
+      0, num_reference)[0]
+  return EvalSet(prompts, scenes, noise, reference, resolution)
+
+
+def generate(pipe, s: EvalSet, num_steps: int, txt_len: int,
+             batch: int = 16) -> np.ndarray:
+  """uint8 [N, R, R, 3] from a FluxPipeline, `batch` prompts per call."""
+  r = s.resolution
+  return np.concatenate([
+      pipe(s.prompts[i:i + batch], height=r, width=r, num_steps=num_steps,
+           latents=s.noise[i:i + batch], max_sequence_length=txt_len)
+      for i in range(0, len(s.prompts), batch)])
+
+
+def generate_litert(tfl_pipe, s: EvalSet) -> np.ndarray:
+  """uint8 [N, R, R, 3] from a TFLitePipeline (one prompt per call)."""
+  return tfl_pipe(s.prompts, latents=s.noise)
+
+
+def _median_ms(call, repeats: int) -> float:
+  call()  # Warm-up (and compile).
+  times = []
+  for _ in range(max(1, repeats)):
+    t0 = time.perf_counter()
+    call()
+    times.append(1e3 * (time.perf_counter() - t0))
+  return statistics.median(times)
+
+
+def jax_ms_per_image(pipe, s: EvalSet, num_steps: int, txt_len: int,
+                     repeats: int = 5) -> float:
+  """Median ms of one batch-1 image: encode, denoise and decode."""
+  r = s.resolution
+  return _median_ms(lambda: pipe(
+      s.prompts[:1], height=r, width=r, num_steps=num_steps,
+      latents=s.noise[:1], max_sequence_length=txt_len), repeats)
+
+
+def litert_ms_per_image(tfl_pipe, s: EvalSet, repeats: int = 5) -> float:
+  """Median ms of one image through the exported .tflite files."""
+  return _median_ms(lambda: tfl_pipe(s.prompts[:1], latents=s.noise[:1]),
+                    repeats)
+
+
+def scores(clf: clf_lib.Classifier, images: np.ndarray, s: EvalSet,
+           teacher_images: np.ndarray | None) -> dict[str, float]:
+  """{'geneval', 'fid', 'psnr'}; psnr is None without teacher images."""
+  return {'geneval': metrics.geneval(clf, images, s.scenes),
+          'fid': metrics.toy_fid(clf, images, s.reference),
+          'psnr': None if teacher_images is None else metrics.psnr(
+              images, teacher_images)}
+

@@ -231,11 +231,12 @@ class ClipConfig(_Serializable):
 
 @dataclasses.dataclass(frozen=True)
 class VAEConfig(_Serializable):
-  """FLUX.1's AutoencoderKL (diffusers layout, no quant convs), or, with
-  kind='pixel', a parameter-free pixel (un)shuffle: latents are the image's
-  f x f pixel blocks stacked as channels (toy worlds; see `pixel`)."""
-  kind: str = 'kl'                 # 'kl' (AutoencoderKL) or 'pixel'.
-  pixel_factor: int = 1            # kind='pixel': pixels per latent side.
+  """FLUX.1's AutoencoderKL (diffusers layout, no quant convs), or a patch
+  codec for toy worlds (models.vae.PatchCodec): kind='pixel', the image's
+  f x f pixel patches stacked as channels, or kind='linear', a linear
+  autoencoder on those patches (see `pixel` and `linear`)."""
+  kind: str = 'kl'                 # 'kl', 'pixel' or 'linear'.
+  pixel_factor: int = 1            # patch codecs: pixels per latent side.
   in_channels: int = 3
   out_channels: int = 3
   latent_channels: int = 16
@@ -251,9 +252,9 @@ class VAEConfig(_Serializable):
   def __post_init__(self):
     object.__setattr__(self, 'block_out_channels',
                        tuple(self.block_out_channels))
-    if self.kind not in ('kl', 'pixel'):
-      raise ValueError(f"VAEConfig.kind={self.kind!r}; expected 'kl' or "
-                       "'pixel'")
+    if self.kind not in ('kl', 'pixel', 'linear'):
+      raise ValueError(f"VAEConfig.kind={self.kind!r}; expected 'kl', "
+                       "'pixel' or 'linear'")
     if self.kind == 'pixel' and (
         self.latent_channels != self.in_channels * self.pixel_factor ** 2):
       raise ValueError(f'VAEConfig: a pixel codec with factor '
@@ -264,7 +265,7 @@ class VAEConfig(_Serializable):
   @property
   def downsample_factor(self) -> int:
     """Pixels per latent side: 2 ** (num blocks - 1), or pixel_factor."""
-    if self.kind == 'pixel':
+    if self.kind != 'kl':
       return self.pixel_factor
     return 2 ** (len(self.block_out_channels) - 1)
 
@@ -278,6 +279,12 @@ class VAEConfig(_Serializable):
     parameters, x in [-1, 1] used as it is (scaling 1, shift 0)."""
     return cls(kind='pixel', pixel_factor=factor, latent_channels=3 * factor ** 2,
                scaling_factor=1.0, shift_factor=0.0, **kw)
+
+  @classmethod
+  def linear(cls, factor: int = 4, channels: int = 12, **kw) -> 'VAEConfig':
+    """A linear autoencoder on f x f patches with `channels` latents."""
+    return cls(kind='linear', pixel_factor=factor, latent_channels=channels,
+               **{'scaling_factor': 1.0, 'shift_factor': 0.0, **kw})
 
   @classmethod
   def tiny(cls, **kw) -> 'VAEConfig':

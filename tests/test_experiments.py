@@ -37,3 +37,57 @@ def test_convert_then_sample(tmp_path):
     assert stage in out, out
   img = np.asarray(Image.open(grid))
   assert img.shape == (2 + 16 + 2, 2 + 2 * (32 + 2), 3)  # 1 row x 2 cols.
+
+
+def test_shapes_ladder_micro_end_to_end(tmp_path):
+  """The README's main job at its smallest: the shapes teacher is trained
+  and cached, every rung runs, the final student is exported (fp32 + int8)
+  and every rung is evaluated into a well-formed report."""
+  import json  # pylint: disable=g-import-not-at-top
+  work = tmp_path / 'shapes'
+  args = ('--config=' + os.path.join(ROOT, 'experiments/configs/shapes.py') +
+          ':micro', f'--workdir={work}')
+  out = _run('ladder.py', *args)
+  assert 'ladder complete' in out
+  report = json.loads((work / 'report.json').read_text())
+  assert report['complete']
+  assert [r['kind'] for r in report['rungs']] == [
+      'prune', 'depth', 'static_modulation', 'downsample', 'text_encoder',
+      'text_encoder', 'export']
+  assert [r['ablation'] for r in report['rungs']][-3:] == [False, True, False]
+  rows = [report['teacher']] + report['rungs']
+  for r in rows:
+    ev = r['eval']
+    assert 0.0 <= ev['geneval'] <= 1.0 and np.isfinite(ev['fid'])
+    assert (ev['psnr'] is None) == (r is report['teacher'])
+    assert (ev['jax_ms'] is None) == (r['kind'] == 'export')
+    grid = np.asarray(Image.open(work / ev['grid']))
+    assert grid.shape == (2 + 3 * 66, 2 + 3 * 66, 3)  # 8 images of 64 px.
+  assert rows[-2]['params'] < rows[0]['params']
+  exports = report['rungs'][-1]['eval']['exports']
+  assert list(exports) == ['fp32', 'int8']
+  for q in exports:
+    for f in ('manifest.json', 't5.tflite', 'denoiser.tflite',
+              'vae_decoder.tflite'):
+      assert (work / 'tflite' / q / f).is_file(), (q, f)
+    assert exports[q]['litert_ms'] > 0
+  assert exports['int8']['mb'] < 0.6 * exports['fp32']['mb']
+
+  md = (work / 'report.md').read_text()
+  assert md.count('![') == len(rows)
+  for heading in ('| rung | kind | DiT params | GFLOPs | JAX ms / img | '
+                  'LiteRT ms / img | toy-GenEval | toy-FID | PSNR (dB) |',
+                  '## Ablations', '## Targets', '### TFLite exports'):
+    assert heading in md, heading
+  targets = md.split('## Targets')[1].split('## Grids')[0]
+  assert sum(line.startswith(('- met', '- **MISSED**', '- n/a'))
+             for line in targets.splitlines()) == 6
+
+  # A rerun reuses the cached teacher and every finished rung.
+  cached = work / 'teacher' / 'pipeline' / 'nanoflux_pipeline.json'
+  before = cached.stat().st_mtime_ns
+  out = _run('ladder.py', *args)
+  assert 'ladder complete' in out
+  assert cached.stat().st_mtime_ns == before
+  assert json.loads((work / 'report.json').read_text())['rungs'] == \
+      report['rungs']

@@ -1,12 +1,15 @@
 """The shapes world's teacher: a small FLUX pipeline trained from scratch.
 
 The toy stand-in for FLUX.1-schnell, with the same parts and code paths:
-  - tokenizers fitted on the world's captions (a sentencepiece T5 tokenizer
-    and a byte-level BPE CLIP tokenizer, as FLUX ships);
+  - tokenizers fitted on the world's captions (a word-level sentencepiece
+    T5 tokenizer and a byte-level BPE CLIP tokenizer);
   - a T5-style encoder and a CLIP-style pooled vector, randomly initialised
     and frozen (FLUX's encoders are frozen too; the DiT learns to read them);
-  - a pixel-unshuffle latent space (`VAEConfig.pixel`): 64 px RGB -> 16x16x48
-    latents -> 8x8 packed tokens of 192 channels;
+  - a small autoencoder fitted on the world: a linear one on 4x4 pixel
+    patches (`VAEConfig.linear`, PCA: 48 pixel values -> 12 latents, about
+    33 dB), so 64 px RGB -> 16x16x12 latents -> 8x8 packed tokens of 48
+    channels. (Raw pixel patches would give 192-channel tokens, wider than
+    the DiT: its output could not carry all of the noise it must predict.)
   - a FLUX DiT (double + single blocks, RoPE, AdaLN) trained with rectified
     flow by `trainer.train` on `ShapesData`.
 
@@ -38,7 +41,7 @@ from nanoflux_jax.distill import data as data_lib
 from nanoflux_jax.distill import trainer
 from nanoflux_jax.models.clip import ClipTextModel
 from nanoflux_jax.models.t5 import T5Encoder
-from nanoflux_jax.models.vae import vae_module
+from nanoflux_jax.models import vae as vae_lib
 from nanoflux_jax.pipeline import PIPELINE_FILE, FluxPipeline
 from nanoflux_jax.testing import tiny_flux
 
@@ -52,6 +55,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.world_seed = 0
   c.resolution = 64
   c.pixel_factor = 4          # 64 px -> 16x16 latents -> 8x8 tokens.
+  c.latent_channels = 12      # of the linear patch autoencoder.
   c.txt_len = 24              # T5 tokens (the longest caption has 22).
   c.seed = 0
   c.t5 = {'vocab_size': 256, 'd_model': 64, 'd_kv': 16, 'num_heads': 4,
@@ -86,6 +90,22 @@ def captions(world_seed: int, num: int) -> list[str]:
   return [world.scene(i).caption for i in range(num)]
 
 
+def fit_linear_codec(world: shapes.ShapesWorld, cfg: VAEConfig,
+                     num_images: int = 2000) -> tuple[VAEConfig, dict]:
+  """PCA of the world's f x f patches: the best linear autoencoder with
+  cfg.latent_channels latents. scaling_factor makes the latents unit-std."""
+  f, k = cfg.pixel_factor, cfg.latent_channels
+  images = world.batch(0, num_images)[0].astype(np.float32) / 127.5 - 1.0
+  patches = np.asarray(vae_lib.space_to_depth(images, f)).reshape(-1, 3 * f * f)
+  mean = patches.mean(0)
+  w = np.linalg.svd(patches - mean, full_matrices=False)[2][:k].T  # [3f², k]
+  std = float(((patches - mean) @ w).std())
+  params = {'encoder': {'kernel': w, 'bias': -mean @ w},
+            'decoder': {'kernel': w.T.copy(), 'bias': mean}}
+  return cfg.replace(scaling_factor=1.0 / std), jax.tree.map(
+      lambda a: np.asarray(a, np.float32), params)
+
+
 def flux_config(c: ml_collections.ConfigDict, vae: VAEConfig, t5: T5Config,
                 clip: ClipConfig) -> FluxConfig:
   return FluxConfig(in_channels=4 * vae.latent_channels,
@@ -107,14 +127,16 @@ def build_pipeline(c: ml_collections.ConfigDict, tokenizer_dir: str
   t5_kw = dict(c.t5)
   tok_t5 = tiny_flux.make_t5_tokenizer(
       os.path.join(tokenizer_dir, 'tokenizer_2'), t5_kw.pop('vocab_size'),
-      sentences=corpus)
+      sentences=corpus, model_type='word')
   clip_kw = dict(c.clip)
   tok_clip = tiny_flux.make_clip_tokenizer(
       os.path.join(tokenizer_dir, 'tokenizer'), clip_kw.pop('num_merges'),
       sentences=corpus)
   t5_cfg = T5Config.tiny(vocab_size=len(tok_t5), **t5_kw)
   clip_cfg = ClipConfig.tiny(vocab_size=len(tok_clip), **clip_kw)
-  vae_cfg = VAEConfig.pixel(c.pixel_factor)
+  vae_cfg, vae_params = fit_linear_codec(
+      shapes.ShapesWorld(c.world_seed, c.resolution),
+      VAEConfig.linear(c.pixel_factor, c.latent_channels))
   cfg = flux_config(c, vae_cfg, t5_cfg, clip_cfg)
   ids = jnp.zeros((1, 8), jnp.int32)
   t5 = _frozen_init(T5Encoder(t5_cfg), c.seed + 1, ids)
@@ -122,7 +144,7 @@ def build_pipeline(c: ml_collections.ConfigDict, tokenizer_dir: str
   dit = nn.meta.unbox(parallel.init_flux(
       cfg, parallel.create_mesh({'data': -1}), jax.random.PRNGKey(c.seed))[0])
   return FluxPipeline((cfg, dit), (clip_cfg, clip), (t5_cfg, t5),
-                      (vae_cfg, {}), tok_clip, tok_t5)
+                      (vae_cfg, vae_params), tok_clip, tok_t5)
 
 
 # ---------------------------------------------------------------------------
@@ -132,7 +154,8 @@ def build_pipeline(c: ml_collections.ConfigDict, tokenizer_dir: str
 def _encode_images(cfg: VAEConfig, params, images: jax.Array) -> jax.Array:
   """uint8 [B, H, W, 3] -> packed model-space latents [B, L, 4C]."""
   x = images.astype(jnp.float32) / 127.5 - 1.0
-  z, _ = vae_module(cfg).apply({'params': params}, x, method='encode')
+  z, _ = vae_lib.vae_module(cfg).apply({'params': params}, x,
+                                       method='encode')
   z = (z - cfg.shift_factor) * cfg.scaling_factor
   return sampling.pack(z.transpose(0, 3, 1, 2))
 
@@ -162,8 +185,10 @@ class ShapesData:
     images, caps, _ = self.world.batch(first, rows.stop - rows.start)
     txt, y = self.pipe.encode_prompt(caps, self.txt_len)
     latents = encode_images(self.pipe, images)
-    noise = np.random.default_rng([self.seed, step, rows.start]
-                                  ).standard_normal(latents.shape, np.float32)
+    # The whole global batch's noise, then this process's rows: the batch
+    # does not depend on the process count.
+    noise = np.random.default_rng([self.seed, step]).standard_normal(
+        (self.batch_size,) + latents.shape[1:], np.float32)[rows]
     return {'txt': np.asarray(txt), 'y': np.asarray(y), 'noise': noise,
             'latents': latents}
 

@@ -260,32 +260,58 @@ class AutoencoderKL(nn.Module):
     return self.decode(z)
 
 
-class PixelShuffleCodec(nn.Module):
-  """A parameter-free 'VAE' for toy worlds (VAEConfig.pixel): latents are
-  the image's f x f pixel blocks stacked as channels, ordered (dy, dx, rgb).
 
-  Same interface as AutoencoderKL: encode -> (mean, logvar) with a
-  deterministic posterior (logvar at its -30 floor), decode -> images.
+def space_to_depth(x: jax.Array, f: int) -> jax.Array:
+  """[B, H, W, C] -> [B, H/f, W/f, f*f*C], channels ordered (dy, dx, c)."""
+  b, h, w, c = x.shape
+  if h % f or w % f:
+    raise ValueError(f'space_to_depth: image size {(h, w)} is not a multiple '
+                     f'of the pixel factor {f}')
+  x = x.reshape(b, h // f, f, w // f, f, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, h // f, w // f, f * f * c)
+
+
+def depth_to_space(z: jax.Array, f: int) -> jax.Array:
+  """The inverse of `space_to_depth`: [B, h, w, f*f*C] -> [B, h*f, w*f, C]."""
+  b, h, w, fc = z.shape
+  x = z.reshape(b, h, w, f, f, fc // (f * f)).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, h * f, w * f, fc // (f * f))
+
+
+class PatchCodec(nn.Module):
+  """Small latent spaces for toy worlds, on f x f pixel patches:
+
+  kind='pixel': no parameters; latents are the patches' pixels stacked as
+    channels (space-to-depth), 3 f^2 of them.
+  kind='linear': a linear autoencoder on the patches, encoder/{kernel
+    [3f^2, k], bias [k]} and decoder/{kernel [k, 3f^2], bias [3f^2]} (fitted
+    by PCA, see distill.shapes_teacher.fit_linear_codec): k latent channels,
+    so that a DiT narrower than 3 f^2 can still model all of their noise.
+
+  Same interface as AutoencoderKL: encode -> (mean, logvar) with a point-mass
+  posterior (logvar at its -30 floor), decode -> images in [-1, 1].
   """
   config: VAEConfig
 
+  def setup(self):
+    cfg = self.config
+    if cfg.kind == 'linear':
+      self.encoder = nn.Dense(cfg.latent_channels, name='encoder')
+      self.decoder = nn.Dense(cfg.in_channels * cfg.pixel_factor ** 2,
+                              name='decoder')
+
   def encode(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """[B, H, W, C] in [-1, 1] -> ([B, H/f, W/f, f*f*C], same-shape logvar)."""
-    f = self.config.pixel_factor
-    b, h, w, c = x.shape
-    if h % f or w % f:
-      raise ValueError(f'PixelShuffleCodec.encode: image size {(h, w)} is not '
-                       f'a multiple of the pixel factor {f}')
-    z = x.reshape(b, h // f, f, w // f, f, c).transpose(0, 1, 3, 2, 4, 5)
-    z = z.reshape(b, h // f, w // f, f * f * c)
+    """[B, H, W, 3] in [-1, 1] -> ([B, H/f, W/f, k], same-shape logvar)."""
+    z = space_to_depth(x, self.config.pixel_factor)
+    if self.config.kind == 'linear':
+      z = self.encoder(z)
     return z, jnp.full_like(z, -30.0)
 
   def decode(self, z: jax.Array) -> jax.Array:
-    """[B, h, w, f*f*C] -> [B, h*f, w*f, C]."""
-    f = self.config.pixel_factor
-    b, h, w, fc = z.shape
-    x = z.reshape(b, h, w, f, f, fc // (f * f)).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(b, h * f, w * f, fc // (f * f))
+    """[B, h, w, k] -> [B, h*f, w*f, 3]."""
+    if self.config.kind == 'linear':
+      z = self.decoder(z)
+    return depth_to_space(z, self.config.pixel_factor)
 
   def __call__(self, x: jax.Array, sample_posterior: bool = False,
                rng: Optional[jax.Array] = None) -> jax.Array:
@@ -294,5 +320,5 @@ class PixelShuffleCodec(nn.Module):
 
 
 def vae_module(cfg: VAEConfig) -> nn.Module:
-  """The autoencoder module `cfg` describes (AutoencoderKL or pixel codec)."""
-  return PixelShuffleCodec(cfg) if cfg.kind == 'pixel' else AutoencoderKL(cfg)
+  """The autoencoder module `cfg` describes (AutoencoderKL or a patch codec)."""
+  return AutoencoderKL(cfg) if cfg.kind == 'kl' else PatchCodec(cfg)

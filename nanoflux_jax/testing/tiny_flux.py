@@ -147,14 +147,14 @@ def _t5_corpus(sentences):
   return out
 
 
-def _train_spm(vocab_size, sentences):
+def _train_spm(vocab_size, sentences, model_type='unigram'):
   """Trains a T5-style sentencepiece unigram model; returns its serialized bytes."""
   import sentencepiece as spm  # pylint: disable=g-import-not-at-top
   buf = io.BytesIO()
   spm.SentencePieceTrainer.train(
       sentence_iterator=iter(_t5_corpus(sentences)),
       model_writer=buf,
-      model_type='unigram',
+      model_type=model_type,
       vocab_size=vocab_size,
       hard_vocab_limit=False,
       character_coverage=1.0,
@@ -174,14 +174,16 @@ def _train_spm(vocab_size, sentences):
 
 
 def make_t5_tokenizer(directory, vocab_size=DEFAULT_SIZES['t5_vocab_size'],
-                      sentences=SENTENCES):
+                      sentences=SENTENCES, model_type='unigram'):
   """A tiny FLUX tokenizer_2 look-alike, saved to and reloaded from `directory`.
 
   A sentencepiece unigram model (pad 0 '<pad>', eos 1 '</s>', unk 2 '<unk>', no
   bos, nmt_nfkc normalisation) trained on `sentences`, wrapped as a
   `transformers.T5Tokenizer` (tokenizers-backed) with no extra ids and
   model_max_length 512. Like FLUX's it appends '</s>' and pads with 0.
-  `directory` also receives the raw `spiece.model`.
+  `directory` also receives the raw `spiece.model`. model_type='word' fits
+  whole whitespace-separated words (a closed toy vocabulary such as the
+  shapes world's captions, where unigram pieces would split words).
 
   Returns:
     the `transformers.T5Tokenizer` loaded back from `directory`.
@@ -190,7 +192,7 @@ def make_t5_tokenizer(directory, vocab_size=DEFAULT_SIZES['t5_vocab_size'],
   from sentencepiece import sentencepiece_model_pb2  # pylint: disable=g-import-not-at-top
   directory = pathlib.Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
-  model_bytes = _train_spm(vocab_size, list(sentences))
+  model_bytes = _train_spm(vocab_size, list(sentences), model_type)
   proto = sentencepiece_model_pb2.ModelProto()
   proto.ParseFromString(model_bytes)
   vocab = [(p.piece, p.score) for p in proto.pieces]

@@ -27,23 +27,28 @@ def test_tokenizer_fits_the_caption_vocabulary(pipe):
 
 def test_data_is_deterministic_and_latents_encode_the_rendering(pipe):
   world = shapes.ShapesWorld(3)
-  data = shapes_teacher.ShapesData(pipe, world, batch_size=4, txt_len=24)
+  data = shapes_teacher.ShapesData(pipe, world, batch_size=4, txt_len=24,
+                                   pool_size=10, chunk=4)
   b = data.batch(2)
   assert {k: v.shape for k, v in b.items()} == {
       'txt': (4, 24, 64), 'y': (4, 64), 'noise': (4, 64, 48),
       'latents': (4, 64, 48)}
   jax.tree.map(np.testing.assert_array_equal, b, data.batch(2))
-  images, caps, _ = world.batch(8, 4)  # batch 2 = scenes 8..11.
-  # The linear patch codec (12 of 48 PCA components) keeps > 30 dB.
-  decoded = np.asarray(pipe.decode_latents(b['latents'], 64, 64))
+  assert not np.array_equal(b['noise'], data.batch(3)['noise'])
+  images, caps, _ = world.batch(0, 10)
+  # Each row is one pool scene: its latents decode to its rendering (the
+  # linear patch codec keeps 12 of 48 PCA components: > 30 dB) and its
+  # embeddings are its caption's.
+  decoded = np.asarray(pipe.decode_latents(data.latents, 64, 64))
   assert metrics.psnr(decoded, images) > 30
-  assert np.abs(b['latents'].std() - 1) < 0.2  # scaling_factor normalises.
-  np.testing.assert_allclose(b['txt'], pipe.encode_prompt(caps, 24)[0],
-                             atol=1e-6)
+  assert np.abs(data.latents.std() - 1) < 0.2  # scaling_factor normalises.
+  np.testing.assert_allclose(data.txt, pipe.encode_prompt(caps, 24)[0],
+                             atol=1e-5)
+  for row in range(4):
+    i = int(np.argmin(np.abs(data.latents - b['latents'][row]).sum((1, 2))))
+    np.testing.assert_array_equal(b['txt'][row], data.txt[i])
   half = data.batch(2, process_index=1, process_count=2)
-  # Float encoders: another batch size may round differently.
-  jax.tree.map(lambda h, f: np.testing.assert_allclose(h, f[2:], atol=1e-5),
-               half, b)
+  jax.tree.map(lambda h, f: np.testing.assert_array_equal(h, f[2:]), half, b)
 
 
 def test_shapes_prompt_source():

@@ -237,5 +237,17 @@ def test_pixel_codec_is_exact_space_to_depth(tmp_path):
       codec.apply({'params': {}}, z, method='decode'), x)
   checkpoint.save(tmp_path / 'vae', cfg, {})
   assert checkpoint.load(tmp_path / 'vae') == (cfg, {})
+  # kind='linear': Dense layers on those patches; an orthonormal full basis
+  # round-trips exactly, and its latents are the patches times the basis.
+  lin = VAEConfig.linear(4, channels=48)
+  q = np.linalg.qr(np.random.default_rng(1).standard_normal((48, 48)))[0]
+  params = {'encoder': {'kernel': q, 'bias': np.zeros(48)},
+            'decoder': {'kernel': q.T, 'bias': np.zeros(48)}}
+  zl, _ = vae_module(lin).apply({'params': params}, jnp.asarray(x),
+                                method='encode')
+  np.testing.assert_allclose(zl, np.asarray(z) @ q, atol=1e-5)
+  np.testing.assert_allclose(
+      vae_module(lin).apply({'params': params}, zl, method='decode'), x,
+      atol=1e-5)
   with pytest.raises(ValueError, match='latent_channels'):
     VAEConfig(kind='pixel', pixel_factor=2, latent_channels=16)

@@ -18,7 +18,10 @@ Variants (the part after ':'; options after a comma):
   micro   a few steps per rung, tiny eval: the CI smoke run (< 5 min);
   quick   <= 15 min on 2 CPU cores (default);
   full    the variant the README's targets are read from.
-  stop_after=N   every trainer stops after step N (preemption tests).
+  stop_after=N   every trainer stops after step N (preemption tests);
+  train_only     no export rung, no evaluation: train on an accelerator,
+                 then rerun without it on a CPU to export, evaluate and time
+                 (the finished rungs are reused).
 """
 import ml_collections
 
@@ -27,7 +30,7 @@ from nanoflux_jax.distill import trainer
 
 # Steps: teacher, each DiT rung, each text-encoder rung.
 _STEPS = {'micro': (30, 4, 4), 'quick': (1200, 150, 100),
-          'full': (6000, 1000, 400)}
+          'full': (15000, 1500, 600)}
 
 
 def get_config(arg: str = 'quick'):
@@ -45,8 +48,11 @@ def get_config(arg: str = 'quick'):
   t.train.sample_every = t.train.checkpoint_every = max(teacher_steps // 4, 1)
   t.train.log_every = max(teacher_steps // 20, 1)
   if variant == 'full':
-    t.flux.update(hidden_size=256, num_heads=8)
+    t.flux.update(hidden_size=192, num_heads=6)
     t.train.batch_size = 64
+    t.pool_size = 50_000
+  elif variant == 'micro':
+    t.pool_size = 256
   c.teacher = {'path': '', 'preset': '', 'pipeline': '', 'shapes': t}
   grid = (t.resolution // (2 * t.pixel_factor),) * 2
   steps = t.train.num_sampling_steps
@@ -109,6 +115,9 @@ def get_config(arg: str = 'quick'):
     if key == 'stop_after':
       c.distill.stop_after = int(value)
       t.train.stop_after = int(value)
+    elif key == 'train_only':
+      c.rungs = [r for r in c.rungs if r['kind'] != 'export']
+      del c.evaluate
     else:
       raise ValueError(f'shapes config: unknown option {o!r}')
   return c

@@ -58,6 +58,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.latent_channels = 12      # of the linear patch autoencoder.
   c.txt_len = 24              # T5 tokens (the longest caption has 22).
   c.seed = 0
+  c.pool_size = 8192          # training scenes, rendered and encoded once.
   c.t5 = {'vocab_size': 256, 'd_model': 64, 'd_kv': 16, 'num_heads': 4,
           'd_ff': 128, 'num_layers': 2}
   c.clip = {'num_merges': 200, 'hidden_size': 64, 'intermediate_size': 128,
@@ -166,31 +167,37 @@ def encode_images(pipe: FluxPipeline, images: np.ndarray) -> np.ndarray:
 
 
 class ShapesData:
-  """Rendered scenes as (txt, y, noise, latents) batches, rendered on the fly.
+  """Rendered scenes as (txt, y, noise, latents) batches.
 
-  Global batch `step` holds scenes step * B ... step * B + B - 1 of the world,
-  so a resumed run sees the batches an uninterrupted one would, and every
-  process renders only its own rows.
+  The first `pool_size` scenes of the world are rendered, encoded to
+  latents and their captions embedded once (in chunks); batch `step` draws
+  its rows from that pool and its noise from an RNG seeded by (seed, step),
+  so a resumed run sees the batches an uninterrupted one would, whatever
+  the number of processes. (Rendering on the fly would cost more than a
+  training step on an accelerator.)
   """
 
   def __init__(self, pipe: FluxPipeline, world: shapes.ShapesWorld,
-               batch_size: int, txt_len: int, seed: int = 0):
-    self.pipe, self.world = pipe, world
-    self.batch_size, self.txt_len, self.seed = batch_size, txt_len, seed
+               batch_size: int, txt_len: int, seed: int = 0,
+               pool_size: int = 8192, chunk: int = 256):
+    self.batch_size, self.seed = batch_size, seed
+    parts = []
+    for start in range(0, pool_size, chunk):
+      images, caps, _ = world.batch(start, min(chunk, pool_size - start))
+      txt, y = pipe.encode_prompt(caps, txt_len)
+      parts.append((np.asarray(txt), np.asarray(y),
+                    encode_images(pipe, images)))
+    self.txt, self.y, self.latents = (np.concatenate(a) for a in zip(*parts))
 
   def batch(self, step: int, process_index: int = 0,
             process_count: int = 1) -> dict[str, np.ndarray]:
     rows = data_lib._rows(self.batch_size, process_index, process_count)  # pylint: disable=protected-access
-    first = step * self.batch_size + rows.start
-    images, caps, _ = self.world.batch(first, rows.stop - rows.start)
-    txt, y = self.pipe.encode_prompt(caps, self.txt_len)
-    latents = encode_images(self.pipe, images)
-    # The whole global batch's noise, then this process's rows: the batch
-    # does not depend on the process count.
-    noise = np.random.default_rng([self.seed, step]).standard_normal(
-        (self.batch_size,) + latents.shape[1:], np.float32)[rows]
-    return {'txt': np.asarray(txt), 'y': np.asarray(y), 'noise': noise,
-            'latents': latents}
+    rng = np.random.default_rng([self.seed, step])
+    idx = rng.integers(0, len(self.latents), self.batch_size)[rows]
+    noise = rng.standard_normal((self.batch_size,) + self.latents.shape[1:],
+                                np.float32)[rows]
+    return {'txt': self.txt[idx], 'y': self.y[idx], 'noise': noise,
+            'latents': self.latents[idx]}
 
 
 def sample_images(pipe: FluxPipeline, flux, prompts, noise: np.ndarray,
@@ -238,7 +245,8 @@ def load_or_train(c: ml_collections.ConfigDict, directory: str, *,
   grid = (c.resolution // pipe.latent_factor,) * 2
   tc = ml_collections.ConfigDict(c.train.to_dict())
   tc.data.grid, tc.data.txt_len = grid, c.txt_len
-  data = ShapesData(pipe, world, tc.batch_size, c.txt_len, c.seed)
+  data = ShapesData(pipe, world, tc.batch_size, c.txt_len, c.seed,
+                    c.pool_size)
 
   # Progress grids: 8 fixed held-out captions (world seed + 1), fixed noise.
   _, sample_caps, _ = shapes.ShapesWorld(c.world_seed + 1, c.resolution

@@ -477,7 +477,8 @@ def _measure(ctx: Context, student: Student, name: str, workdir: str,
   return dict(name=name, params=int(compress.count_params(cfg)),
               gflops=compress.count_flops(cfg, h * w, t) / 1e9,
               ms=_forward_ms(ctx, student, ctx.config.timing.repeats),
-              sample_mse=float(mse), samples=png), latents
+              device=jax.devices()[0].device_kind, sample_mse=float(mse),
+              samples=png), latents
 
 
 # ---------------------------------------------------------------------------
@@ -516,9 +517,12 @@ def report_markdown(report: dict) -> str:
       '|---|---|---:|---:|---:|---:|---:|---:|---:|---|']
   for r in [report['teacher']] + report['rungs']:
     loss = r.get('losses') or {}
+    ms = f"{r['ms']:.2f}"
+    if r.get('device', c['device']) != c['device']:  # Trained elsewhere.
+      ms += f" ({r['device']})"
     lines.append(
         f"| {r['name']} | {r.get('kind', '-')} | {r['params']:,} | "
-        f"{r['gflops']:.4g} | {r['ms']:.2f} | {r.get('steps', '-')} | "
+        f"{r['gflops']:.4g} | {ms} | {r.get('steps', '-')} | "
         f"{_fmt(loss.get('loss'), '.4g')} | "
         f"{_fmt(loss.get('output_kd'), '.4g')} | {r['sample_mse']:.4g} | "
         f"[png]({r['samples']}) |")

@@ -128,11 +128,13 @@ def test_interrupted_rung_resumes_at_its_step_to_the_same_student(
 @pytest.mark.parametrize('rungs, match', [
     ([{'kind': 'prune'}, {'kind': 'quantize'}],
      r"rung 1: unknown kind 'quantize'; known kinds: \['depth', "
-     r"'downsample', 'prune', 'static_modulation', 'text_encoder'\]"),
+     r"'downsample', 'export', 'prune', 'static_modulation', "
+     r"'text_encoder'\]"),
     ([{'kind': 'prune', 'keep_head': 0.5}], r"unknown options \['keep_head'\]"),
     ([{'kind': 'static_modulation', 'distill': {'num_step': 3}}],
      r"unknown distill option 'num_step'"),
     ([{'kind': 'depth'}], 'exactly one of keep'),
+    ([{'kind': 'export'}], 'export needs a teacher pipeline'),
 ])
 def test_bad_rungs_fail_before_any_work(tmp_path, rungs, match):
   c = _config()
@@ -153,4 +155,11 @@ def test_downsample_and_text_encoder_rungs_are_checked_up_front():
     ladder.check_config(c)
   c.rungs = [{'kind': 'downsample', 'start': 0, 'end': 1, 'factor': 4}]
   with pytest.raises(ValueError, match=r'grid \(2, 2\) is not divisible'):
+    ladder.check_config(c)
+  c.teacher.pipeline = '/no/such/flux'
+  with pytest.raises(FileNotFoundError, match='/no/such/flux'):
+    ladder.check_config(c)
+  c.teacher.pipeline = os.path.dirname(CONFIG)  # Exists; not loaded here.
+  c.rungs = [{'kind': 'export', 'quantize': ('int8', 'int3')}]
+  with pytest.raises(ValueError, match=r"rung 0 \('export'\): .*'int3'"):
     ladder.check_config(c)

@@ -1,18 +1,21 @@
 r"""The NanoFLUX ladder on FLUX.1-schnell (TPU pod; not run in tests).
 
   python experiments/ladder.py --config=experiments/configs/ladder_schnell.py \
-      --config.teacher.path=/ckpt/FLUX.1-schnell --workdir=gs://bucket/ladder
-Launch the same command on every host. Rungs follow the paper's order:
+      --config.teacher.pipeline=/ckpt/FLUX.1-schnell \
+      --config.distill.data.prompts=/data/prompts.txt --workdir=gs://bucket/ladder
+Launch the same command on every host. teacher.pipeline (a diffusers
+FLUX.1-schnell folder) gives the prompts their real T5 / CLIP embeddings,
+the text-encoder rung its teacher T5 and the export rung its VAE; with
+teacher.path (a DiT alone) prompts get random stand-in embeddings and the
+text-encoder and export rungs cannot run. Rungs follow the paper's order:
   0 prune      half the heads, 75% of MLP channels (Taylor sensitivity)
   1 depth      keep 40 of 57 blocks (block in/out similarity), merging the
                dropped ones into their neighbours
   2 static_modulation   AdaLN -> 4-step tables (~3.2B params less)
   3 downsample the ResNet token down-sampler over the middle blocks
   4 text_encoder        a small T5 learns T5-XXL through the frozen student
-Each rung is distilled from the original schnell teacher. Rung 3 needs a
-trainer that passes img_grid to down-sampled students (the ladder checks
-this before starting); rung 4 needs teacher_t5 (an HF text_encoder_2/
-folder) or distill.pipeline.
+  5 export     int8 TFLite files of the student pipeline, 512 x 512
+Each rung is distilled from the original schnell teacher.
 """
 from nanoflux_jax.distill import text_encoder
 from nanoflux_jax.distill import trainer
@@ -28,7 +31,8 @@ def get_config(arg: str = ''):
   c = ml_collections.ConfigDict()
   # 12B teacher + student + Adam state: FSDP over the whole pod slice.
   c.mesh = {'data': 1, 'fsdp': -1, 'tensor': 1}
-  c.teacher = {'path': '', 'preset': '', 'seed': 0, 'overrides': {}}
+  c.teacher = {'path': '', 'pipeline': '', 'preset': '', 'seed': 0,
+               'overrides': {}}
   c.distill = trainer.default_config()
   c.distill.batch_size = 64
   c.distill.learning_rate = 1e-4
@@ -65,6 +69,7 @@ def get_config(arg: str = ''):
        'distill': {'num_steps': 20_000, 'batch_size': 64,
                    'student': te.student.to_dict(), 'data': te.data.to_dict(),
                    'compute_dtype': 'bfloat16'}},
+      {'kind': 'export', 'quantize': ('int8',)},
   ]
   if arg == 'runlocal':  # Plumbing check on one host: a few steps per rung.
     for r in c.rungs:

@@ -318,7 +318,10 @@ def _check_export(c, opts, where):
   if not opts['quantize']:
     raise ValueError(f'{where}: export needs at least one quantize option')
   for q in opts['quantize']:
-    tflite.check_quantize(q)
+    try:
+      tflite.check_quantize(q)
+    except ValueError as e:
+      raise ValueError(f'{where}: {e}') from e
 
 
 def _export(ctx: Context, student: Student, rung, rung_dir):
@@ -372,9 +375,10 @@ def check_config(config: ml_collections.ConfigDict) -> list[dict]:
   raw = list(config.get('rungs') or ())
   if not raw:
     raise ValueError('ladder: config.rungs is empty')
-  if config.teacher.get('path') and not os.path.exists(config.teacher.path):
-    raise FileNotFoundError(f'ladder: teacher path {config.teacher.path!r} '
-                            'does not exist')
+  for key in ('path', 'pipeline'):
+    path = config.teacher.get(key)
+    if path and not os.path.exists(path):
+      raise FileNotFoundError(f'ladder: teacher.{key} {path!r} does not exist')
   if not any(config.teacher.get(k) for k in ('path', 'preset', 'shapes',
                                              'pipeline')):
     raise ValueError('ladder: set config.teacher.path, .preset, .shapes or '

@@ -29,7 +29,7 @@ from nanoflux_jax.distill import shapes_teacher
 from nanoflux_jax.distill import trainer
 
 # Steps: teacher, each DiT rung, each text-encoder rung.
-_STEPS = {'micro': (30, 4, 4), 'quick': (1200, 150, 100),
+_STEPS = {'micro': (30, 4, 4), 'quick': (500, 100, 60),
           'full': (15000, 1500, 600)}
 
 
@@ -101,14 +101,15 @@ def get_config(arg: str = 'quick'):
   c.samples = {'prompts': 'shapes:16:1', 'num': 16, 'seed': 0, 'scale': 1}
   c.timing = {'repeats': 5}
   c.evaluate = {
-      'world_seed': 1000, 'num_prompts': {'micro': 8, 'quick': 64,
+      'world_seed': 1000, 'num_prompts': {'micro': 8, 'quick': 32,
                                           'full': 256}[variant],
       'noise_seed': 0, 'num_reference': 512 if variant != 'micro' else 64,
-      'classifier_steps': {'micro': 30, 'quick': 800, 'full': 1500}[variant],
-      # LiteRT ms of every rung: an fp32 export per rung (the export rung
-      # is always timed).
+      'classifier_steps': {'micro': 30, 'quick': 500, 'full': 1500}[variant],
+      # LiteRT ms of every rung costs an fp32 export per rung (the export
+      # rung's files are always timed).
       'repeats': 5 if variant != 'micro' else 1,
-      'litert': variant != 'micro',
+      'timing_batch': 8 if variant != 'micro' else 1,
+      'litert': variant == 'full',
       'num_threads': 2, 'grid_images': 16}
   for o in opts:
     key, _, value = o.partition('=')

@@ -277,8 +277,9 @@ class VAEConfig(_Serializable):
   def pixel(cls, factor: int = 4, **kw) -> 'VAEConfig':
     """Pixel-unshuffled RGB as the latent space: 3 f^2 channels, no
     parameters, x in [-1, 1] used as it is (scaling 1, shift 0)."""
-    return cls(kind='pixel', pixel_factor=factor, latent_channels=3 * factor ** 2,
-               scaling_factor=1.0, shift_factor=0.0, **kw)
+    return cls(kind='pixel', pixel_factor=factor,
+               latent_channels=3 * factor ** 2, scaling_factor=1.0,
+               shift_factor=0.0, **kw)
 
   @classmethod
   def linear(cls, factor: int = 4, channels: int = 12, **kw) -> 'VAEConfig':

@@ -128,7 +128,7 @@ def random_embedder(cfg: FluxConfig, txt_len: int, seed: int = 0) -> EmbedFn:
   return embed
 
 
-def _rows(global_batch: int, process_index: int, process_count: int) -> slice:
+def process_rows(global_batch: int, process_index: int, process_count: int) -> slice:
   if global_batch % process_count:
     raise ValueError(f'batch size {global_batch} is not divisible by the '
                      f'{process_count} processes')
@@ -172,7 +172,7 @@ class PromptData:
            'noise': noise}
     if self.latents is not None:
       out['latents'] = self.latents[idx]
-    rows = _rows(b, process_index, process_count)
+    rows = process_rows(b, process_index, process_count)
     return {k: v[rows] for k, v in out.items()}
 
 
@@ -267,7 +267,7 @@ class CachedData:
       with np.load(file) as z:
         self._loaded = (file, {k: z[k] for k in z.files})
     arrays = self._loaded[1]
-    rows = _rows(len(arrays['noise']), process_index, process_count)
+    rows = process_rows(len(arrays['noise']), process_index, process_count)
     return {k: v[rows] for k, v in arrays.items()}
 
 

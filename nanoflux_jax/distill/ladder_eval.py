@@ -45,7 +45,8 @@ def _save(stage_dir: str, ev: dict, imgs: np.ndarray) -> None:
   os.replace(tmp, os.path.join(stage_dir, 'eval.json'))
 
 
-def _eval_pipeline(ctx, stage, s, clf, teacher_images, e) -> tuple[dict, np.ndarray]:
+def _eval_pipeline(ctx, stage, s, clf, teacher_images, e
+                   ) -> tuple[dict, np.ndarray]:
   """A JAX stage: images, scores, JAX ms and (optionally) LiteRT ms."""
   steps, txt_len = len(ctx.schedule) - 1, ctx.config.distill.data.txt_len
   pipe = ctx.pipeline_for(stage['dit'](), stage['text_encoder'])
@@ -66,7 +67,8 @@ def _eval_pipeline(ctx, stage, s, clf, teacher_images, e) -> tuple[dict, np.ndar
   return ev, imgs
 
 
-def _eval_exports(ctx, stage, s, clf, teacher_images, e) -> tuple[dict, np.ndarray]:
+def _eval_exports(ctx, stage, s, clf, teacher_images, e
+                  ) -> tuple[dict, np.ndarray]:
   """An export stage: every quantization through LiteRT; the row shows the
   last one (the smallest, int8, in the default config)."""
   # pylint: disable-next=g-import-not-at-top
@@ -154,8 +156,8 @@ def markdown(report: dict) -> str:
       'encode + denoise + decode, median; JAX: a batch of '
       f"{ev_setup['timing_batch']} prompts / {ev_setup['timing_batch']}, "
       'LiteRT: one prompt through the batch-1 .tflite files, '
-      f"{ev_setup['num_threads']} threads. Classifier '
-      'accuracy on real renderings: ' + ', '.join(
+      f"{ev_setup['num_threads']} threads. Classifier accuracy on real "
+      'renderings: ' + ', '.join(
           f'{k} {v:.3f}' for k, v in ev_setup['classifier_accuracy'].items())
       + '.', '',
       '| rung | kind | DiT params | GFLOPs | JAX ms / img | LiteRT ms / img '
@@ -210,10 +212,11 @@ def _ablations_and_targets(report: dict) -> list[str]:
   emb_only = None
   if te_full and te_abl:
     emb_only = gen(te_abl[-1]) - gen(te_full[-1])
+    rel = 100 * emb_only / max(gen(te_full[-1]), 1e-9)
     out.append(
         f"- Text encoder trained on embedding MSE only ({te_abl[-1]['name']})"
         f": toy-GenEval {gen(te_abl[-1]):.3f} vs {gen(te_full[-1]):.3f} with "
-        f"the visual-cue loss ({100 * emb_only / max(gen(te_full[-1]), 1e-9):+.1f}%"
+        f"the visual-cue loss ({rel:+.1f}%"
         f"); toy-FID {te_abl[-1]['eval']['fid']:.3g} vs "
         f"{te_full[-1]['eval']['fid']:.3g}.")
   p_ratio = teacher['params'] / final['params']
@@ -234,7 +237,8 @@ def _ablations_and_targets(report: dict) -> list[str]:
           _target(gen(teacher) >= MIN_TEACHER_GENEVAL,
                   f'teacher toy-GenEval {gen(teacher):.3f} (target >= '
                   f'{MIN_TEACHER_GENEVAL:g})'),
-          _target(None if no_ds is None else no_ds >= MIN_NO_DOWNSAMPLER_SLOWDOWN,
+          _target(None if no_ds is None
+                  else no_ds >= MIN_NO_DOWNSAMPLER_SLOWDOWN,
                   'without the down-sampler latency is '
                   f"{'-' if no_ds is None else f'{100 * no_ds:+.0f}%'} "
                   f'(target >= +{100 * MIN_NO_DOWNSAMPLER_SLOWDOWN:g}%)'),

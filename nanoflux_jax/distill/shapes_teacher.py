@@ -191,7 +191,8 @@ class ShapesData:
 
   def batch(self, step: int, process_index: int = 0,
             process_count: int = 1) -> dict[str, np.ndarray]:
-    rows = data_lib._rows(self.batch_size, process_index, process_count)  # pylint: disable=protected-access
+    rows = data_lib.process_rows(self.batch_size, process_index,
+                                 process_count)
     rng = np.random.default_rng([self.seed, step])
     idx = rng.integers(0, len(self.latents), self.batch_size)[rows]
     noise = rng.standard_normal((self.batch_size,) + self.latents.shape[1:],

@@ -455,7 +455,7 @@ class TokenData:
         (b, self.grid[0] * self.grid[1], self.in_channels), np.float32)
     out = {'ids': self.ids[idx], 'mask': self.mask[idx], 'y': self.y[idx],
            'noise': noise}
-    rows = data_lib._rows(b, process_index, process_count)  # pylint: disable=protected-access
+    rows = data_lib.process_rows(b, process_index, process_count)
     return {k: v[rows] for k, v in out.items()}
 
 

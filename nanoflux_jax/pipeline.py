@@ -28,6 +28,7 @@ from nanoflux_jax import sampling
 from nanoflux_jax.configs import ClipConfig, FluxConfig, T5Config, VAEConfig
 from nanoflux_jax.models.clip import ClipTextModel
 from nanoflux_jax.models.t5 import StudentTextEncoder, T5Encoder
+from nanoflux_jax.models.t5 import student_from_checkpoint
 from nanoflux_jax.models.vae import model_to_latents, vae_module
 
 PIPELINE_FILE = 'nanoflux_pipeline.json'
@@ -70,23 +71,6 @@ def _load_tokenizer(path: str):
   if not os.path.isdir(path):
     raise FileNotFoundError(f'{path}: tokenizer folder is missing')
   return transformers.AutoTokenizer.from_pretrained(path)
-
-
-def _student(config, params, where: str,
-             dtype=None) -> tuple[T5Config, int, Any]:
-  """checkpoint.load's (config, params) of a student text encoder ->
-  (T5Config, out_dim, params).
-
-  The config is the dict distill.text_encoder.save_student writes:
-  {'t5': T5Config dict, 'out_dim': int}; `where` names the folder in errors.
-  """
-  if not isinstance(config, dict) or set(config) != {'t5', 'out_dim'}:
-    raise ValueError(f'{where}: not a student text-encoder checkpoint '
-                     f'(config {config!r})')
-  cfg = T5Config.from_dict(config['t5'])
-  if dtype is not None:  # As checkpoint.load records it for a T5Config.
-    cfg = cfg.replace(param_dtype=np.dtype(dtype).name)
-  return cfg, int(config['out_dim']), params
 
 
 def _component(folder: str, name: str) -> str:
@@ -181,8 +165,8 @@ class FluxPipeline:
     parts = {n: checkpoint.load(paths[n], dtype=dtype) for n in _COMPONENTS}
     cfg, params = parts['text_encoder_2']
     if isinstance(cfg, dict):  # A student text encoder (see _components).
-      parts['text_encoder_2'] = _student(cfg, params, paths['text_encoder_2'],
-                                         dtype)
+      parts['text_encoder_2'] = student_from_checkpoint(
+          cfg, params, paths['text_encoder_2'], dtype)
     if flux_overrides:
       cfg, params = parts['transformer']
       parts['transformer'] = (cfg.replace(**flux_overrides), params)
@@ -209,7 +193,8 @@ class FluxPipeline:
         student's vocab_size is not this pipeline's T5 vocab_size.
     """
     if isinstance(student, (str, os.PathLike)):
-      student = _student(*checkpoint.load(student), os.fspath(student))
+      student = student_from_checkpoint(*checkpoint.load(student),
+                                        os.fspath(student))
     cfg, out_dim, params = student
     if out_dim != self.flux_cfg.context_in_dim:
       raise ValueError(f'with_text_encoder: student out_dim={out_dim} but the '

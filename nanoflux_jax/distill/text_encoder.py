@@ -55,6 +55,7 @@ from nanoflux_jax.distill import trainer
 from nanoflux_jax.models import flux as flux_lib
 # StudentTextEncoder lives in models/ so that the pipeline can run it.
 from nanoflux_jax.models.t5 import StudentTextEncoder
+from nanoflux_jax.models.t5 import student_from_checkpoint
 from nanoflux_jax.models.t5 import T5Encoder
 
 Array = jax.Array
@@ -204,11 +205,8 @@ def save_student(path: str, config: T5Config, out_dim: int, params) -> None:
 
 def load_student(path: str, shardings=None) -> tuple[T5Config, int, Any]:
   """-> (student T5Config, out_dim, params) from a `save_student` folder."""
-  d, params = nf_checkpoint.load(path, shardings=shardings)
-  if not isinstance(d, dict) or set(d) != {'t5', 'out_dim'}:
-    raise ValueError(f'{path}: not a student text-encoder checkpoint (config '
-                     f'{d!r})')
-  return T5Config.from_dict(d['t5']), int(d['out_dim']), params
+  return student_from_checkpoint(
+      *nf_checkpoint.load(path, shardings=shardings), path)
 
 
 # ---------------------------------------------------------------------------

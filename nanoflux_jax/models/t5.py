@@ -17,7 +17,7 @@ pruned without reshaping.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -269,3 +269,20 @@ class StudentTextEncoder(nn.Module):
             nn.initializers.lecun_normal(), ('embed', None)),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros,
                                                (None,)))(h)
+
+
+def student_from_checkpoint(config, params, where: str,
+                            dtype=None) -> tuple[T5Config, int, Any]:
+  """checkpoint.load's (config, params) of a student text encoder ->
+  (T5Config, out_dim, params).
+
+  The config is the dict distill.text_encoder.save_student writes:
+  {'t5': T5Config dict, 'out_dim': int}; `where` names the folder in errors.
+  """
+  if not isinstance(config, dict) or set(config) != {'t5', 'out_dim'}:
+    raise ValueError(f'{where}: not a student text-encoder checkpoint '
+                     f'(config {config!r})')
+  cfg = T5Config.from_dict(config['t5'])
+  if dtype is not None:  # As checkpoint.load records it for a T5Config.
+    cfg = cfg.replace(param_dtype=np.dtype(dtype).name)
+  return cfg, int(config['out_dim']), params

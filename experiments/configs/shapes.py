@@ -51,7 +51,9 @@ def get_config(arg: str = 'quick'):
     t.flux.update(hidden_size=192, num_heads=6)
     t.train.batch_size = 64
     t.pool_size = 50_000
-  elif variant == 'micro':
+  elif variant == 'micro':  # Fewer, narrower blocks: less to compile.
+    t.flux.update(hidden_size=64, num_heads=4, head_dim=16, axes_dim=(4, 6, 6),
+                  depth=1, depth_single_blocks=3)
     t.pool_size = 256
   c.teacher = {'path': '', 'preset': '', 'pipeline': '', 'shapes': t}
   grid = (t.resolution // (2 * t.pixel_factor),) * 2
@@ -73,7 +75,7 @@ def get_config(arg: str = 'quick'):
   d.data.grid = grid
   d.data.txt_len = t.txt_len
   d.data.cache_dir = 'teacher_cache'   # relative: inside the workdir.
-  d.data.cache_shards = 4 if variant == 'micro' else 64
+  d.data.cache_shards = 64
   c.distill = d
 
   te = {'num_steps': te_steps, 'batch_size': d.batch_size,
@@ -111,6 +113,11 @@ def get_config(arg: str = 'quick'):
       'timing_batch': 8 if variant != 'micro' else 1,
       'litert': variant == 'full',
       'num_threads': 2, 'grid_images': 16}
+  if variant == 'micro':  # 4 blocks: keep 3, down-sample the middle one.
+    c.rungs[1]['keep_blocks'] = 3
+    c.distill.data.cache_shards = 2
+    c.distill.checkpoint_every = dit_steps
+    t.train.sample_every = t.train.checkpoint_every = teacher_steps
   for o in opts:
     key, _, value = o.partition('=')
     if key == 'stop_after':

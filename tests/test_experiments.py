@@ -52,8 +52,8 @@ def test_shapes_ladder_micro_end_to_end(tmp_path):
   report = json.loads((work / 'report.json').read_text())
   assert report['complete']
   assert [r['kind'] for r in report['rungs']] == [
-      'prune', 'depth', 'static_modulation', 'downsample', 'text_encoder',
-      'text_encoder', 'export']
+      'prune', 'depth', 'static_modulation', 'prune', 'downsample',
+      'text_encoder', 'text_encoder', 'export']
   assert [r['ablation'] for r in report['rungs']][-3:] == [False, True, False]
   rows = [report['teacher']] + report['rungs']
   for r in rows:

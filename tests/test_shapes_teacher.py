@@ -20,7 +20,7 @@ def test_tokenizer_fits_the_caption_vocabulary(pipe):
   for word in shapes.vocabulary():
     ids = tok(word)['input_ids']
     assert len(ids) == 2 and ids[0] != tok.unk_token_id, (word, ids)
-  lengths = [len(ids) for ids in tok(shapes_teacher.captions(5, 2000))
+  lengths = [len(ids) for ids in tok(shapes.ShapesWorld(5).captions(2000))
              ['input_ids']]
   assert max(lengths) <= shapes_teacher.default_config().txt_len
 
@@ -52,8 +52,9 @@ def test_data_is_deterministic_and_latents_encode_the_rendering(pipe):
 
 
 def test_shapes_prompt_source():
-  assert data_lib.load_prompts('shapes:3:5') == shapes_teacher.captions(5, 3)
-  assert data_lib.load_prompts('shapes:2') == shapes_teacher.captions(0, 2)
+  assert data_lib.load_prompts('shapes:3:5') == [
+      shapes.ShapesWorld(5).example(i)[1] for i in range(3)]
+  assert data_lib.load_prompts('shapes:2') == shapes.ShapesWorld(0).captions(2)
   for bad in ('shapes:', 'shapes:x', 'shapes:0', 'shapes:2:1:1'):
     with pytest.raises(ValueError, match='shapes:N'):
       data_lib.load_prompts(bad)

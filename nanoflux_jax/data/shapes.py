@@ -132,6 +132,10 @@ class ShapesWorld:
     return (np.stack([o[0] for o in out]), [o[1] for o in out],
             [o[2] for o in out])
 
+  def captions(self, num: int, start: int = 0) -> list[str]:
+    """Captions of scenes start..start+num-1 (nothing is rendered)."""
+    return [self.scene(i).caption for i in range(start, start + num)]
+
   def __iter__(self) -> Iterator[tuple[np.ndarray, str, Scene]]:
     i = 0
     while True:

@@ -106,8 +106,7 @@ def _shapes_captions(source: str) -> list[str]:
   if len(parts) > 2 or num < 1 or seed < 0:
     raise ValueError(f'prompt source {source!r}: expected shapes:N or '
                      'shapes:N:seed with N >= 1')
-  world = shapes.ShapesWorld(seed)
-  return [world.scene(i).caption for i in range(num)]
+  return shapes.ShapesWorld(seed).captions(num)
 
 
 def random_embedder(cfg: FluxConfig, txt_len: int, seed: int = 0) -> EmbedFn:

@@ -86,11 +86,6 @@ def default_config() -> ml_collections.ConfigDict:
 # ---------------------------------------------------------------------------
 # The untrained pipeline.
 # ---------------------------------------------------------------------------
-def captions(world_seed: int, num: int) -> list[str]:
-  world = shapes.ShapesWorld(world_seed)
-  return [world.scene(i).caption for i in range(num)]
-
-
 def fit_linear_codec(world: shapes.ShapesWorld, cfg: VAEConfig,
                      num_images: int = 2000) -> tuple[VAEConfig, dict]:
   """PCA of the world's f x f patches: the best linear autoencoder with
@@ -122,8 +117,9 @@ def _frozen_init(module: nn.Module, seed: int, ids) -> dict:
 def build_pipeline(c: ml_collections.ConfigDict, tokenizer_dir: str
                    ) -> FluxPipeline:
   """Tokenizers fitted on captions (written under tokenizer_dir), random
-  frozen encoders, the pixel codec and an untrained DiT."""
-  corpus = captions(c.world_seed, _CORPUS_SCENES) + [
+  frozen encoders, the linear patch autoencoder (PCA) and an untrained
+  DiT."""
+  corpus = shapes.ShapesWorld(c.world_seed).captions(_CORPUS_SCENES) + [
       ' '.join(shapes.vocabulary())]
   t5_kw = dict(c.t5)
   tok_t5 = tiny_flux.make_t5_tokenizer(

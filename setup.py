@@ -22,6 +22,7 @@ setuptools.setup(
         'numpy',
         'ml_dtypes',
         'pillow',
+        'scipy',       # toy-FID's matrix square root.
         'tqdm',
         'transformers',  # tokenizers only (PyTorch is not needed for them).
         'sentencepiece',

@@ -11,11 +11,11 @@ from nanoflux_jax.testing.tiny_flux import make_tiny_flux_pipeline
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run(script, *args):
+def _run(script, *args, xla_flags=''):
   out = subprocess.run(
       [sys.executable, os.path.join(ROOT, 'experiments', script), *args],
       capture_output=True, text=True, timeout=600,
-      env={**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ''})
+      env={**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': xla_flags})
   assert out.returncode == 0, out.stderr[-3000:]
   return out.stdout
 
@@ -47,7 +47,10 @@ def test_shapes_ladder_micro_end_to_end(tmp_path):
   work = tmp_path / 'shapes'
   args = ('--config=' + os.path.join(ROOT, 'experiments/configs/shapes.py') +
           ':micro', f'--workdir={work}')
-  out = _run('ladder.py', *args)
+  # Compiling dominates a run this small: XLA's unoptimised CPU code
+  # compiles about twice as fast and is plenty for a few steps per rung.
+  fast = '--xla_backend_optimization_level=0'
+  out = _run('ladder.py', *args, xla_flags=fast)
   assert 'ladder complete' in out
   report = json.loads((work / 'report.json').read_text())
   assert report['complete']
@@ -86,7 +89,7 @@ def test_shapes_ladder_micro_end_to_end(tmp_path):
   # A rerun reuses the cached teacher and every finished rung.
   cached = work / 'teacher' / 'pipeline' / 'nanoflux_pipeline.json'
   before = cached.stat().st_mtime_ns
-  out = _run('ladder.py', *args)
+  out = _run('ladder.py', *args, xla_flags=fast)
   assert 'ladder complete' in out
   assert cached.stat().st_mtime_ns == before
   assert json.loads((work / 'report.json').read_text())['rungs'] == \

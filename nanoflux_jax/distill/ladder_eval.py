@@ -19,6 +19,7 @@ import os
 import tempfile
 
 from absl import logging
+import jax
 import numpy as np
 
 from nanoflux_jax import images
@@ -115,12 +116,14 @@ def evaluate_stages(ctx, stages: list[dict]) -> dict:
                    len(s.prompts))
       fn = _eval_exports if stage.get('exports') else _eval_pipeline
       ev, imgs = fn(ctx, stage, s, clf, teacher_images, e)
-      _save(stage['dir'], ev, imgs)
+      if jax.process_index() == 0:  # Every host computes the same.
+        _save(stage['dir'], ev, imgs)
       logging.info('ladder: %s: %s', row['name'], ev)
     if teacher_images is None:
       teacher_images = imgs
     png = os.path.join('samples', f"eval_{row['name']}.png")
-    images.save_grid(imgs[:e.grid_images], os.path.join(ctx.workdir, png))
+    if jax.process_index() == 0:
+      images.save_grid(imgs[:e.grid_images], os.path.join(ctx.workdir, png))
     row['eval'] = dict(ev, grid=png)
   return dict(num_prompts=len(s.prompts), world_seed=e.world_seed,
               resolution=ctx.resolution, num_steps=len(ctx.schedule) - 1,

@@ -198,21 +198,19 @@ class ShapesData:
 
 
 def sample_images(pipe: FluxPipeline, flux, prompts, noise: np.ndarray,
-                  num_steps: int, txt_len: int, txt=None) -> np.ndarray:
+                  num_steps: int, txt_len: int) -> np.ndarray:
   """uint8 [N, R, R, 3] from `flux` = (cfg, params) inside `pipe`, from
-  fixed packed noise [N, L, C]; `txt` overrides the T5 embeddings."""
+  fixed packed noise [N, L, C] (square token grids)."""
   cfg, params = flux
   n, length = noise.shape[:2]
   f = pipe.latent_factor
   gh = gw = int(round(length ** 0.5))
-  t5, y = pipe.encode_prompt(prompts, txt_len)
-  txt = t5 if txt is None else txt
+  txt, y = pipe.encode_prompt(prompts, txt_len)
   ts = sampling.schedule_for(cfg, num_steps, length)
   out = sampling.denoise(cfg, params, jnp.asarray(noise),
-                         sampling.image_ids(n, gh, gw), jnp.asarray(txt),
+                         sampling.image_ids(n, gh, gw), txt,
                          sampling.text_ids(n, txt.shape[1]), y,
-                         jnp.asarray(ts, jnp.float32),
-                         img_grid=(gh, gw))
+                         jnp.asarray(ts, jnp.float32), img_grid=(gh, gw))
   return np.asarray(pipe.decode_latents(out, gh * f, gw * f))
 
 

@@ -12,6 +12,10 @@ setuptools.setup(
     license='Apache-2.0',
     python_requires='>=3.10',
     packages=setuptools.find_packages(include=['nanoflux_jax', 'nanoflux_jax.*']),
+    # The shipped shapes-world teacher and classifier (orbax folders,
+    # tokenizers, READMEs): see nanoflux_jax/data/assets/*/README.md.
+    package_data={'nanoflux_jax': ['data/assets/**/*']},
+    include_package_data=True,
     install_requires=[
         'jax>=0.7',
         'flax>=0.10',

@@ -1,23 +1,31 @@
-r"""The whole NanoFLUX recipe on the procedural shapes world (the default job).
+r"""The NanoFLUX recipe on the procedural shapes world (the default job).
 
   python experiments/ladder.py --config=experiments/configs/shapes.py:quick \
       --workdir=/tmp/nanoflux_shapes
-1. a toy teacher with FLUX's architecture is trained from scratch with
-   rectified flow (cached in workdir/teacher; a rerun reuses it);
-2. Taylor sensitivity -> prune heads and MLP channels -> distil; block
-   sensitivity -> remove the 2 least useful of 6 blocks -> distil;
-3. static modulation -> distil; prune 30% of the MLP channels -> distil;
-4. the ResNet token down-sampler (middle blocks on a 4x4 grid) -> distil;
-5. text-encoder distillation (embedding + visual-cue loss), and the ablation
-   with the embedding loss only;
-6. TFLite export of the final student (fp32 and int8) to workdir/tflite;
-7. evaluation of every rung: report.md (toy-GenEval, toy-FID, PSNR, JAX and
-   LiteRT ms per image, ablations, targets) and samples/eval_*.png grids.
+
+As a real run starts from FLUX.1-schnell, the ladder starts from the
+teacher shipped with the package (`nanoflux_jax.data.shapes.teacher_path()`,
+trained by `experiments/train_shapes_teacher.py` with the `teacher` variant
+below). Each rung compresses the current student and distils it from that
+teacher: output KD on cached teacher trajectories plus the rectified-flow
+loss on real renderings of the training captions. Then the student is
+exported to TFLite (fp32 and int8) and every rung is scored on held-out
+prompts: report.md (toy-GenEval with 95% intervals, toy-FID, PSNR, JAX and
+LiteRT ms per image, the targets met or missed) and samples/eval_*.png.
 
 Variants (the part after ':'; options after a comma):
-  micro   a few steps per rung, tiny eval: the CI smoke run (< 5 min);
-  quick   <= 15 min on 2 CPU cores (default);
-  full    the variant the README's targets are read from.
+  quick    <= 15 min on 2 CPU cores (default): Taylor pruning of half the
+           heads and MLP channels, then static modulation, each distilled;
+           the export; 512 evaluation prompts.
+  full     the whole ladder: prune, depth, static modulation, MLP prune,
+           token down-sampler, text-encoder distillation (and its ablation),
+           export.
+  micro    the CI smoke run: a tiny teacher trained from scratch, a few
+           steps per rung.
+  teacher  only config.teacher.shapes matters: the shipped teacher's
+           training (experiments/train_shapes_teacher.py).
+  retrain        train the teacher from scratch in workdir/teacher (the
+                 `teacher` variant's settings) instead of the shipped one;
   stop_after=N   every trainer stops after step N (preemption tests);
   train_only     no export rung, no evaluation: train on an accelerator,
                  then rerun without it on a CPU to export, evaluate and time
@@ -25,45 +33,81 @@ Variants (the part after ':'; options after a comma):
 """
 import ml_collections
 
+from nanoflux_jax.data import shapes
 from nanoflux_jax.distill import shapes_teacher
 from nanoflux_jax.distill import trainer
 
-# Steps: teacher, each DiT rung, each text-encoder rung.
-_STEPS = {'micro': (30, 4, 4), 'quick': (500, 100, 60),
-          'full': (15000, 1500, 600)}
+_VARIANTS = ('micro', 'quick', 'full', 'teacher')
+# Steps: each DiT rung, each text-encoder rung.
+_STEPS = {'micro': (4, 4), 'quick': (500, 0), 'full': (2000, 600),
+          'teacher': (0, 0)}
+
+
+def teacher_config(variant: str) -> ml_collections.ConfigDict:
+  """The shapes teacher's training settings (shapes_teacher.load_or_train)."""
+  t = shapes_teacher.default_config()
+  if variant == 'micro':  # Fewer, narrower blocks: less to compile.
+    t.flux.update(hidden_size=64, num_heads=4, head_dim=16, axes_dim=(4, 6, 6),
+                  depth=1, depth_single_blocks=3)
+    t.pool_size = 256
+    t.t5_pretrain.steps = 50
+    t.train.num_steps = 30
+  else:  # The shipped teacher.
+    t.pool_size = 32_768
+    t.t5_pretrain.steps = 800
+    t.train.num_steps = 6000
+    t.train.keep_checkpoints = 3
+  steps = t.train.num_steps
+  t.train.warmup_steps = min(100, steps // 10)
+  t.train.sample_every = t.train.checkpoint_every = min(500, steps)
+  t.train.log_every = max(steps // 20, 1)
+  return t
+
+
+def _rungs(variant: str, dit: dict, te: dict) -> list[dict]:
+  prune = {'kind': 'prune', 'criterion': 'taylor', 'keep_heads': 0.5,
+           'keep_mlp': 0.5, 'scope': 'global', 'calib_n': 8, 'distill': dit}
+  static = {'kind': 'static_modulation', 'distill': dit}
+  export = {'kind': 'export', 'quantize': ('none', 'int8')}
+  if variant == 'quick':
+    return [prune, static, export]
+  emb_only = {**te, 'loss': {**te['loss'], 'lambda_vis': 0.0}}
+  return [
+      prune,
+      {'kind': 'depth', 'keep_blocks': 4 if variant == 'full' else 3,
+       'criterion': 'block_io', 'calib_n': 8, 'distill': dit},
+      static,
+      {'kind': 'downsample', 'start': 1, 'end': -2, 'factor': 2,
+       'channels': 16, 'distill': dit},
+      {'kind': 'text_encoder', 'distill': te},
+      {'kind': 'text_encoder', 'ablation': True, 'distill': emb_only},
+      export,
+  ]
 
 
 def get_config(arg: str = 'quick'):
   variant, *opts = (arg or 'quick').split(',')
-  if variant not in _STEPS:
+  if variant not in _VARIANTS:
     raise ValueError(f'shapes config: unknown variant {variant!r}; known: '
-                     f'{sorted(_STEPS)}')
-  teacher_steps, dit_steps, te_steps = _STEPS[variant]
+                     f'{list(_VARIANTS)}')
+  dit_steps, te_steps = _STEPS[variant]
   c = ml_collections.ConfigDict()
   c.mesh = {'data': -1, 'fsdp': 1, 'tensor': 1}
 
-  t = shapes_teacher.default_config()
-  t.train.num_steps = teacher_steps
-  t.train.warmup_steps = min(100, teacher_steps // 10)
-  t.train.sample_every = t.train.checkpoint_every = max(teacher_steps // 4, 1)
-  t.train.log_every = max(teacher_steps // 20, 1)
-  if variant == 'full':
-    t.flux.update(hidden_size=192, num_heads=6)
-    t.train.batch_size = 64
-    t.pool_size = 50_000
-  elif variant == 'micro':  # Fewer, narrower blocks: less to compile.
-    t.flux.update(hidden_size=64, num_heads=4, head_dim=16, axes_dim=(4, 6, 6),
-                  depth=1, depth_single_blocks=3)
-    t.pool_size = 256
-  c.teacher = {'path': '', 'preset': '', 'pipeline': '', 'shapes': t}
+  t = teacher_config(variant)
+  retrain = variant in ('micro', 'teacher') or 'retrain' in opts
+  c.teacher = {'path': '', 'preset': '',
+               'pipeline': '' if retrain else shapes.teacher_path(),
+               'shapes': t if retrain else {}}
   grid = (t.resolution // (2 * t.pixel_factor),) * 2
   steps = t.train.num_sampling_steps
 
   # Every DiT rung's distillation: output KD on cached teacher trajectories
-  # of training-world captions (one cache, shared by the rungs).
+  # of training-world captions (one cache, shared by the rungs) plus
+  # rectified flow on the real renderings of those captions.
   d = trainer.default_config()
   d.compute_dtype = 'float32'
-  d.num_steps = dit_steps
+  d.num_steps = max(dit_steps, 1)
   d.batch_size = 16 if variant != 'full' else 32
   d.learning_rate = 5e-4
   d.warmup_steps = max(dit_steps // 10, 1)
@@ -71,6 +115,7 @@ def get_config(arg: str = 'quick'):
   d.log_every = max(dit_steps // 10, 1)
   d.checkpoint_every = max(dit_steps // 2, 1)
   d.async_checkpoint = False
+  d.loss.weights = {'output_kd': 1.0, 'feature_kd': 0.0, 'rf': 1.0}
   d.data.prompts = 'shapes:4096'
   d.data.grid = grid
   d.data.txt_len = t.txt_len
@@ -78,50 +123,41 @@ def get_config(arg: str = 'quick'):
   d.data.cache_shards = 64
   c.distill = d
 
-  te = {'num_steps': te_steps, 'batch_size': d.batch_size,
+  te = {'num_steps': max(te_steps, 1), 'batch_size': d.batch_size,
         'learning_rate': 1e-3, 'warmup_steps': max(te_steps // 10, 1),
         'compute_dtype': 'float32', 'num_sampling_steps': steps,
         'log_every': max(te_steps // 10, 1),
-        'checkpoint_every': te_steps, 'async_checkpoint': False,
+        'checkpoint_every': max(te_steps, 1), 'async_checkpoint': False,
         'student': {'num_layers': 1},
         'loss': {'lambda_emb': 1.0, 'lambda_vis': 1.0, 'vis_blocks': (0,)},
         'data': {'prompts': 'shapes:4096', 'txt_len': t.txt_len,
                  'grid': grid}}
-  emb_only = {**te, 'loss': {**te['loss'], 'lambda_vis': 0.0}}
-  c.rungs = [
-      {'kind': 'prune', 'criterion': 'taylor', 'keep_heads': 0.5,
-       'keep_mlp': 0.25, 'scope': 'global', 'calib_n': 8, 'distill': {}},
-      {'kind': 'depth', 'keep_blocks': 4, 'criterion': 'block_io',
-       'calib_n': 8, 'distill': {}},
-      {'kind': 'static_modulation', 'distill': {}},
-      # A second, MLP-only pass on the static student, whose AdaLN layers
-      # (a third of the teacher) are gone: the budget is >= 4x fewer params.
-      {'kind': 'prune', 'criterion': 'taylor', 'keep_heads': 1.0,
-       'keep_mlp': 0.7, 'scope': 'global', 'calib_n': 8, 'distill': {}},
-      {'kind': 'downsample', 'start': 1, 'end': -2, 'factor': 2,
-       'channels': 16, 'distill': {}},
-      {'kind': 'text_encoder', 'distill': te},
-      {'kind': 'text_encoder', 'ablation': True, 'distill': emb_only},
-      {'kind': 'export', 'quantize': ('none', 'int8')},
-  ]
+  c.rungs = _rungs(variant, {}, te)
   c.samples = {'prompts': 'shapes:16:1', 'num': 16, 'seed': 0, 'scale': 1}
   c.timing = {'repeats': 5}
   c.evaluate = {
-      'world_seed': 1000, 'num_prompts': {'micro': 8, 'quick': 32,
-                                          'full': 256}[variant],
+      'world_seed': 1000,
+      'num_prompts': {'micro': 8, 'quick': 512, 'full': 512}.get(variant, 0),
       'noise_seed': 0, 'num_reference': 512 if variant != 'micro' else 64,
-      'classifier_steps': {'micro': 30, 'quick': 500, 'full': 1500}[variant],
+      'classifier': '',   # '' = the shipped one (data.shapes).
       # LiteRT ms of every rung costs an fp32 export per rung (the export
       # rung's files are always timed).
       'repeats': 5 if variant != 'micro' else 1,
       'timing_batch': 8 if variant != 'micro' else 1,
       'litert': variant == 'full',
-      'num_threads': 2, 'grid_images': 16}
-  if variant == 'micro':  # 4 blocks: keep 3, down-sample the middle one.
-    c.rungs[1]['keep_blocks'] = 3
+      'num_threads': 2, 'grid_images': 16,
+      'targets': {
+          'quick': {'min_param_ratio': 2.0, 'min_denoise_speedup': 1.5,
+                    'min_geneval_retention': 0.9, 'max_export_gap': 0.03},
+          'full': {'min_param_ratio': 4.0, 'min_denoise_speedup': 3.0,
+                   'min_total_speedup': 2.0, 'min_geneval_retention': 0.95,
+                   'max_export_gap': 0.03, 'min_teacher_geneval': 0.9,
+                   'max_rung_drop': 0.03,
+                   'min_no_downsampler_slowdown': 0.3},
+      }.get(variant, {})}
+  if variant == 'micro':
     c.distill.data.cache_shards = 2
     c.distill.checkpoint_every = dit_steps
-    t.train.sample_every = t.train.checkpoint_every = teacher_steps
   for o in opts:
     key, _, value = o.partition('=')
     if key == 'stop_after':
@@ -130,6 +166,6 @@ def get_config(arg: str = 'quick'):
     elif key == 'train_only':
       c.rungs = [r for r in c.rungs if r['kind'] != 'export']
       del c.evaluate
-    else:
+    elif key != 'retrain':
       raise ValueError(f'shapes config: unknown option {o!r}')
   return c

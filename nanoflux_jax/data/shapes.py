@@ -12,6 +12,7 @@ Scene i of a world with seed s is a pure function of (s, i).
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Iterator
 
 import numpy as np
@@ -150,3 +151,37 @@ def vocabulary() -> list[str]:
   for phrase in _POSITION_PHRASE.values():
     words |= set(phrase.split())
   return sorted(words)
+
+
+# ---------------------------------------------------------------------------
+# Trained artefacts shipped with the package (nanoflux_jax/data/assets).
+# ---------------------------------------------------------------------------
+_ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'assets')
+
+
+def _asset(name: str) -> str:
+  path = os.path.join(_ASSETS, name)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f'{path}: the shipped {name} is missing from this '
+                            'installation (see its README in the repository)')
+  return path
+
+
+def teacher_path() -> str:
+  """The shipped shapes-world teacher: a `FluxPipeline` folder.
+
+  Load it with `nf.FluxPipeline.from_pretrained(teacher_path())`. See
+  assets/shapes_teacher/README.md for how it was trained (the command that
+  reproduces it) and what it scores.
+  """
+  return _asset('shapes_teacher')
+
+
+def classifier_path() -> str:
+  """The shipped toy-GenEval judge (`evaluate.classifier.Classifier.load`).
+
+  Reproduced by `python experiments/train_shapes_classifier.py` (1500 steps
+  at batch 64 on scenes of world 10000, about a minute on 2 CPU cores); its
+  accuracy on real renderings is in assets/shapes_classifier/README.md.
+  """
+  return _asset('shapes_classifier')

@@ -225,7 +225,8 @@ def build_cache(cache_dir: str, data, cfg: FluxConfig, params,
   meta = {'teacher': json.loads(cfg.to_json()),
           'schedule': [float(t) for t in schedule], 'grid': list(data.grid),
           'batch_size': data.batch_size, 'seed': data.seed,
-          'num_shards': num_shards, 'num_prompts': len(data.prompts)}
+          'num_shards': num_shards, 'num_prompts': len(data.prompts),
+          'latents': getattr(data, 'latents', None) is not None}
   meta_file = os.path.join(cache_dir, _META)
   if os.path.isfile(meta_file):
     with open(meta_file) as f:

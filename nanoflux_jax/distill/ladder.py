@@ -265,9 +265,11 @@ def _distill_denoiser(ctx: Context, student: Student, rung: dict,
   rungs_lib.override(tc, rung['distill'], 'distill')
   if tc.data.get('cache_dir'):  # Relative: one cache inside the workdir.
     tc.data.cache_dir = os.path.join(ctx.workdir, tc.data.cache_dir)
+  real = tc.loss.weights.get('rf', 0.0) > 0
   state, history = trainer.train(
       tc, rung_dir, teacher=ctx.teacher, student=student, mesh=ctx.mesh,
-      embed_fn=None if ctx.pipeline is None else ctx.embed)
+      embed_fn=None if ctx.pipeline is None else ctx.embed,
+      latents_fn=ctx.real_latents if real else None)
   return rungs_lib.finished(state, history, tc)
 
 

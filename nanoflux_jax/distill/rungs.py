@@ -122,6 +122,34 @@ class Context:
     return {'txt': np.concatenate([np.asarray(p[0]) for p in parts]),
             'y': np.concatenate([np.asarray(p[1]) for p in parts])}
 
+  def real_latents(self, prompts) -> np.ndarray:
+    """Real latents [N, L, C] of the training prompts, for the
+    rectified-flow term: the renderings of the shapes scenes that
+    config.distill.data.prompts ('shapes:N[:seed]') captions, encoded by
+    the teacher pipeline's autoencoder."""
+    # pylint: disable=g-import-not-at-top
+    from nanoflux_jax.data import shapes
+    from nanoflux_jax.distill import shapes_teacher
+    source = self.config.distill.data.prompts
+    if self.pipeline is None or not (isinstance(source, str) and
+                                     source.startswith('shapes:')):
+      raise ValueError(f'distill.loss.weights.rf > 0 needs real images: a '
+                       f"teacher pipeline and data.prompts 'shapes:N[:seed]',"
+                       f' got {source!r}')
+    parts = source.split(':')
+    world = shapes.ShapesWorld(int(parts[2]) if len(parts) > 2 else 0,
+                               self.resolution)
+    scenes = [world.scene(i) for i in range(len(prompts))]
+    if [sc.caption for sc in scenes] != list(prompts):
+      raise ValueError(f'real_latents: the prompts are not the captions of '
+                       f'{source!r}')
+    chunk = 256
+    return np.concatenate([
+        shapes_teacher.encode_images(self.pipeline, np.stack(
+            [shapes.render(sc, self.resolution)
+             for sc in scenes[i:i + chunk]]))
+        for i in range(0, len(scenes), chunk)])
+
   @property
   def resolution(self) -> int:
     """Image side in pixels (pipelines only; square grids)."""

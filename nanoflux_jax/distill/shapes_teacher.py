@@ -38,6 +38,7 @@ from nanoflux_jax import sampling
 from nanoflux_jax.configs import ClipConfig, FluxConfig, T5Config, VAEConfig
 from nanoflux_jax.data import shapes
 from nanoflux_jax.distill import data as data_lib
+from nanoflux_jax.distill import shapes_encoders
 from nanoflux_jax.distill import trainer
 from nanoflux_jax.models.clip import ClipTextModel
 from nanoflux_jax.models.t5 import T5Encoder
@@ -60,7 +61,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.pool_size = 8192          # training scenes, rendered and encoded once.
   c.t5 = {'vocab_size': 256, 'd_model': 64, 'd_kv': 16, 'num_heads': 4,
-          'd_ff': 128, 'num_layers': 2}
+          'd_ff': 128, 'num_layers': 2, 'relative_attention_num_buckets': 32,
+          'relative_attention_max_distance': 32}
+  # Supervised pretraining of the T5 on caption structure (shapes_encoders);
+  # steps 0 leaves it random (and frozen).
+  c.t5_pretrain = {'steps': 400, 'batch_size': 64, 'learning_rate': 3e-3}
   c.clip = {'num_merges': 200, 'hidden_size': 64, 'intermediate_size': 128,
             'num_layers': 2, 'num_heads': 4}
   c.flux = {'hidden_size': 128, 'num_heads': 4, 'head_dim': 32,
@@ -137,6 +142,11 @@ def build_pipeline(c: ml_collections.ConfigDict, tokenizer_dir: str
   cfg = flux_config(c, vae_cfg, t5_cfg, clip_cfg)
   ids = jnp.zeros((1, 8), jnp.int32)
   t5 = _frozen_init(T5Encoder(t5_cfg), c.seed + 1, ids)
+  if c.t5_pretrain.steps:
+    t5, acc = shapes_encoders.pretrain_t5(
+        t5_cfg, t5, tok_t5, shapes.ShapesWorld(c.world_seed), c.txt_len,
+        seed=c.seed, **dict(c.t5_pretrain))
+    logging.info('shapes teacher: T5 caption probe accuracy %s', acc)
   clip = _frozen_init(ClipTextModel(clip_cfg), c.seed + 2, ids)
   dit = nn.meta.unbox(parallel.init_flux(
       cfg, parallel.create_mesh({'data': -1}), jax.random.PRNGKey(c.seed))[0])

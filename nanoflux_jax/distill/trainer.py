@@ -359,7 +359,8 @@ def _resolve_teacher(c, teacher, mesh):
 
 
 def train(c: ml_collections.ConfigDict, workdir: str, *, teacher=None,
-          student=None, data=None, embed_fn=None, sample_fn=None, mesh=None):
+          student=None, data=None, embed_fn=None, latents_fn=None,
+          sample_fn=None, mesh=None):
   """Distils `student` from `teacher` (or trains it from scratch) in workdir.
 
   Args:
@@ -372,6 +373,8 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, teacher=None,
     data: a batch source; default PromptData from c.data.
     embed_fn: prompts -> {'txt', 'y'} for the default PromptData (e.g. a
       pipeline's encoder); default a random stand-in encoder.
+    latents_fn: prompts -> real latents [N, L, in_channels], one per prompt,
+      for the rectified-flow term on real data (loss.weights.rf > 0).
     sample_fn: (step, params) -> uint8 images, for the sample-grid hook.
     mesh: default parallel.create_mesh(c.mesh).
   Returns:
@@ -422,7 +425,8 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, teacher=None,
     data = data_lib.PromptData(
         prompts, embed_fn or data_lib.random_embedder(ref, c.data.txt_len,
                                                       c.seed),
-        ref, grid, c.batch_size, c.seed)
+        ref, grid, c.batch_size, c.seed,
+        latents=None if latents_fn is None else latents_fn(prompts))
     if c.data.get('cache_dir') and t_cfg is not None:
       data = data_lib.build_cache(c.data.cache_dir, data, spec.teacher,
                                   t_params, schedule, c.data.cache_shards)

@@ -10,9 +10,9 @@ from nanoflux_jax.data import shapes
 from nanoflux_jax.evaluate import classifier as clf_lib
 
 
-def geneval(clf: clf_lib.Classifier, images: np.ndarray,
-            scenes: Sequence[shapes.Scene]) -> float:
-  """Fraction of images in which every prompted object is read back.
+def geneval_per_image(clf: clf_lib.Classifier, images: np.ndarray,
+                      scenes: Sequence[shapes.Scene]) -> np.ndarray:
+  """bool [N]: is every prompted object read back from image i?
 
   An object counts when the classifier sees, at its prompted position, its
   prompted shape and colour.
@@ -27,7 +27,51 @@ def geneval(clf: clf_lib.Classifier, images: np.ndarray,
   present = labels['shape'] > 0
   ok = ((preds['shape'] == labels['shape']) &
         (preds['colour'] == labels['colour'])) | ~present
-  return float(ok.all(axis=1).mean())
+  return ok.all(axis=1)
+
+
+def geneval(clf: clf_lib.Classifier, images: np.ndarray,
+            scenes: Sequence[shapes.Scene]) -> float:
+  """toy-GenEval: the fraction of images in which every prompted object is
+  read back (see `geneval_per_image`)."""
+  return float(geneval_per_image(clf, images, scenes).mean())
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96
+                    ) -> tuple[float, float]:
+  """95% (z = 1.96) Wilson score interval of a proportion successes / n.
+
+  Unlike the normal approximation it stays inside [0, 1] and is not empty
+  at 0 or n successes, where toy-GenEval scores often sit.
+  """
+  if n <= 0:
+    raise ValueError(f'wilson_interval: n={n} must be positive')
+  p = successes / n
+  denom = 1 + z * z / n
+  centre = (p + z * z / (2 * n)) / denom
+  half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+  return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+
+
+def geneval_summary(ok: np.ndarray, scenes: Sequence[shapes.Scene]
+                    ) -> dict[str, dict]:
+  """toy-GenEval with 95% CIs, overall and by number of objects.
+
+  Args:
+    ok: bool [N] from `geneval_per_image`.
+  Returns:
+    {'all' | '1_object' | '2_objects': {'score', 'ci', 'n'}}.
+  """
+  ok = np.asarray(ok, bool)
+  counts = np.array([len(s.objects) for s in scenes])
+  out = {}
+  for name, sel in (('all', np.ones_like(ok)), ('1_object', counts == 1),
+                    ('2_objects', counts == 2)):
+    n = int(sel.sum())
+    if n:
+      k = int(ok[sel].sum())
+      out[name] = {'score': k / n, 'ci': wilson_interval(k, n), 'n': n}
+  return out
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:

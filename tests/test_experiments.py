@@ -55,15 +55,21 @@ def test_shapes_ladder_micro_end_to_end(tmp_path):
   report = json.loads((work / 'report.json').read_text())
   assert report['complete']
   assert [r['kind'] for r in report['rungs']] == [
-      'prune', 'depth', 'static_modulation', 'prune', 'downsample',
-      'text_encoder', 'text_encoder', 'export']
+      'prune', 'depth', 'static_modulation', 'downsample', 'text_encoder',
+      'text_encoder', 'export']
   assert [r['ablation'] for r in report['rungs']][-3:] == [False, True, False]
   rows = [report['teacher']] + report['rungs']
   for r in rows:
     ev = r['eval']
     assert 0.0 <= ev['geneval'] <= 1.0 and np.isfinite(ev['fid'])
+    lo, hi = ev['geneval_ci']
+    assert 0.0 <= lo <= ev['geneval'] <= hi <= 1.0 and hi - lo > 0.05
+    by = ev['geneval_by_objects']
+    assert sum(v['n'] for v in by.values()) == 8  # micro: 8 prompts.
     assert (ev['psnr'] is None) == (r is report['teacher'])
     assert (ev['jax_ms'] is None) == (r['kind'] == 'export')
+    if ev['jax_ms'] is not None:
+      assert 0 < ev['denoise_ms'] < ev['jax_ms']
     grid = np.asarray(Image.open(work / ev['grid']))
     assert grid.shape == (2 + 3 * 66, 2 + 3 * 66, 3)  # 8 images of 64 px.
   assert rows[-2]['params'] < rows[0]['params']
@@ -78,13 +84,20 @@ def test_shapes_ladder_micro_end_to_end(tmp_path):
 
   md = (work / 'report.md').read_text()
   assert md.count('![') == len(rows)
-  for heading in ('| rung | kind | DiT params | GFLOPs | JAX ms / img | '
-                  'LiteRT ms / img | toy-GenEval | toy-FID | PSNR (dB) |',
-                  '## Ablations', '## Targets', '### TFLite exports'):
+  for heading in ('| rung | kind | DiT params | GFLOPs | JAX denoise ms / '
+                  'img | JAX ms / img | LiteRT ms / img | toy-GenEval [95% '
+                  'CI] | toy-FID | PSNR (dB) |', '## Ablations', '## Targets',
+                  '### TFLite exports', '### toy-GenEval by number of '
+                  'prompted objects'):
     assert heading in md, heading
-  targets = md.split('## Targets')[1].split('## Grids')[0]
-  assert sum(line.startswith(('- met', '- **MISSED**', '- n/a'))
-             for line in targets.splitlines()) == 6
+  # micro checks the full ladder's targets: params, denoise and total
+  # speed-up, retention, 2 exports, teacher, 5 rung drops, down-sampler,
+  # text-encoder ablation.
+  targets = [l for l in md.split('## Targets')[1].split('## Grids')[0]
+             .splitlines() if l.startswith('- ')]
+  assert len(targets) == 14, targets
+  assert all(l.startswith(('- met', '- **MISSED**', '- n/a'))
+             for l in targets), targets
 
   # A rerun reuses the cached teacher and every finished rung.
   cached = work / 'teacher' / 'pipeline' / 'nanoflux_pipeline.json'
@@ -94,3 +107,31 @@ def test_shapes_ladder_micro_end_to_end(tmp_path):
   assert cached.stat().st_mtime_ns == before
   assert json.loads((work / 'report.json').read_text())['rungs'] == \
       report['rungs']
+
+
+def test_shapes_configs_start_from_the_shipped_teacher():
+  """quick and full start from the packaged teacher; retrain and micro
+  train one; every variant passes the ladder's config check."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  from nanoflux_jax.data import shapes  # pylint: disable=g-import-not-at-top
+  from nanoflux_jax.distill import ladder  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location(
+      'shapes_cfg', os.path.join(ROOT, 'experiments/configs/shapes.py'))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  quick = mod.get_config('quick')
+  assert quick.teacher.pipeline == shapes.teacher_path()
+  assert not quick.teacher.shapes
+  assert [r['kind'] for r in ladder.check_config(quick)] == [
+      'prune', 'static_modulation', 'export']
+  assert quick.evaluate.num_prompts >= 512
+  assert quick.distill.loss.weights.rf > 0  # real renderings, too.
+  for arg in ('full', 'micro', 'quick,retrain', 'full,train_only'):
+    c = mod.get_config(arg)
+    ladder.check_config(c)
+    retrain = arg.startswith('micro') or 'retrain' in arg
+    assert bool(c.teacher.shapes) == retrain and (
+        c.teacher.pipeline == ('' if retrain else shapes.teacher_path()))
+  assert 'evaluate' not in mod.get_config('full,train_only')
+  assert mod.get_config('quick,retrain').teacher.shapes.train.num_steps == (
+      mod.get_config('teacher').teacher.shapes.train.num_steps)

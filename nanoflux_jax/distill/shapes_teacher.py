@@ -3,8 +3,10 @@
 The toy stand-in for FLUX.1-schnell, with the same parts and code paths:
   - tokenizers fitted on the world's captions (a word-level sentencepiece
     T5 tokenizer and a byte-level BPE CLIP tokenizer);
-  - a T5-style encoder and a CLIP-style pooled vector, randomly initialised
-    and frozen (FLUX's encoders are frozen too; the DiT learns to read them);
+  - a T5-style encoder pretrained on the captions (shapes_encoders: every
+    token's embedding learns which object its phrase describes, as a
+    pretrained T5's does) and a random CLIP-style pooled vector, both frozen
+    while the DiT trains (FLUX's encoders are frozen too);
   - a small autoencoder fitted on the world: a linear one on 4x4 pixel
     patches (`VAEConfig.linear`, PCA: 48 pixel values -> 12 latents, about
     33 dB), so 64 px RGB -> 16x16x12 latents -> 8x8 packed tokens of 48
@@ -15,8 +17,8 @@ The toy stand-in for FLUX.1-schnell, with the same parts and code paths:
 
 `load_or_train(c, directory)` returns the trained `FluxPipeline`, cached in
 directory/pipeline; a second run loads it. Layout of `directory`:
-  init/        the untrained pipeline (tokenizers + frozen encoders): a
-               resumed training run reuses exactly these encoders
+  init/        the untrained pipeline (tokenizers + encoders): a resumed
+               training run reuses exactly these encoders
   train/       the trainer's checkpoints and samples/step_*.png grids
   pipeline/    the trained pipeline (FluxPipeline.save)
 """
@@ -121,9 +123,9 @@ def _frozen_init(module: nn.Module, seed: int, ids) -> dict:
 
 def build_pipeline(c: ml_collections.ConfigDict, tokenizer_dir: str
                    ) -> FluxPipeline:
-  """Tokenizers fitted on captions (written under tokenizer_dir), random
-  frozen encoders, the linear patch autoencoder (PCA) and an untrained
-  DiT."""
+  """Tokenizers fitted on captions (written under tokenizer_dir), the T5
+  pretrained on caption structure (c.t5_pretrain.steps; 0 leaves it random),
+  a random CLIP, the linear patch autoencoder (PCA) and an untrained DiT."""
   corpus = shapes.ShapesWorld(c.world_seed).captions(_CORPUS_SCENES) + [
       ' '.join(shapes.vocabulary())]
   t5_kw = dict(c.t5)

@@ -17,6 +17,7 @@ from absl import logging
 import jax
 import numpy as np
 
+from nanoflux_jax import atomic
 from nanoflux_jax import checkpoint
 from nanoflux_jax.convert import flux as convert_flux
 
@@ -32,6 +33,9 @@ _AXES_DIM = flags.DEFINE_list('axes_dim', None, 'RoPE axes split, only for BFL '
 
 def main(argv):
   del argv
+  # Refuse an --out that is not a checkpoint before converting anything.
+  atomic.check_replaceable(_OUT.value, checkpoint.is_checkpoint,
+                           'nanoflux checkpoint')
   start = time.perf_counter()
   axes = tuple(int(a) for a in _AXES_DIM.value) if _AXES_DIM.value else None
   cfg, params = convert_flux.load_flux_transformer(

@@ -10,14 +10,14 @@ from absl import app
 from absl import flags
 from absl import logging
 import jax
-from ml_collections import config_flags
 
+import config_flag  # experiments/config_flag.py, beside this binary.
 from nanoflux_jax import parallel
 from nanoflux_jax.distill import text_encoder
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints and the student.',
                                required=True)
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.')
+_CONFIG = config_flag.define_config_file('config', 'Config file.')
 
 
 def main(argv):

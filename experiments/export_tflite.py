@@ -39,17 +39,30 @@ _THREADS = flags.DEFINE_integer('num_threads', 2, 'LiteRT threads for the '
 _CHECK = flags.DEFINE_bool('check', True, 'Generate one image with LiteRT.')
 
 
+def _out(q: str) -> str:
+  return (_OUT_DIR.value if len(_QUANTIZE.value) == 1 else
+          os.path.join(_OUT_DIR.value, q))
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # TF's SavedModel chatter.
+  # Arguments and output folders are checked before loading anything.
+  if not _QUANTIZE.value:
+    raise app.UsageError('--quantize: give at least one option')
+  for q in _QUANTIZE.value:
+    export.check_export_args(_out(q), _HEIGHT.value, _WIDTH.value,
+                             num_steps=_STEPS.value,
+                             max_sequence_length=_MAX_SEQ.value, quantize=q)
+  if _CHUNK_MB.value < 0:
+    raise app.UsageError(f'--max_chunk_mb={_CHUNK_MB.value} must be >= 0')
   t0 = time.perf_counter()
   pipe = nf.FluxPipeline.from_pretrained(_MODEL.value)
   print(f'load: {time.perf_counter() - t0:.1f} s')
   options = _QUANTIZE.value
   manifests = {}
   for q in options:
-    out = (_OUT_DIR.value if len(options) == 1 else
-           os.path.join(_OUT_DIR.value, q))
+    out = _out(q)
     t0 = time.perf_counter()
     manifests[q] = export.export_pipeline(
         pipe, out, _HEIGHT.value, _WIDTH.value, num_steps=_STEPS.value,

@@ -16,6 +16,7 @@ import numpy as np
 
 import nanoflux_jax as nf
 from nanoflux_jax import images
+from nanoflux_jax import pipeline
 
 _MODEL = flags.DEFINE_string('model', None, 'Pipeline folder.', required=True)
 _PROMPT = flags.DEFINE_multi_string('prompt', ['a photo of a cat'], 'Prompts.')
@@ -31,12 +32,19 @@ _OUT = flags.DEFINE_string('out', 'grid.png', 'Output PNG.')
 
 def main(argv):
   del argv
+  # Arguments are checked before loading the model or generating anything.
+  kw = dict(height=_HEIGHT.value, width=_WIDTH.value, num_steps=_STEPS.value,
+            seed=_SEED.value, guidance=_GUIDANCE.value)
+  for name in ('height', 'width', 'num_steps'):
+    pipeline.check_int('sample.py', f'--{name}', kw[name])
+  pipeline.check_int('sample.py', '--seed', kw['seed'], -2**63, 2**63 - 1)
+  pipeline.check_prompts('sample.py --prompt', _PROMPT.value)
+  images.check_writable(_OUT.value)
   t0 = time.perf_counter()
   pipe = nf.FluxPipeline.from_pretrained(
       _MODEL.value, dtype=np.dtype(_DTYPE.value) if _DTYPE.value else None)
   print(f'load: {time.perf_counter() - t0:.2f} s')
-  kw = dict(height=_HEIGHT.value, width=_WIDTH.value, num_steps=_STEPS.value,
-            seed=_SEED.value, guidance=_GUIDANCE.value)
+  pipe.check_call(_PROMPT.value, **kw)  # The exact resolution multiple.
   t0 = time.perf_counter()
   out = pipe(_PROMPT.value, **kw)
   first = time.perf_counter() - t0

@@ -4,8 +4,10 @@ Layout of a checkpoint folder:
   nanoflux_config.json   {"class": "FluxConfig", "config": {...}}
   params/                orbax StandardCheckpointer tree
 
-`save` writes into a temporary sibling folder and renames it into place, so a
-crash mid-save never replaces a good checkpoint with a half-written one.
+`save` writes into a hidden temporary sibling folder and renames it into
+place, so a crash mid-save never replaces a good checkpoint with a half-written
+one; it replaces only a checkpoint (or an empty folder), never other files,
+and removes temporary folders that interrupted saves left behind.
 (Training checkpoints with resume live in `distill.trainer`, which uses an
 orbax CheckpointManager.)
 """
@@ -14,16 +16,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import uuid
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from nanoflux_jax import atomic
 from nanoflux_jax import configs
+from nanoflux_jax.atomic import OverwriteError  # pylint: disable=unused-import
+from nanoflux_jax.atomic import replace_dir  # pylint: disable=unused-import
 from nanoflux_jax.convert.safetensors_io import CheckpointError
 
 CONFIG_FILE = 'nanoflux_config.json'
+EMPTY_KEY = 'empty_params'  # In CONFIG_FILE: saved from an empty params tree.
 _CLASSES = {c.__name__: c for c in (configs.FluxConfig, configs.T5Config,
                                     configs.ClipConfig, configs.VAEConfig)}
 
@@ -36,27 +41,36 @@ def save(path: str, config, params) -> None:
   """Saves (config, params) to folder `path`, replacing it atomically.
 
   `config` is one of the config dataclasses, or a JSON-able dict.
+  Raises:
+    OverwriteError: `path` exists and is neither a checkpoint nor an empty
+      folder (nothing is written or deleted).
   """
   path = os.path.abspath(os.fspath(path))
-  parent = os.path.dirname(path)
-  os.makedirs(parent, exist_ok=True)
-  tmp = os.path.join(parent, f'.{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}')
   bad = [jax.tree_util.keystr(k) for k, v in
          jax.tree_util.tree_leaves_with_path(params)
          if not isinstance(v, (jax.Array, np.ndarray, np.generic))]
   if bad:  # Fail before touching the disk.
     raise TypeError(f'checkpoint.save({path}): params leaves {bad[:5]} are '
                     'not arrays')
+  atomic.check_replaceable(path, is_checkpoint, 'nanoflux checkpoint')
+  parent = os.path.dirname(path)
+  os.makedirs(parent, exist_ok=True)
+  atomic.remove_stale(path)
+  tmp = atomic.tmp_sibling(path)
+  empty = not jax.tree.leaves(params)
   ckptr = ocp.StandardCheckpointer()
   try:
-    if jax.tree.leaves(params):
+    if not empty:
       ckptr.save(os.path.join(tmp, 'params'), params)
       ckptr.wait_until_finished()
     else:  # A parameter-free component (e.g. a pixel-shuffle codec).
       os.makedirs(tmp)
     with open(os.path.join(tmp, CONFIG_FILE), 'w') as f:
-      json.dump(_config_json(config), f, indent=2, sort_keys=True)
-    replace_dir(tmp, path)
+      json.dump(dict(_config_json(config), **({EMPTY_KEY: True} if empty
+                                               else {})),
+                f, indent=2, sort_keys=True)
+    atomic.check_replaceable(path, is_checkpoint, 'nanoflux checkpoint')
+    atomic.replace_dir(tmp, path)
   finally:
     try:  # Let a failed async write stop before removing its folder.
       ckptr.wait_until_finished()
@@ -71,34 +85,40 @@ def _config_json(config) -> dict:
   return {'class': type(config).__name__, 'config': config.to_dict()}
 
 
-def replace_dir(src: str, dst: str) -> None:
-  """Moves folder src to dst; an existing dst is only removed afterwards.
-
-  The last step of every atomic folder write (checkpoints, pipelines, TFLite
-  exports): build the folder beside dst, then swap it in.
-  """
-  old = None
-  if os.path.exists(dst):
-    old = f'{dst}.old-{uuid.uuid4().hex[:8]}'
-    os.replace(dst, old)
-  os.replace(src, dst)
-  if old:
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def load_config(path: str):
-  """Reads the config stored in checkpoint folder `path`."""
+def _read_config_file(path: str) -> dict:
   file = os.path.join(path, CONFIG_FILE)
   if not os.path.isfile(file):
     raise CheckpointError(f'{path}: not a nanoflux checkpoint (no {CONFIG_FILE})')
   try:
     with open(file) as f:
       d = json.load(f)
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise CheckpointError(f'{file}: corrupt config: {e!r}') from e
+  if not isinstance(d, dict):
+    raise CheckpointError(f'{file}: corrupt config: not a JSON object')
+  return d
+
+
+def load_config(path: str):
+  """Reads the config stored in checkpoint folder `path`.
+
+  Raises:
+    CheckpointError: naming the file when it is missing, not JSON, or holds
+      an unknown class or field, or a value out of range.
+  """
+  file = os.path.join(path, CONFIG_FILE)
+  d = _read_config_file(path)
+  try:
     if d['class'] == 'dict':
       return d['config']
     return _CLASSES[d['class']].from_dict(d['config'])
-  except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+  except (KeyError, TypeError, ValueError) as e:
     raise CheckpointError(f'{file}: corrupt config: {e!r}') from e
+
+
+def _param_free(config) -> bool:
+  """Configs whose model has no parameters (saved without params/)."""
+  return isinstance(config, configs.VAEConfig) and config.kind == 'pixel'
 
 
 def load(path: str, *, dtype=None, shardings=None, **config_overrides):
@@ -119,7 +139,11 @@ def load(path: str, *, dtype=None, shardings=None, **config_overrides):
   if config_overrides:
     config = config.replace(**config_overrides)
   if not os.path.isdir(os.path.join(path, 'params')):
-    return config, {}  # Saved from an empty params tree.
+    if _read_config_file(path).get(EMPTY_KEY) or _param_free(config):
+      return config, {}  # Saved from an empty params tree.
+    raise CheckpointError(f'{os.path.join(path, "params")}: missing (the '
+                          f'checkpoint has a {type(config).__name__} but no '
+                          'params)')
   ckptr = ocp.StandardCheckpointer()
   meta = ckptr.metadata(os.path.join(path, 'params'))
   tree = getattr(meta, 'item_metadata', meta)

@@ -9,11 +9,29 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 from typing import Any, Optional, Tuple
 
 
 def _to_tuple(x):
   return tuple(_to_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def _check_ranges(config, ints_min: dict[str, int],
+                  positive_floats: tuple[str, ...] = ()) -> None:
+  """Raises ValueError naming the first field that is not an integer >= its
+  minimum (ints_min) or a finite number > 0 (positive_floats)."""
+  name = type(config).__name__
+  for field, low in ints_min.items():
+    v = getattr(config, field)
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < low:
+      raise ValueError(f'{name}.{field}={v!r} must be an integer >= {low}')
+  for field in positive_floats:
+    v = getattr(config, field)
+    if (isinstance(v, bool) or not isinstance(v, numbers.Real) or
+        not math.isfinite(v) or v <= 0):
+      raise ValueError(f'{name}.{field}={v!r} must be a finite number > 0')
 
 
 class _Serializable:
@@ -89,6 +107,19 @@ class FluxConfig(_Serializable):
 
   def __post_init__(self):
     set_ = lambda k, v: object.__setattr__(self, k, v)
+    _check_ranges(self, dict(
+        in_channels=1, vec_in_dim=1, context_in_dim=1, hidden_size=1,
+        num_heads=1, head_dim=2, depth=0, depth_single_blocks=0, theta=1,
+        downsample_factor=1, downsample_channels=0))
+    if (isinstance(self.mlp_ratio, bool) or
+        not isinstance(self.mlp_ratio, numbers.Real) or
+        not math.isfinite(self.mlp_ratio) or self.mlp_ratio < 0):
+      raise ValueError(f'FluxConfig.mlp_ratio={self.mlp_ratio!r} must be a '
+                       'finite number >= 0')
+    if self.out_channels is not None:
+      _check_ranges(self, dict(out_channels=1))
+    if self.depth + self.depth_single_blocks < 1:
+      raise ValueError('FluxConfig: depth + depth_single_blocks must be >= 1')
     mlp = int(self.hidden_size * self.mlp_ratio)
     for name, n, default in (
         ('double_heads', self.depth, self.num_heads),
@@ -98,6 +129,8 @@ class FluxConfig(_Serializable):
         ('single_mlp', self.depth_single_blocks, mlp)):
       value = getattr(self, name)
       value = (default,) * n if value is None else tuple(int(v) for v in value)
+      if any(v < 0 for v in value):
+        raise ValueError(f'FluxConfig.{name}={value} has negative entries')
       if len(value) != n:
         raise ValueError(f'FluxConfig.{name} has {len(value)} entries but the '
                          f'model has {n} such blocks')
@@ -186,6 +219,12 @@ class T5Config(_Serializable):
   dtype: str = 'float32'
   param_dtype: str = 'float32'
 
+  def __post_init__(self):
+    _check_ranges(self, dict(
+        vocab_size=1, d_model=1, d_kv=1, d_ff=1, num_layers=0, num_heads=1,
+        relative_attention_num_buckets=1, relative_attention_max_distance=1),
+                  ('layer_norm_epsilon',))
+
   @classmethod
   def xxl(cls, **kw) -> 'T5Config':
     return cls(**kw)
@@ -215,6 +254,15 @@ class ClipConfig(_Serializable):
   eos_token_id: int = 2
   dtype: str = 'float32'
   param_dtype: str = 'float32'
+
+  def __post_init__(self):
+    _check_ranges(self, dict(
+        vocab_size=1, hidden_size=1, intermediate_size=1, num_layers=0,
+        num_heads=1, max_position_embeddings=1, eos_token_id=0),
+                  ('layer_norm_eps',))
+    if self.hidden_size % self.num_heads:
+      raise ValueError(f'ClipConfig: hidden_size={self.hidden_size} is not '
+                       f'divisible by num_heads={self.num_heads}')
 
   @classmethod
   def clip_l(cls, **kw) -> 'ClipConfig':
@@ -252,6 +300,14 @@ class VAEConfig(_Serializable):
   def __post_init__(self):
     object.__setattr__(self, 'block_out_channels',
                        tuple(self.block_out_channels))
+    _check_ranges(self, dict(pixel_factor=1, in_channels=1, out_channels=1,
+                             latent_channels=1, layers_per_block=0,
+                             norm_num_groups=1), ('scaling_factor',))
+    if not self.block_out_channels or any(
+        isinstance(c, bool) or not isinstance(c, numbers.Integral) or c < 1
+        for c in self.block_out_channels):
+      raise ValueError(f'VAEConfig.block_out_channels='
+                       f'{self.block_out_channels} must be positive integers')
     if self.kind not in ('kl', 'pixel', 'linear'):
       raise ValueError(f"VAEConfig.kind={self.kind!r}; expected 'kl', "
                        "'pixel' or 'linear'")

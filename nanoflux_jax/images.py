@@ -26,8 +26,30 @@ def make_grid(images: np.ndarray, cols: int | None = None,
   return grid
 
 
+def check_writable(path: str) -> None:
+  """Raises ValueError naming `path` when a file cannot be written there.
+
+  Call it before expensive work whose result goes to `path`: the path must
+  not be a folder, and its nearest existing ancestor must be a writable
+  folder (missing folders below it are created on writing).
+  """
+  path = os.path.abspath(os.fspath(path))
+  if os.path.isdir(path):
+    raise ValueError(f'{path}: is a folder, expected a file path')
+  parent = os.path.dirname(path)
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise ValueError(f'{path}: cannot be written: {parent} is a file, not a '
+                     'folder')
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise ValueError(f'{path}: cannot be written: folder {parent} is not '
+                     'writable')
+
+
 def save_grid(images: np.ndarray, path: str, cols: int | None = None) -> None:
   """Writes `make_grid(images)` as a PNG (atomically)."""
+  check_writable(path)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = f'{path}.tmp.png'
   Image.fromarray(make_grid(images, cols)).save(tmp)

@@ -12,10 +12,11 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import math
+import numbers
 import os
 import shutil
 import time
-import uuid
 from typing import Any, Sequence
 
 from absl import logging
@@ -23,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nanoflux_jax import atomic
 from nanoflux_jax import checkpoint
 from nanoflux_jax import sampling
 from nanoflux_jax.configs import ClipConfig, FluxConfig, T5Config, VAEConfig
@@ -71,6 +73,41 @@ def _load_tokenizer(path: str):
   if not os.path.isdir(path):
     raise FileNotFoundError(f'{path}: tokenizer folder is missing')
   return transformers.AutoTokenizer.from_pretrained(path)
+
+
+def is_pipeline(path: str) -> bool:
+  return os.path.isfile(os.path.join(path, PIPELINE_FILE))
+
+
+def check_int(where: str, name: str, value, low: int = 1,
+              high: int | None = None, multiple: int = 1) -> int:
+  """`value` as an int, or a ValueError naming the argument and the range."""
+  ok = (isinstance(value, numbers.Integral) and not isinstance(value, bool)
+        and value >= low and (high is None or value <= high) and
+        value % multiple == 0)
+  if not ok:
+    want = f'an integer >= {low}' + (f' and <= {high}' if high is not None
+                                     else '')
+    if multiple > 1:
+      want = f'a positive integer multiple of {multiple}'
+    raise ValueError(f'{where}: {name}={value!r} must be {want}')
+  return int(value)
+
+
+def check_prompts(where: str, prompts) -> list[str]:
+  """A prompt or a non-empty list of prompt strings -> list[str]."""
+  if isinstance(prompts, str):
+    return [prompts]
+  if prompts is None or not isinstance(prompts, (list, tuple)):
+    raise ValueError(f'{where}: prompts={prompts!r}; expected a string or a '
+                     'list of strings')
+  if not prompts:
+    raise ValueError(f'{where}: the prompt list is empty')
+  bad = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
+  if bad:
+    raise ValueError(f'{where}: prompts[{bad[0]}]={prompts[bad[0]]!r} is not '
+                     'a string')
+  return list(prompts)
 
 
 def _component(folder: str, name: str) -> str:
@@ -142,9 +179,17 @@ class FluxPipeline:
 
   def save(self, directory: str) -> None:
     """Writes every component (orbax + config) and the tokenizers to
-    `directory`, atomically: a failed save leaves an existing folder intact."""
+    `directory`, atomically: a failed save leaves an existing folder intact.
+
+    Raises:
+      OverwriteError: `directory` exists and is neither a saved pipeline nor
+        an empty folder (nothing is written or deleted).
+    """
     directory = os.path.abspath(os.fspath(directory))
-    tmp = f'{directory}.tmp-{uuid.uuid4().hex[:8]}'
+    atomic.check_replaceable(directory, is_pipeline, 'saved FluxPipeline')
+    os.makedirs(os.path.dirname(directory), exist_ok=True)
+    atomic.remove_stale(directory)
+    tmp = atomic.tmp_sibling(directory)
     try:
       for name, cfg, params in self._components():
         checkpoint.save(os.path.join(tmp, name), cfg, params)
@@ -152,7 +197,8 @@ class FluxPipeline:
       self.tokenizer_2.save_pretrained(os.path.join(tmp, 'tokenizer_2'))
       with open(os.path.join(tmp, PIPELINE_FILE), 'w') as f:
         json.dump({'components': list(_COMPONENTS + _TOKENIZERS)}, f)
-      checkpoint.replace_dir(tmp, directory)
+      atomic.check_replaceable(directory, is_pipeline, 'saved FluxPipeline')
+      atomic.replace_dir(tmp, directory)
     finally:
       shutil.rmtree(tmp, ignore_errors=True)
 
@@ -263,20 +309,31 @@ class FluxPipeline:
     return _decode(self.vae_cfg, self.vae_params, packed, height // s,
                    width // s)
 
-  def _check_call(self, prompts, height, width, max_sequence_length):
-    if isinstance(prompts, str):
-      prompts = [prompts]
-    if not prompts:
-      raise ValueError('FluxPipeline: the prompt list is empty')
-    f = self.latent_factor
+  def check_call(self, prompts, height, width, num_steps=4, seed=None,
+                 guidance=None, max_sequence_length=256,
+                 output_type='np') -> list[str]:
+    """Validates `__call__`'s arguments before any work; -> the prompt list.
+
+    Raises:
+      ValueError: naming the argument and what was expected.
+    """
+    where = 'FluxPipeline'
+    prompts = check_prompts(where, prompts)
     for name, v in (('height', height), ('width', width)):
-      if v <= 0 or v % f:
-        raise ValueError(f'FluxPipeline: {name}={v} must be a positive '
-                         f'multiple of {f}')
-    if not 0 < max_sequence_length <= 512:
-      raise ValueError(f'FluxPipeline: max_sequence_length='
-                       f'{max_sequence_length} must be in [1, 512]')
-    return list(prompts)
+      check_int(where, name, v, multiple=self.latent_factor)
+    check_int(where, 'num_steps', num_steps)
+    check_int(where, 'max_sequence_length', max_sequence_length, 1, 512)
+    if seed is not None:
+      check_int(where, 'seed', seed, -2**63, 2**63 - 1)
+    if guidance is not None and (
+        isinstance(guidance, bool) or not isinstance(guidance, numbers.Real)
+        or not math.isfinite(guidance)):
+      raise ValueError(f'{where}: guidance={guidance!r} must be a finite '
+                       'number')
+    if output_type not in ('np', 'latent'):
+      raise ValueError(f"{where}: output_type={output_type!r}; expected "
+                       "'np' or 'latent'")
+    return prompts
 
   def __call__(self, prompts: Sequence[str] | str, height: int = 512,
                width: int = 512, num_steps: int = 4, seed: int | None = None,
@@ -294,8 +351,11 @@ class FluxPipeline:
       max_sequence_length: T5 tokens.
       output_type: 'np' -> uint8 [B, H, W, 3]; 'latent' -> final packed
         latents [B, (H/16)(W/16), 64] float32.
+    Raises:
+      ValueError: an argument is out of range (checked before any work).
     """
-    prompts = self._check_call(prompts, height, width, max_sequence_length)
+    prompts = self.check_call(prompts, height, width, num_steps, seed,
+                              guidance, max_sequence_length, output_type)
     if output_type not in ('np', 'latent'):
       raise ValueError(f"FluxPipeline: output_type={output_type!r}; expected "
                        "'np' or 'latent'")

@@ -387,19 +387,82 @@ def _resolve(path: str) -> tuple[str, str]:
   return 'sniff', path
 
 
-def _diffusers_base(path: str) -> dict[str, Any]:
+# diffusers FluxTransformer2DModel config.json key -> our FluxConfig field.
+_DIFFUSERS_FIELDS = {
+    'num_layers': 'depth', 'num_single_layers': 'depth_single_blocks',
+    'attention_head_dim': 'head_dim', 'num_attention_heads': 'num_heads',
+    'in_channels': 'in_channels', 'out_channels': 'out_dim',
+    'joint_attention_dim': 'context_in_dim',
+    'pooled_projection_dim': 'vec_in_dim', 'guidance_embeds': 'guidance_embed'}
+# FluxConfig fields that a checkpoint's tensors determine, checked against a
+# stored nanoflux config (per-block widths rather than num_heads/mlp_ratio,
+# which a pruned student keeps from its teacher).
+_TENSOR_FIELDS = (
+    'in_channels', 'out_dim', 'hidden_size', 'context_in_dim', 'vec_in_dim',
+    'depth', 'depth_single_blocks', 'head_dim', 'guidance_embed', 'qkv_bias',
+    'modulation', 'double_heads', 'double_mlp_img', 'double_mlp_txt',
+    'single_heads', 'single_mlp')
+
+
+def _diffusers_base(path: str) -> tuple[dict[str, Any], dict[str, Any], str]:
+  """-> (base config fields, stored fields to check, config.json path)."""
   if not os.path.isfile(os.path.join(path, 'config.json')):
-    return {}
+    return {}, {}, ''
   cfg_file, c = loading.read_config_json(path)
   if c.get('patch_size', 1) != 1:
     raise CheckpointError(f'{cfg_file}: patch_size {c["patch_size"]} '
                           'is not supported (FLUX uses 1)')
-  return {'axes_dim': tuple(c['axes_dims_rope'])} if 'axes_dims_rope' in c else {}
+  stored = {ours: c[theirs] for theirs, ours in _DIFFUSERS_FIELDS.items()
+            if c.get(theirs) is not None}
+  base = {}
+  if 'axes_dims_rope' in c:
+    if not isinstance(c['axes_dims_rope'], list):
+      raise CheckpointError(f'{cfg_file}: axes_dims_rope='
+                            f'{c["axes_dims_rope"]!r} is not a list')
+    base['axes_dim'] = tuple(c['axes_dims_rope'])
+  return base, stored, cfg_file
+
+
+def _stored_metadata(source, path: str) -> dict[str, Any]:
+  """The nanoflux config kept in a BFL file's metadata ({} when absent)."""
+  if CONFIG_METADATA_KEY not in source.metadata:
+    return {}
+  try:
+    meta = json.loads(source.metadata[CONFIG_METADATA_KEY])
+  except (TypeError, json.JSONDecodeError) as e:
+    raise CheckpointError(f'{path}: corrupt {CONFIG_METADATA_KEY} metadata: '
+                          f'{e}') from e
+  if not isinstance(meta, dict):
+    raise CheckpointError(f'{path}: corrupt {CONFIG_METADATA_KEY} metadata: '
+                          'not a JSON object')
+  return meta
+
+
+def _check_stored(cfg: FluxConfig, stored: dict[str, Any], where: str,
+                  fields) -> None:
+  """Raises when a config stored with the tensors disagrees with them.
+
+  A checkpoint whose last blocks were dropped would otherwise load as a
+  smaller model; its stored depth gives it away.
+  """
+  errors = []
+  for field in fields:
+    if field not in stored:
+      continue
+    want = stored[field]
+    have = getattr(cfg, field)
+    norm = lambda v: tuple(v) if isinstance(v, (list, tuple)) else v
+    if norm(want) != norm(have):
+      errors.append(f'{field}: stored {want!r}, tensors give {have!r}')
+  if errors:
+    raise CheckpointError(f'{where}: the stored config does not match the '
+                          'tensors (a truncated or edited checkpoint?):\n  ' +
+                          '\n  '.join(errors))
 
 
 def load_flux_transformer(path: str, dtype=None, *, shardings=None,
                           axes_dim=None, progress: bool = False,
-                          **config_overrides):
+                          nonfinite: str = 'warn', **config_overrides):
   """Loads a FLUX transformer checkpoint into (FluxConfig, params).
 
   Args:
@@ -412,12 +475,17 @@ def load_flux_transformer(path: str, dtype=None, *, shardings=None,
       sharding as soon as it is converted.
     axes_dim: RoPE axes split, needed for BFL files of non-FLUX head dims.
     progress: show a progress bar.
+    nonfinite: a param with NaN / inf values: 'warn' (names it in the log),
+      'error' (CheckpointError) or 'ignore'.
     **config_overrides: e.g. attention_impl='xla', remat=True, dtype='bfloat16'.
   Returns:
     (config, params) with params a nested dict of jax arrays.
   Raises:
-    CheckpointError: the path, keys or shapes are wrong; names the file/keys.
+    CheckpointError: the path, keys, dtypes or shapes are wrong, or the
+      tensors disagree with a stored config (BFL metadata, config.json);
+      names the file/keys.
   """
+  loading.check_nonfinite_option(nonfinite)
   from nanoflux_jax.models import flux as flux_model  # pylint: disable=g-import-not-at-top
   fmt, path = _resolve(path)
   if fmt == 'nanoflux':
@@ -435,12 +503,19 @@ def load_flux_transformer(path: str, dtype=None, *, shardings=None,
       raise CheckpointError(
           f'{path}: not a FLUX transformer checkpoint (no img_in.weight or '
           f'x_embedder.weight; first keys: {sorted(keys)[:5]})')
-    base = _diffusers_base(path) if fmt == 'diffusers' else {}
-    if CONFIG_METADATA_KEY in source.metadata:
-      base.update(json.loads(source.metadata[CONFIG_METADATA_KEY]))
+    base, stored, cfg_file = (_diffusers_base(path) if fmt == 'diffusers'
+                              else ({}, {}, ''))
+    meta = _stored_metadata(source, path)
+    base.update(meta)
     if axes_dim is not None:
       base['axes_dim'] = tuple(axes_dim)
     cfg = infer_config(source, fmt, base)
+    _check_stored(cfg, stored, cfg_file, _DIFFUSERS_FIELDS.values())
+    if meta:
+      out_dim = meta.get('out_channels') or meta.get('in_channels')
+      meta = dict(meta, **({'out_dim': out_dim} if out_dim else {}))
+      _check_stored(cfg, meta, f'{path} ({CONFIG_METADATA_KEY} metadata)',
+                    _TENSOR_FIELDS)
     if dtype is not None:
       cfg = cfg.replace(param_dtype=np.dtype(dtype).name)
     if config_overrides:
@@ -451,7 +526,7 @@ def load_flux_transformer(path: str, dtype=None, *, shardings=None,
     plan = bfl_plan(cfg) if fmt == 'bfl' else diffusers_plan(cfg)
     params = loading.load_strict(source, plan, target, dtype=dtype,
                                  shardings=shardings, origin=path,
-                                 progress=progress)
+                                 progress=progress, nonfinite=nonfinite)
   finally:
     source.close()
   return cfg, params

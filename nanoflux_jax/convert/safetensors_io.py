@@ -55,29 +55,57 @@ class SafetensorsFile:
         header = json.loads(f.read(n))
       except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f'{self.path}: corrupt safetensors header: {e}')
+    if not isinstance(header, dict):
+      raise CheckpointError(f'{self.path}: corrupt safetensors header: a JSON '
+                            f'{type(header).__name__}, expected an object')
     self.metadata = header.pop('__metadata__', None) or {}
+    if not isinstance(self.metadata, dict):
+      raise CheckpointError(f'{self.path}: corrupt safetensors header: '
+                            '__metadata__ is not an object')
     self._data_start = 8 + n
     self._entries = {}
-    data_len = 0
     for key, e in header.items():
-      try:
-        dtype = np.dtype(_DTYPES[e['dtype']])
-        shape = tuple(int(s) for s in e['shape'])
-        start, end = (int(o) for o in e['data_offsets'])
-      except (KeyError, TypeError, ValueError) as err:
+      self._entries[key] = self._entry(key, e)
+    spans = sorted((start, end, key) for key, (_, _, start, end)
+                   in self._entries.items() if end > start)
+    for (_, end_a, key_a), (start_b, _, key_b) in zip(spans, spans[1:]):
+      if start_b < end_a:
         raise CheckpointError(
-            f'{self.path}: corrupt header entry for {key!r}: {err!r}')
-      if end - start != int(np.prod(shape)) * dtype.itemsize or start > end:
-        raise CheckpointError(
-            f'{self.path}: tensor {key!r} has shape {shape} {e["dtype"]} but '
-            f'{end - start} bytes')
-      self._entries[key] = (dtype, shape, start, end)
-      data_len = max(data_len, end)
+            f'{self.path}: tensors {key_a!r} and {key_b!r} overlap in the '
+            f'file (data_offsets {self._entries[key_a][2:]} and '
+            f'{self._entries[key_b][2:]})')
+    data_len = max((end for *_, end in self._entries.values()), default=0)
     if self._data_start + data_len > size:
       raise CheckpointError(
           f'{self.path}: truncated: header needs {self._data_start + data_len}'
           f' bytes, file has {size}')
     self._mmap = None
+
+  def _entry(self, key: str, e) -> tuple[np.dtype, tuple[int, ...], int, int]:
+    """Validates one header entry -> (dtype, shape, start, end)."""
+    def bad(why):
+      return CheckpointError(f'{self.path}: corrupt header entry for '
+                             f'{key!r}: {why}')
+    if not isinstance(e, dict):
+      raise bad(f'a JSON {type(e).__name__}, expected an object')
+    if e.get('dtype') not in _DTYPES:
+      raise bad(f'dtype {e.get("dtype")!r} is not one of {sorted(_DTYPES)}')
+    shape, offsets = e.get('shape'), e.get('data_offsets')
+    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
+    if not isinstance(shape, list) or not all(
+        is_int(s) and s >= 0 for s in shape):
+      raise bad(f'shape {shape!r} is not a list of non-negative integers')
+    if not (isinstance(offsets, list) and len(offsets) == 2 and
+            all(is_int(o) and o >= 0 for o in offsets)):
+      raise bad(f'data_offsets {offsets!r} are not two non-negative '
+                'integers')
+    dtype, shape = np.dtype(_DTYPES[e['dtype']]), tuple(shape)
+    start, end = offsets
+    if end - start != int(np.prod(shape)) * dtype.itemsize or start > end:
+      raise CheckpointError(
+          f'{self.path}: tensor {key!r} has shape {shape} {e["dtype"]} but '
+          f'{end - start} bytes')
+    return dtype, shape, start, end
 
   def keys(self) -> list[str]:
     return list(self._entries)
@@ -136,6 +164,9 @@ class TensorSource(Mapping):
   def shape(self, key: str) -> tuple[int, ...]:
     return self._where[key].shape(key)
 
+  def dtype(self, key: str) -> np.dtype:
+    return self._where[key].dtype(key)
+
   def file_of(self, key: str) -> str:
     return self._where[key].path
 
@@ -169,10 +200,19 @@ def open_tensors(path: str) -> TensorSource:
   if indexes:
     try:
       with open(indexes[0]) as f:
-        weight_map = json.load(f)['weight_map']
-    except (json.JSONDecodeError, KeyError) as e:
-      raise CheckpointError(f'{indexes[0]}: corrupt index: {e!r}')
+        index = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+      raise CheckpointError(f'{indexes[0]}: corrupt index: {e!r}') from e
+    weight_map = index.get('weight_map') if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(v, str) for v in weight_map.values()):
+      raise CheckpointError(f'{indexes[0]}: corrupt index: expected an object '
+                            'with a "weight_map" of tensor name -> file name')
     names = sorted(set(weight_map.values()))
+    outside = [n for n in names if os.path.dirname(os.path.normpath(n))]
+    if outside:
+      raise CheckpointError(f'{indexes[0]}: weight_map names files outside '
+                            f'its folder: {outside[:5]}')
     files = [SafetensorsFile(os.path.join(path, n)) for n in names]
     source = TensorSource(files, path)
     missing = sorted(set(weight_map) - set(source))
@@ -188,7 +228,22 @@ def open_tensors(path: str) -> TensorSource:
 
 def save_file(tensors: Mapping[str, np.ndarray], path: str,
               metadata: dict[str, str] | None = None) -> None:
-  """Writes tensors to `path` atomically (temp file, then rename)."""
+  """Writes tensors to `path` atomically (temp file, then rename).
+
+  An existing `path` is replaced only when it is a safetensors file (by
+  name or content); temporary files of interrupted earlier writes are removed.
+  """
+  from nanoflux_jax import atomic  # pylint: disable=g-import-not-at-top
+  path = os.path.abspath(os.fspath(path))
+  if os.path.isdir(path):
+    raise atomic.OverwriteError(f'{path}: exists and is a folder; refusing to '
+                                'replace it with a .safetensors file')
+  if os.path.isfile(path) and not path.endswith('.safetensors'):
+    try:
+      SafetensorsFile(path)
+    except CheckpointError:
+      raise atomic.OverwriteError(f'{path}: exists and is not a safetensors '
+                                  'file; refusing to replace it') from None
   header, offset, arrays = {}, 0, []
   for k in sorted(tensors):
     a = np.ascontiguousarray(np.asarray(tensors[k]))
@@ -202,10 +257,15 @@ def save_file(tensors: Mapping[str, np.ndarray], path: str,
     header['__metadata__'] = {str(k): str(v) for k, v in metadata.items()}
   blob = json.dumps(header, separators=(',', ':')).encode()
   blob += b' ' * (-len(blob) % 8)
-  tmp = f'{path}.tmp-{os.getpid()}'
-  with open(tmp, 'wb') as f:
-    f.write(struct.pack('<Q', len(blob)))
-    f.write(blob)
-    for a in arrays:
-      f.write(a.tobytes())
-  os.replace(tmp, path)
+  atomic.remove_stale(path)
+  tmp = atomic.tmp_sibling(path)
+  try:
+    with open(tmp, 'wb') as f:
+      f.write(struct.pack('<Q', len(blob)))
+      f.write(blob)
+      for a in arrays:
+        f.write(a.tobytes())
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)

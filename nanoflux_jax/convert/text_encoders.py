@@ -80,7 +80,10 @@ def t5_config_from_hf(path: str) -> T5Config:
       relative_attention_max_distance='relative_attention_max_distance',
       layer_norm_epsilon='layer_norm_epsilon')
   kw = _pick(fname, d, mapping, _T5_DEFAULTS)
-  return T5Config(**kw)
+  try:
+    return T5Config(**kw)
+  except ValueError as e:
+    raise CheckpointError(f'{fname}: {e}') from e
 
 
 def clip_config_from_hf(path: str) -> ClipConfig:
@@ -104,7 +107,10 @@ def clip_config_from_hf(path: str) -> ClipConfig:
     raise CheckpointError(
         f'{fname}: hidden_size={kw["hidden_size"]} is not divisible by '
         f'num_attention_heads={kw["num_heads"]}')
-  return ClipConfig(**kw)
+  try:
+    return ClipConfig(**kw)
+  except ValueError as e:
+    raise CheckpointError(f'{fname}: {e}') from e
 
 
 # ------------------------------------------------------------------- plans --
@@ -183,7 +189,8 @@ def clip_plan(cfg: ClipConfig, keys: set[str]) -> dict[str, Entry]:
     pos_src += (f'{p}embeddings.position_ids',)
   plan = {
       'token_embed/embedding': same(f'{p}embeddings.token_embedding.weight'),
-      'position_embedding': Entry(pos_src, lambda w, *_: w),
+      'position_embedding': Entry(pos_src, lambda w, *_: w,
+                                  any_dtype=pos_src[1:]),
       'final_layer_norm/scale': same(f'{p}final_layer_norm.weight'),
       'final_layer_norm/bias': same(f'{p}final_layer_norm.bias'),
   }
@@ -215,7 +222,22 @@ def param_shapes(model: nn.Module) -> dict:
   return nn.unbox(variables)['params']
 
 
-def _load(path, cfg, model_cls, plan_fn, dtype, shardings):
+def _model_folder(path, what: str) -> str:
+  """The HF model folder `path`, or a CheckpointError naming it."""
+  path = os.fspath(path)
+  if os.path.isfile(path):
+    raise CheckpointError(
+        f'{path}: is a file; {what} loads an HF model folder (config.json '
+        'beside model.safetensors or its shards), e.g. FLUX.1\'s '
+        f'{"text_encoder_2" if what == "load_t5_encoder" else "text_encoder"}/')
+  if not os.path.isdir(path):
+    raise CheckpointError(f'{path}: no such folder ({what} loads an HF model '
+                          'folder)')
+  return path
+
+
+def _load(path, cfg, model_cls, plan_fn, dtype, shardings, nonfinite):
+  loading.check_nonfinite_option(nonfinite)
   if dtype is not None:
     # Params are stored in `dtype`; compute follows, as for FLUX's bf16 T5.
     cfg = cfg.replace(dtype=_dtype_name(dtype), param_dtype=_dtype_name(dtype))
@@ -224,14 +246,14 @@ def _load(path, cfg, model_cls, plan_fn, dtype, shardings):
   try:
     params = load_strict(source, plan_fn(cfg, set(source)), target,
                          dtype=dtype, shardings=shardings,
-                         origin=os.fspath(path))
+                         origin=os.fspath(path), nonfinite=nonfinite)
   finally:
     source.close()
   return cfg, params
 
 
-def load_t5_encoder(path: str, dtype=None,
-                    shardings: Any = None) -> tuple[T5Config, dict]:
+def load_t5_encoder(path: str, dtype=None, shardings: Any = None, *,
+                    nonfinite: str = 'warn') -> tuple[T5Config, dict]:
   """Loads an HF T5EncoderModel folder (e.g. FLUX.1's text_encoder_2/).
 
   Args:
@@ -240,26 +262,35 @@ def load_t5_encoder(path: str, dtype=None,
     dtype: None keeps the config's float32 params; otherwise params are cast
       to `dtype` and the returned config's dtype and param_dtype are set to it.
     shardings: optional nested dict of jax Shardings like the param tree.
+    nonfinite: 'warn', 'error' or 'ignore' for NaN / inf params (see
+      loading.load_strict).
   Returns:
     (config, params) for `T5Encoder(config).apply({'params': params}, ...)`.
+  Raises:
+    CheckpointError: naming the folder, file or keys.
   """
+  path = _model_folder(path, 'load_t5_encoder')
   return _load(path, t5_config_from_hf(path), T5Encoder, t5_plan, dtype,
-               shardings)
+               shardings, nonfinite)
 
 
-def load_clip_text(path: str, dtype=None,
-                   shardings: Any = None) -> tuple[ClipConfig, dict]:
+def load_clip_text(path: str, dtype=None, shardings: Any = None, *,
+                   nonfinite: str = 'warn') -> tuple[ClipConfig, dict]:
   """Loads an HF CLIPTextModel folder (e.g. FLUX.1's text_encoder/).
 
   Args:
     path: folder with config.json and model.safetensors (or shards).
     dtype: as for `load_t5_encoder`.
     shardings: optional nested dict of jax Shardings like the param tree.
+    nonfinite: as for `load_t5_encoder`.
   Returns:
     (config, params) for `ClipTextModel(config).apply({'params': params}, ...)`.
+  Raises:
+    CheckpointError: naming the folder, file or keys.
   """
+  path = _model_folder(path, 'load_clip_text')
   return _load(path, clip_config_from_hf(path), ClipTextModel, clip_plan,
-               dtype, shardings)
+               dtype, shardings, nonfinite)
 
 
 __all__ = ['load_t5_encoder', 'load_clip_text', 't5_config_from_hf',

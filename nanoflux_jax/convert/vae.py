@@ -73,6 +73,13 @@ def vae_config_from_diffusers(path: str) -> VAEConfig:
       refuse(key, f'expected {n} x {kind!r}, one per block_out_channels')
   if any(ch % c['norm_num_groups'] for ch in c['block_out_channels']):
     refuse('norm_num_groups', 'must divide every block_out_channels entry')
+  try:
+    return _vae_config(c)
+  except (TypeError, ValueError) as e:
+    raise CheckpointError(f'{path}: {e}') from e
+
+
+def _vae_config(c: dict[str, Any]) -> VAEConfig:
   return VAEConfig(
       in_channels=int(c['in_channels']), out_channels=int(c['out_channels']),
       latent_channels=int(c['latent_channels']),
@@ -160,7 +167,8 @@ def vae_param_shapes(cfg: VAEConfig) -> dict:
 
 
 def load_vae(path: str, dtype: Optional[Any] = None,
-             shardings: Optional[Any] = None) -> tuple[VAEConfig, dict]:
+             shardings: Optional[Any] = None, *,
+             nonfinite: str = 'warn') -> tuple[VAEConfig, dict]:
   """Loads a diffusers `vae/` folder into (VAEConfig, params).
 
   Args:
@@ -170,6 +178,8 @@ def load_vae(path: str, dtype: Optional[Any] = None,
       param_dtype); None keeps fp32.
     shardings: optional nested dict of jax.sharding.Sharding matching params;
       each param is placed as soon as it is converted.
+    nonfinite: 'warn', 'error' or 'ignore' for NaN / inf params (see
+      loading.load_strict).
   Returns:
     (config, params) for `AutoencoderKL(config).apply({'params': params}, ...)`.
   Raises:
@@ -177,6 +187,7 @@ def load_vae(path: str, dtype: Optional[Any] = None,
     unsupported settings, or missing / unexpected / mis-shaped tensors.
   """
   path = os.fspath(path)
+  loading.check_nonfinite_option(nonfinite)
   if not os.path.isdir(path):
     raise CheckpointError(f'{path}: not a folder (expected a diffusers vae/ '
                           'folder with config.json and safetensors)')
@@ -190,7 +201,8 @@ def load_vae(path: str, dtype: Optional[Any] = None,
   source = open_tensors(single if os.path.isfile(single) else path)
   try:
     params = load_strict(source, vae_plan(cfg), target, dtype=dtype,
-                         shardings=shardings, origin=path)
+                         shardings=shardings, origin=path,
+                         nonfinite=nonfinite)
   finally:
     source.close()
   return cfg, params

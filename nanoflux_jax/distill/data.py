@@ -179,13 +179,16 @@ class PromptData:
 # Teacher targets.
 # ---------------------------------------------------------------------------
 def teacher_trajectory(cfg: FluxConfig, params, noise, txt, y,
-                       schedule: Sequence[float], grid: tuple[int, int]):
+                       schedule: Sequence[float], grid: tuple[int, int],
+                       guidance: float | None = None):
   """Runs the teacher's Euler sampler, recording every evaluated state.
 
   Args:
     noise: [B, L, C] x at schedule[0].
     txt, y: prompt embeddings.
     schedule: n + 1 timesteps from 1 to 0.
+    guidance: the guidance scale, for a teacher with a guidance embedder
+      (None there means 3.5, FluxPipeline's default); ignored otherwise.
   Returns:
     (xs [B, n, L, C] state at schedule[k], vs [B, n, L, C] teacher velocity
     there, x_final [B, L, C] the sample at schedule[-1]), float32.
@@ -195,10 +198,14 @@ def teacher_trajectory(cfg: FluxConfig, params, noise, txt, y,
   txt_ids = sampling.text_ids(b, txt.shape[1])
   ts = jnp.asarray(schedule, jnp.float32)
   model = Flux(cfg)
+  g = None
+  if cfg.guidance_embed:
+    g = jnp.full((b,), 3.5 if guidance is None else guidance, jnp.float32)
 
   def step(x, k):
     v = model.apply({'params': params}, img=x, img_ids=img_ids, txt=txt,
-                    txt_ids=txt_ids, timesteps=jnp.full((b,), ts[k]), y=y)
+                    txt_ids=txt_ids, timesteps=jnp.full((b,), ts[k]), y=y,
+                    guidance=g)
     v = v.astype(jnp.float32)
     return x + (ts[k + 1] - ts[k]) * v, (x, v)
 
@@ -214,7 +221,8 @@ _META = 'cache_meta.json'
 
 
 def build_cache(cache_dir: str, data, cfg: FluxConfig, params,
-                schedule: Sequence[float], num_shards: int) -> 'CachedData':
+                schedule: Sequence[float], num_shards: int, *,
+                guidance: float | None = None) -> 'CachedData':
   """Writes `num_shards` global batches of teacher trajectories, or reuses them.
 
   Each shard `shard-XXXXX.npz` holds one global batch of `data` (steps 0 ..
@@ -227,6 +235,8 @@ def build_cache(cache_dir: str, data, cfg: FluxConfig, params,
           'batch_size': data.batch_size, 'seed': data.seed,
           'num_shards': num_shards, 'num_prompts': len(data.prompts),
           'latents': getattr(data, 'latents', None) is not None}
+  if guidance is not None:  # Teachers with a guidance embedder only.
+    meta['guidance'] = float(guidance)
   meta_file = os.path.join(cache_dir, _META)
   if os.path.isfile(meta_file):
     with open(meta_file) as f:
@@ -237,7 +247,7 @@ def build_cache(cache_dir: str, data, cfg: FluxConfig, params,
     return CachedData(cache_dir)
   os.makedirs(cache_dir, exist_ok=True)
   traj = jax.jit(lambda p, n, t, y: teacher_trajectory(
-      cfg, p, n, t, y, schedule, data.grid))
+      cfg, p, n, t, y, schedule, data.grid, guidance))
   if jax.process_index() == 0:
     for i in range(num_shards):
       b = data.batch(i)

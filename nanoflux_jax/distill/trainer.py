@@ -10,13 +10,22 @@ distillation reuses. A compression ladder calls `train` once per rung with
 `train_step` is a pure top-level function; everything the step needs that is
 not an array (loss function, optimizer, accumulation) is bound with
 functools.partial before jit.
+
+`check_config` validates a config before any model is built. On resume an
+unreadable newest checkpoint is logged and moved aside, and the newest
+readable one is used. SIGINT / SIGTERM stop the loop after the current step
+with a checkpoint saved (as on a pod's preemption), then raise
+`TrainingInterrupted`.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import math
+import numbers
 import os
+import signal
+import threading
 import time
 from typing import Any, Callable
 
@@ -35,11 +44,108 @@ from nanoflux_jax import images
 from nanoflux_jax import parallel
 from nanoflux_jax import sampling
 from nanoflux_jax.configs import FluxConfig
+from nanoflux_jax.convert.safetensors_io import CheckpointError
 from nanoflux_jax.distill import data as data_lib
 from nanoflux_jax.distill import losses
 from nanoflux_jax.models import flux as flux_lib
 
 LossFn = Callable[..., tuple[jax.Array, dict]]
+PRESETS = ('schnell', 'dev', 'tiny', 'benchmark')
+DEFAULT_GUIDANCE = 3.5  # As FluxPipeline: diffusers' FLUX.1-dev default.
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+  """SIGINT / SIGTERM stopped training; a checkpoint of the last step was
+  saved, so rerunning the same command resumes there."""
+
+
+# ---------------------------------------------------------------------------
+# Config validation (before any model is built).
+# ---------------------------------------------------------------------------
+def _field(c, path: str):
+  cur = c
+  for part in path.split('.'):
+    if cur is None or part not in cur:
+      raise ValueError(f'config.{path} is missing')
+    cur = cur[part]
+  return cur
+
+
+def _check_int(c, path: str, low: int, optional: bool = False) -> None:
+  v = _field(c, path)
+  if optional and v is None:
+    return
+  if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < low:
+    raise ValueError(f'config.{path}={v!r} must be an integer >= {low}')
+
+
+def _check_float(c, path: str, low: float, high: float = math.inf, *,
+                 open_low: bool = False, optional: bool = False) -> None:
+  v = _field(c, path)
+  if optional and v is None:
+    return
+  ok = (not isinstance(v, bool) and isinstance(v, numbers.Real) and
+        math.isfinite(v) and (v > low if open_low else v >= low) and v < high)
+  if not ok:
+    rng = f'{"(" if open_low else "["}{low}, {high})'
+    raise ValueError(f'config.{path}={v!r} must be a finite number in {rng}')
+
+
+def check_loop_config(c: ml_collections.ConfigDict) -> None:
+  """Validates the fields `fit` and `make_optimizer` read.
+
+  Raises:
+    ValueError: naming `config.<field>` and what was expected.
+  """
+  for path, low in (('num_steps', 1), ('batch_size', 1), ('grad_accum', 1),
+                    ('warmup_steps', 0), ('log_every', 1),
+                    ('checkpoint_every', 1), ('keep_checkpoints', 1),
+                    ('sample_every', 0), ('seed', 0)):
+    _check_int(c, path, low)
+  _check_int(c, 'stop_after', 0, optional=True)
+  if c.batch_size % c.grad_accum:
+    raise ValueError(f'config.batch_size={c.batch_size} is not divisible by '
+                     f'config.grad_accum={c.grad_accum}')
+  _check_float(c, 'learning_rate', 0.0, open_low=True)
+  _check_float(c, 'min_lr_ratio', 0.0)
+  _check_float(c, 'weight_decay', 0.0)
+  _check_float(c, 'grad_clip', 0.0, open_low=True)
+  _check_float(c, 'b1', 0.0, 1.0)
+  _check_float(c, 'b2', 0.0, 1.0)
+  if 'adam_eps' in c:
+    _check_float(c, 'adam_eps', 0.0, open_low=True)
+  if c.compute_dtype not in ('float32', 'bfloat16', 'float16'):
+    raise ValueError(f'config.compute_dtype={c.compute_dtype!r}; expected '
+                     "'float32', 'bfloat16' or 'float16'")
+
+
+def _check_preset(c, path: str) -> None:
+  preset = _field(c, path)
+  if preset not in PRESETS:
+    raise ValueError(f'config.{path}={preset!r}; expected one of {PRESETS}')
+
+
+def check_config(c: ml_collections.ConfigDict) -> None:
+  """Validates a `train` config (see `default_config`) before any work.
+
+  Raises:
+    ValueError: naming `config.<field>` and what was expected.
+  """
+  if c is None:
+    raise ValueError('no config given (pass --config=<file>)')
+  check_loop_config(c)
+  _check_int(c, 'num_sampling_steps', 1)
+  _check_int(c, 'data.txt_len', 1)
+  grid = _field(c, 'data.grid')
+  if not (isinstance(grid, (tuple, list)) and len(grid) == 2 and all(
+      isinstance(g, numbers.Integral) and not isinstance(g, bool) and g >= 1
+      for g in grid)):
+    raise ValueError(f'config.data.grid={grid!r} must be two integers >= 1')
+  if 'preset' in c.student:
+    _check_preset(c, 'student.preset')
+  if not c.teacher.get('path') and c.teacher.get('preset'):
+    _check_preset(c, 'teacher.preset')
+  _check_float(c, 'guidance', 0.0, optional=True)
 
 
 @struct.dataclass
@@ -167,6 +273,9 @@ class DistillSpec:
   logit_mean: float = 0.0
   logit_std: float = 1.0
   schedule_prob: float = 0.5
+  # Guidance scale fed to every model with a guidance embedder (FLUX.1-dev
+  # style), teacher and student alike; ignored by the others.
+  guidance: float = DEFAULT_GUIDANCE
 
 
 def distill_loss(params, frozen, batch, rng, *, spec: DistillSpec):
@@ -185,9 +294,11 @@ def distill_loss(params, frozen, batch, rng, *, spec: DistillSpec):
   student = flux_lib.Flux(spec.student)
 
   def run(model, p, x, t, inter=False):
+    g = (jnp.full((b,), spec.guidance, jnp.float32)
+         if model.config.guidance_embed else None)
     return model.apply({'params': p}, img=x, img_ids=img_ids,
                        txt=batch['txt'], txt_ids=txt_ids, timesteps=t,
-                       y=batch['y'], return_intermediates=inter,
+                       y=batch['y'], guidance=g, return_intermediates=inter,
                        img_grid=spec.grid)
 
   k_t, k_rf = jax.random.split(rng)
@@ -204,7 +315,7 @@ def distill_loss(params, frozen, batch, rng, *, spec: DistillSpec):
     else:
       xs, vs, x_final = data_lib.teacher_trajectory(
           spec.teacher, tp, noise, batch['txt'], batch['y'], spec.schedule,
-          spec.grid)
+          spec.grid, guidance=spec.guidance)
     pick = lambda a: jnp.take_along_axis(
         a, idx[:, None, None, None], axis=1)[:, 0]
     x_t = jnp.where(on[:, None, None], pick(xs),
@@ -251,6 +362,74 @@ def _check_finite(step: int, metrics: dict) -> dict:
   return host
 
 
+class _StopSignals:
+  """Turns SIGINT / SIGTERM into a flag the loop checks between steps.
+
+  Only the main thread can install signal handlers; elsewhere this is a
+  no-op. A second signal while the checkpoint is being written interrupts
+  at once.
+  """
+
+  def __init__(self):
+    self.signum = None
+    self._previous = {}
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.signum is not None:
+      raise KeyboardInterrupt(f'second {signal.Signals(signum).name}')
+    self.signum = signum
+    logging.warning('%s received: stopping after this step and saving a '
+                    'checkpoint', signal.Signals(signum).name)
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGINT, signal.SIGTERM):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    return False
+
+
+def _restore_newest_readable(mngr, abstract, workdir: str):
+  """Restores the newest readable step -> (state, step).
+
+  An unreadable newer step (e.g. a corrupt file after a crash) is logged
+  with its error and moved aside to workdir/unreadable_checkpoints/, so the
+  run continues from the step before it and can save that step again.
+  Raises:
+    CheckpointError: naming the folder when no step is readable.
+  """
+  folder = os.path.join(workdir, 'checkpoints')
+  unreadable = []
+  for step in sorted(mngr.all_steps(), reverse=True):
+    try:
+      state = mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+    except Exception as e:  # pylint: disable=broad-except
+      # orbax raises many types (JSONDecodeError, ValueError, OSError, ...).
+      logging.warning('%s: the checkpoint of step %d is unreadable (%s: %s); '
+                      'trying the previous one', folder, step,
+                      type(e).__name__, str(e)[:500])
+      unreadable.append(step)
+      continue
+    if unreadable and jax.process_index() == 0:
+      aside = os.path.join(workdir, 'unreadable_checkpoints')
+      os.makedirs(aside, exist_ok=True)
+      for bad in unreadable:
+        src = os.path.join(folder, str(bad))
+        if os.path.isdir(src):
+          os.replace(src, os.path.join(aside, f'{bad}-{int(time.time())}'))
+          logging.warning('moved the unreadable step %d to %s', bad, aside)
+    if unreadable:
+      mngr.reload()
+    return state, step
+  raise CheckpointError(f'{folder}: no readable checkpoint (steps '
+                        f'{unreadable} all failed to restore; see the log)')
+
+
 def fit(c: ml_collections.ConfigDict, workdir: str, *, loss_fn: LossFn,
         params, param_sh, frozen, frozen_sh, data, mesh,
         tokens_per_example: int = 0, sample_fn=None):
@@ -266,14 +445,19 @@ def fit(c: ml_collections.ConfigDict, workdir: str, *, loss_fn: LossFn,
       workdir/samples/step_XXXXXXX.png every c.sample_every steps.
   Returns:
     (final state, history: list of host metric dicts at log steps).
+  Raises:
+    ValueError: a config field is out of range (before any work).
+    TrainingInterrupted: SIGINT / SIGTERM; the last step was checkpointed.
   """
+  check_loop_config(c)
   tx = make_optimizer(c)
   state_sh = state_shardings(tx, params, param_sh, mesh)
   mngr = ocp.CheckpointManager(
       os.path.abspath(os.path.join(workdir, 'checkpoints')),
       options=ocp.CheckpointManagerOptions(
           max_to_keep=c.keep_checkpoints, create=True,
-          enable_async_checkpointing=c.async_checkpoint))
+          enable_async_checkpointing=c.async_checkpoint,
+          cleanup_tmp_directories=True))  # Debris of interrupted saves.
   latest = mngr.latest_step()
   if latest is not None:  # Resume: the workdir checkpoint wins over --init.
     abstract = jax.tree.map(
@@ -281,7 +465,7 @@ def fit(c: ml_collections.ConfigDict, workdir: str, *, loss_fn: LossFn,
         jax.eval_shape(lambda p: TrainState(
             step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p),
             rng=jax.random.PRNGKey(0)), params), state_sh)
-    state = mngr.restore(latest, args=ocp.args.StandardRestore(abstract))
+    state, latest = _restore_newest_readable(mngr, abstract, workdir)
     logging.info('resumed from %s at step %d', workdir, latest)
   else:
     init = jax.jit(lambda p: TrainState(
@@ -299,34 +483,46 @@ def fit(c: ml_collections.ConfigDict, workdir: str, *, loss_fn: LossFn,
   examples = c.batch_size
   t0, s0 = time.time(), start
   end = c.num_steps if c.stop_after is None else min(c.num_steps, c.stop_after)
-  for step in range(start, end):
-    local = first if step == start else data.batch(
-        step, jax.process_index(), jax.process_count())
-    state, metrics = step_fn(state, data_lib.to_global(local, mesh), frozen)
-    if pending is not None:  # Checked one step late: keeps dispatch async.
-      host = _check_finite(*pending)
-    pending = (step + 1, metrics)
-    done = step + 1
-    if done % c.log_every == 0 or done in (start + 1, end):  # + initial.
-      host = _check_finite(*pending)
-      rate = (done - s0) / max(time.time() - t0, 1e-9)
-      host.update(step=done, steps_per_s=rate,
-                  tokens_per_s=rate * examples * tokens_per_example)
-      history.append(host)
-      eta = (c.num_steps - done) / max(rate, 1e-9)
-      logging.info('step %d | %s | %.2f steps/s | %.0f tokens/s | ETA %.0fs',
-                   done, ' '.join(f'{k}={v:.4g}' for k, v in host.items()
-                                  if k not in ('step', 'steps_per_s',
-                                               'tokens_per_s')),
-                   rate, host['tokens_per_s'], eta)
-    if done % c.checkpoint_every == 0 or done == end:
-      _check_finite(*pending)  # Never save a NaN state.
-      mngr.save(done, args=ocp.args.StandardSave(state))
-    if sample_fn is not None and c.sample_every and done % c.sample_every == 0:
-      samples = sample_fn(done, state.params)
-      if jax.process_index() == 0:
-        images.save_grid(samples, os.path.join(workdir, 'samples',
-                                               f'step_{done:07d}.png'))
+  with _StopSignals() as stop:
+    for step in range(start, end):
+      local = first if step == start else data.batch(
+          step, jax.process_index(), jax.process_count())
+      state, metrics = step_fn(state, data_lib.to_global(local, mesh), frozen)
+      if pending is not None:  # Checked one step late: keeps dispatch async.
+        host = _check_finite(*pending)
+      pending = (step + 1, metrics)
+      done = step + 1
+      if done % c.log_every == 0 or done in (start + 1, end):  # + initial.
+        host = _check_finite(*pending)
+        rate = (done - s0) / max(time.time() - t0, 1e-9)
+        host.update(step=done, steps_per_s=rate,
+                    tokens_per_s=rate * examples * tokens_per_example)
+        history.append(host)
+        eta = (c.num_steps - done) / max(rate, 1e-9)
+        logging.info('step %d | %s | %.2f steps/s | %.0f tokens/s | '
+                     'ETA %.0fs', done, ' '.join(f'{k}={v:.4g}' for k, v in host.items()
+                                    if k not in ('step', 'steps_per_s',
+                                                 'tokens_per_s')),
+                     rate, host['tokens_per_s'], eta)
+      if done % c.checkpoint_every == 0 or done == end:
+        _check_finite(*pending)  # Never save a NaN state.
+        mngr.save(done, args=ocp.args.StandardSave(state))
+      if (sample_fn is not None and c.sample_every and
+          done % c.sample_every == 0):
+        samples = sample_fn(done, state.params)
+        if jax.process_index() == 0:
+          images.save_grid(samples, os.path.join(workdir, 'samples',
+                                                 f'step_{done:07d}.png'))
+      if stop.signum is not None:
+        _check_finite(*pending)
+        if done % c.checkpoint_every and done != end:
+          mngr.save(done, args=ocp.args.StandardSave(state))
+        mngr.wait_until_finished()
+        mngr.close()
+        name = signal.Signals(stop.signum).name
+        raise TrainingInterrupted(
+            f'{name} at step {done}: checkpoint saved in '
+            f'{os.path.join(workdir, "checkpoints")}; rerun to resume')
   if pending is not None:
     _check_finite(*pending)
   mngr.wait_until_finished()
@@ -337,9 +533,17 @@ def fit(c: ml_collections.ConfigDict, workdir: str, *, loss_fn: LossFn,
 # ---------------------------------------------------------------------------
 # Entry point.
 # ---------------------------------------------------------------------------
-def _flux_config(c: ml_collections.ConfigDict) -> FluxConfig:
-  preset = getattr(FluxConfig, c.get('preset', 'tiny'))
-  return preset(**dict(c.get('overrides', {}) or {}))
+def _flux_config(c: ml_collections.ConfigDict,
+                 where: str = 'student') -> FluxConfig:
+  """FluxConfig.<c.preset>(**c.overrides); errors name config.<where>."""
+  name = c.get('preset', 'tiny')
+  if name not in PRESETS:
+    raise ValueError(f'config.{where}.preset={name!r}; expected one of '
+                     f'{PRESETS}')
+  try:
+    return getattr(FluxConfig, name)(**dict(c.get('overrides', {}) or {}))
+  except (TypeError, ValueError) as e:
+    raise ValueError(f'config.{where}.overrides: {e}') from e
 
 
 def _resolve_teacher(c, teacher, mesh):
@@ -353,7 +557,7 @@ def _resolve_teacher(c, teacher, mesh):
     return convert_flux.load_flux_transformer(
         tc.path, shardings=parallel.loading_shardings(mesh))
   if tc.get('preset'):  # Random teacher: toy runs, tests, benchmarks.
-    cfg = _flux_config(tc)
+    cfg = _flux_config(tc, 'teacher')
     return cfg, parallel.init_flux(cfg, mesh, jax.random.PRNGKey(tc.seed))[0]
   return None, None
 
@@ -379,13 +583,17 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, teacher=None,
     mesh: default parallel.create_mesh(c.mesh).
   Returns:
     (final TrainState, history of logged metrics).
+  Raises:
+    ValueError: the config is invalid (checked before any model is built).
+    TrainingInterrupted: SIGINT / SIGTERM; the last step was checkpointed.
   """
+  check_config(c)
   mesh = mesh or parallel.create_mesh(dict(c.mesh))
   # Bad prompt files fail before any model is built.
   prompts = data_lib.load_prompts(c.data.prompts) if data is None else None
   t_cfg, t_params = _resolve_teacher(c, teacher, mesh)
   s_cfg, s_params = student if student is not None else (
-      _flux_config(c.student), None)
+      _flux_config(c.student, 'student'), None)
   resuming = ocp.CheckpointManager(
       os.path.abspath(os.path.join(workdir, 'checkpoints'))).latest_step()
   if s_params is None and c.get('init'):
@@ -419,7 +627,8 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, teacher=None,
       weights=tuple(sorted(dict(c.loss.weights).items())), pairs=pairs,
       t_mode=c.timesteps.mode, logit_mean=c.timesteps.logit_mean,
       logit_std=c.timesteps.logit_std,
-      schedule_prob=c.timesteps.schedule_prob)
+      schedule_prob=c.timesteps.schedule_prob,
+      guidance=float(c.get('guidance') or DEFAULT_GUIDANCE))
   if data is None:
     ref = t_cfg or s_cfg
     data = data_lib.PromptData(
@@ -428,8 +637,10 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, teacher=None,
         ref, grid, c.batch_size, c.seed,
         latents=None if latents_fn is None else latents_fn(prompts))
     if c.data.get('cache_dir') and t_cfg is not None:
-      data = data_lib.build_cache(c.data.cache_dir, data, spec.teacher,
-                                  t_params, schedule, c.data.cache_shards)
+      data = data_lib.build_cache(
+          c.data.cache_dir, data, spec.teacher, t_params, schedule,
+          c.data.cache_shards,
+          guidance=spec.guidance if t_cfg.guidance_embed else None)
   frozen = {} if t_cfg is None else {'teacher': t_params}
   frozen_sh = {} if t_cfg is None else {
       'teacher': parallel.param_shardings(t_cfg, mesh)}
@@ -455,6 +666,8 @@ def default_config() -> ml_collections.ConfigDict:
   add_loop_defaults(c)
   c.remat = False
   c.num_sampling_steps = 4         # the fixed schedule (schnell: 4, no shift).
+  c.guidance = None                # models with a guidance embedder (dev):
+                                   # the scale both see; None: 3.5.
   c.loss = {'weights': {'output_kd': 1.0, 'feature_kd': 0.0, 'rf': 0.0},
             'feature_pairs': ()}
   c.timesteps = {'mode': 'schedule', 'logit_mean': 0.0, 'logit_std': 1.0,

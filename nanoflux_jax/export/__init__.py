@@ -6,6 +6,7 @@
 
 TensorFlow / LiteRT / ai-edge-quantizer are imported only when used.
 """
+from nanoflux_jax.export.bundle import check_export_args
 from nanoflux_jax.export.bundle import export_denoiser
 from nanoflux_jax.export.bundle import export_pipeline
 from nanoflux_jax.export.bundle import size_table

@@ -10,22 +10,24 @@ Folder layout (what `TFLitePipeline` and a phone app read):
   vae_decoder.tflite       latents [1, L, 4C] (packed) -> image [1, H, W, 3] u8
   tokenizer/, tokenizer_2/ the CLIP and T5 tokenizers (save_pretrained)
 
-The folder is written to a temporary sibling and renamed into place only when
-every file converted and passed the builtin-op check, so a failed export never
-replaces a good folder.
+The folder is written to a hidden temporary sibling and renamed into place
+only when every file converted and passed the builtin-op check, so a failed
+export never replaces a good folder. An existing out_dir is replaced only when
+it is an earlier export (or empty); temporary folders of interrupted exports
+are removed on the next export to the same place.
 """
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import shutil
 import time
-import uuid
 from typing import Any
 
 import numpy as np
 
-from nanoflux_jax import checkpoint
+from nanoflux_jax import atomic
 from nanoflux_jax import sampling
 from nanoflux_jax.export import components
 from nanoflux_jax.export import tflite
@@ -40,11 +42,49 @@ PACKING = ('latents [1, C, 2*gh, 2*gw] -> packed [1, gh*gw, 4*C]: '
            "'b c (h ph) (w pw) -> b (h w) (c ph pw)', ph = pw = 2")
 
 
+def is_export(path: str) -> bool:
+  """True for a folder that `export_pipeline` wrote (it has a manifest)."""
+  return os.path.isfile(os.path.join(path, MANIFEST))
+
+
+def check_export_args(out_dir: str, height, width, *, num_steps=4,
+                      max_sequence_length=256, quantize: str = 'none',
+                      factor: int = 1) -> None:
+  """Validates export arguments before any expensive work.
+
+  Args:
+    factor: pixels per packed token side (2 x the VAE down-sampling); 1
+      when not known yet (only positivity is checked then).
+  Raises:
+    ValueError: naming the argument and what was expected.
+    OverwriteError: out_dir exists and is neither an export nor empty.
+  """
+  def is_int(v):
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+  for name, v in (('height', height), ('width', width)):
+    if not is_int(v) or v <= 0 or v % factor:
+      raise ValueError(f'export_pipeline: {name}={v!r} must be a positive '
+                       f'multiple of {factor} (2 x the VAE downsampling)'
+                       if factor > 1 else
+                       f'export_pipeline: {name}={v!r} must be a positive '
+                       'integer')
+  if not is_int(num_steps) or num_steps < 1:
+    raise ValueError(f'export_pipeline: num_steps={num_steps!r} must be an '
+                     'integer >= 1')
+  if not is_int(max_sequence_length) or not 0 < max_sequence_length <= 512:
+    raise ValueError(f'export_pipeline: max_sequence_length='
+                     f'{max_sequence_length!r} must be in [1, 512]')
+  tflite.check_quantize(quantize)
+  atomic.check_replaceable(os.path.abspath(os.fspath(out_dir)), is_export,
+                           'TFLite export (no manifest.json)')
+
+
 def export_denoiser(cfg, params, out_dir: str, grid_h: int, grid_w: int,
                     txt_len: int, *, quantize: str = 'none',
                     max_chunk_bytes: float | None = DEFAULT_CHUNK_BYTES,
                     use_buffer_offset: bool | None = None,
-                    prefix: str = 'denoiser') -> list[dict[str, Any]]:
+                    prefix: str = 'denoiser',
+                    workdir: str | None = None) -> list[dict[str, Any]]:
   """Writes the denoiser as one file, or as a chain of block chunks.
 
   Args:
@@ -53,6 +93,7 @@ def export_denoiser(cfg, params, out_dir: str, grid_h: int, grid_w: int,
     txt_len: T5 tokens.
     max_chunk_bytes: chunk when the (quantized) weights exceed this; None
       never chunks (then files above 2 GB use buffer offsets).
+    workdir: where the intermediate SavedModels go (default: a temp folder).
   Returns:
     One manifest entry per file, in execution order.
   """
@@ -73,7 +114,8 @@ def export_denoiser(cfg, params, out_dir: str, grid_h: int, grid_w: int,
       sub, name = {k: params[k] for k in keys}, f'{prefix}_{i:02d}.tflite'
     entry = tflite.convert(fn, sub, inputs, os.path.join(out_dir, name),
                            quantize=quantize,
-                           use_buffer_offset=use_buffer_offset)
+                           use_buffer_offset=use_buffer_offset,
+                           workdir=workdir)
     entry['blocks'] = [k for k in (keys or components.block_keys(cfg))
                        if 'blocks_' in k]
     entries.append(entry)
@@ -109,24 +151,19 @@ def export_pipeline(pipe, out_dir: str, height: int, width: int, *,
   Returns:
     The manifest (also written to out_dir/manifest.json).
   """
-  tflite.check_quantize(quantize)
   cfg, vae_cfg = pipe.flux_cfg, pipe.vae_cfg
   f = 2 * vae_cfg.downsample_factor
-  for name, v in (('height', height), ('width', width)):
-    if not isinstance(v, (int, np.integer)) or v <= 0 or v % f:
-      raise ValueError(f'export_pipeline: {name}={v} must be a positive '
-                       f'multiple of {f} (2 x the VAE downsampling)')
-  if not 0 < max_sequence_length <= 512:
-    raise ValueError(f'export_pipeline: max_sequence_length='
-                     f'{max_sequence_length} must be in [1, 512]')
+  check_export_args(out_dir, height, width, num_steps=num_steps,
+                    max_sequence_length=max_sequence_length,
+                    quantize=quantize, factor=f)
   gh, gw = height // f, width // f
   static = cfg.modulation == 'static'
+  schedule = _schedule(cfg, num_steps, gh * gw)
 
   out_dir = os.path.abspath(os.fspath(out_dir))
-  parent = os.path.dirname(out_dir)
-  os.makedirs(parent, exist_ok=True)
-  tmp = os.path.join(parent, f'.{os.path.basename(out_dir)}.tmp-'
-                     f'{uuid.uuid4().hex[:8]}')
+  os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+  atomic.remove_stale(out_dir)
+  tmp = atomic.tmp_sibling(out_dir)
   os.makedirs(tmp)
   t_start = time.perf_counter()
   try:
@@ -135,21 +172,21 @@ def export_pipeline(pipe, out_dir: str, height: int, width: int, *,
                                   pipe.t5_out_dim)
     files['t5'] = tflite.convert(fn, pipe.t5_params, inputs,
                                  os.path.join(tmp, 't5.tflite'),
-                                 quantize=quantize)
+                                 quantize=quantize, workdir=tmp)
     if not static:
       fn, inputs = components.clip_fn(pipe.clip_cfg, CLIP_LENGTH)
       files['clip'] = tflite.convert(fn, pipe.clip_params, inputs,
                                      os.path.join(tmp, 'clip.tflite'),
-                                     quantize=quantize)
+                                     quantize=quantize, workdir=tmp)
     files['denoiser'] = export_denoiser(
         cfg, pipe.flux_params, tmp, gh, gw, max_sequence_length,
         quantize=quantize, max_chunk_bytes=max_chunk_bytes,
-        use_buffer_offset=use_buffer_offset)
+        use_buffer_offset=use_buffer_offset, workdir=tmp)
     fn, inputs = components.vae_decoder_fn(vae_cfg, gh, gw, cfg.out_dim)
     files['vae_decoder'] = tflite.convert(
         fn, components.vae_decoder_params(pipe.vae_params), inputs,
         os.path.join(tmp, 'vae_decoder.tflite'),
-        quantize=quantize if quantize_vae else 'none')
+        quantize=quantize if quantize_vae else 'none', workdir=tmp)
     pipe.tokenizer.save_pretrained(os.path.join(tmp, 'tokenizer'))
     pipe.tokenizer_2.save_pretrained(os.path.join(tmp, 'tokenizer_2'))
 
@@ -164,7 +201,7 @@ def export_pipeline(pipe, out_dir: str, height: int, width: int, *,
         'default_guidance': DEFAULT_GUIDANCE if cfg.guidance_embed else None,
         'max_sequence_length': max_sequence_length,
         'clip_length': None if static else CLIP_LENGTH,
-        'schedule': _schedule(cfg, num_steps, gh * gw),
+        'schedule': schedule,
         'latent': {'channels': cfg.in_channels // 4, 'grid': [gh, gw],
                    'latent_hw': [2 * gh, 2 * gw],
                    'packed_shape': [1, gh * gw, cfg.in_channels],
@@ -186,7 +223,8 @@ def export_pipeline(pipe, out_dir: str, height: int, width: int, *,
     }
     with open(os.path.join(tmp, MANIFEST), 'w') as fh:
       json.dump(manifest, fh, indent=2)
-    checkpoint.replace_dir(tmp, out_dir)
+    atomic.check_replaceable(out_dir, is_export, 'TFLite export')
+    atomic.replace_dir(tmp, out_dir)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
   return manifest

@@ -66,7 +66,10 @@ class TFLiteModel:
       raise FileNotFoundError(f'{self.path}: listed in {MANIFEST} but missing')
     self.inputs = _get(entry, 'inputs', where)
     self.outputs = _get(entry, 'outputs', where)
-    self._interp = Interpreter(model_path=self.path, num_threads=num_threads)
+    try:
+      self._interp = Interpreter(model_path=self.path, num_threads=num_threads)
+    except (ValueError, RuntimeError) as e:  # e.g. not a valid Flatbuffer.
+      raise ManifestError(f'{self.path}: not a valid .tflite file ({e})') from e
     self._runner = self._interp.get_signature_runner(SIGNATURE_KEY)
     actual = self._runner.get_input_details()
     for name, spec in self.inputs.items():
@@ -102,8 +105,13 @@ class TFLitePipeline:
     path = os.path.join(directory, MANIFEST)
     if not os.path.isfile(path):
       raise FileNotFoundError(f'{path}: no manifest (not an exported folder)')
-    with open(path) as f:
-      m = json.load(f)
+    try:
+      with open(path) as f:
+        m = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+      raise ManifestError(f'{path}: corrupt manifest: {e}') from e
+    if not isinstance(m, dict):
+      raise ManifestError(f'{path}: corrupt manifest: not a JSON object')
     self.directory, self.manifest = directory, m
     g = lambda key: _get(m, key, path)
     self.height, self.width = int(g('height')), int(g('width'))
@@ -188,11 +196,23 @@ class TFLitePipeline:
     """Packed latents [1, L, C] -> uint8 image [1, H, W, 3]."""
     return self.vae_decoder(latents=packed)['image']
 
-  def _check(self, prompts, height, width):
+  def _check(self, prompts, height, width, seed=None):
     if isinstance(prompts, str):
       prompts = [prompts]
+    if prompts is None or not isinstance(prompts, (list, tuple)):
+      raise ValueError(f'TFLitePipeline: prompts={prompts!r}; expected a '
+                       'string or a list of strings')
     if not prompts:
       raise ValueError('TFLitePipeline: the prompt list is empty')
+    bad = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
+    if bad:
+      raise ValueError(f'TFLitePipeline: prompts[{bad[0]}]='
+                       f'{prompts[bad[0]]!r} is not a string')
+    if seed is not None and (isinstance(seed, bool) or
+                             not isinstance(seed, (int, np.integer)) or
+                             seed < 0):
+      raise ValueError(f'TFLitePipeline: seed={seed!r} must be an integer '
+                       '>= 0')
     for name, v, want in (('height', height, self.height),
                           ('width', width, self.width)):
       if v is not None and v != want:
@@ -216,7 +236,7 @@ class TFLitePipeline:
       guidance: for guidance-distilled models (default: manifest's).
       output_type: 'np' -> uint8 [B, H, W, 3]; 'latent' -> [B, L, C] float32.
     """
-    prompts = self._check(prompts, height, width)
+    prompts = self._check(prompts, height, width, seed)
     if output_type not in ('np', 'latent'):
       raise ValueError(f"TFLitePipeline: output_type={output_type!r}; "
                        "expected 'np' or 'latent'")

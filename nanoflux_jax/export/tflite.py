@@ -88,7 +88,10 @@ def check_quantize(quantize: str) -> None:
 # ----------------------------------------------------------------------------
 def _interpreter(path: str, num_threads: int = 1):
   from ai_edge_litert.interpreter import Interpreter  # pylint: disable=g-import-not-at-top
-  return Interpreter(model_path=path, num_threads=num_threads)
+  try:
+    return Interpreter(model_path=path, num_threads=num_threads)
+  except (ValueError, RuntimeError) as e:  # e.g. not a valid Flatbuffer.
+    raise ExportError(f'{path}: not a valid .tflite file ({e})') from e
 
 
 def tflite_ops(path: str) -> list[str]:

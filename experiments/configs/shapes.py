@@ -83,7 +83,7 @@ def _rungs(variant: str, dit: dict, te: dict) -> list[dict]:
   emb_only = {**te, 'loss': {**te['loss'], 'lambda_vis': 0.0}}
   return [
       prune,
-      {'kind': 'depth', 'keep_blocks': 4 if variant == 'full' else 3,
+      {'kind': 'depth', 'keep_blocks': 3 if variant == 'micro' else 4,
        'criterion': 'block_io', 'calib_n': 8, 'distill': dit},
       static,
       {'kind': 'downsample', 'start': 1, 'end': -2, 'factor': 2,

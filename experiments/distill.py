@@ -23,10 +23,14 @@ _CONFIG = config_flag.define_config_file('config', 'Config file.')
 
 def main(argv):
   del argv
-  parallel.maybe_initialize_distributed()
   c = _CONFIG.value
   if _INIT.value:
     c.init = _INIT.value
+  try:  # Before touching devices, the teacher or the workdir.
+    trainer.check_config(c)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
+  parallel.maybe_initialize_distributed()
   logging.info('process %d/%d, %d devices', jax.process_index(),
                jax.process_count(), jax.device_count())
   trainer.train(c, _WORKDIR.value)

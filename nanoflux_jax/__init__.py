@@ -3,10 +3,12 @@ from nanoflux_jax import compress
 from nanoflux_jax import convert
 from nanoflux_jax import export
 from nanoflux_jax import sampling
+from nanoflux_jax.atomic import OverwriteError
 from nanoflux_jax.configs import ClipConfig
 from nanoflux_jax.configs import FluxConfig
 from nanoflux_jax.configs import T5Config
 from nanoflux_jax.configs import VAEConfig
+from nanoflux_jax.convert.safetensors_io import CheckpointError
 from nanoflux_jax.models.clip import ClipTextModel
 from nanoflux_jax.models.flux import Flux
 from nanoflux_jax.models.t5 import T5Encoder

@@ -273,6 +273,15 @@ def _save_over_user_file(tmp_path, params):  # Variant: a file, not a folder.
           'is a file', [str(f)])
 
 
+def _train_student_over_user_folder(tmp_path, params):  # Variant.
+  wd = tmp_path / 'wd'
+  wd.mkdir()
+  d = _user_folder(wd, 'student')
+  c = _train_config()
+  return (lambda: trainer.train(c, str(wd)), atomic.OverwriteError,
+          f'{d}: exists and is not a nanoflux checkpoint', [d])
+
+
 def _convert_binary_out(tmp_path, params):
   src = _bfl(tmp_path, params)
   d = _user_folder(tmp_path)
@@ -478,6 +487,7 @@ CASES = {
     'export_over_user_folder': _export_over_user_folder,
     'save_over_user_file': _save_over_user_file,
     'convert_binary_out': _convert_binary_out,
+    'train_student_over_user_folder': _train_student_over_user_folder,
     # Accidental errors instead of validation.
     'batch_size_zero': _batch_size_zero,
     'grad_accum_not_dividing': _grad_accum_not_dividing,
@@ -533,7 +543,9 @@ def test_binaries_report_config_errors_as_usage_errors(tmp_path):
   for args, fragment in (
       ([], 'Flag --config must have a value'),
       ([f'--config={config}', '--config.no_such_field=1'],
-       "has no field 'no_such_field'")):
+       "has no field 'no_such_field'"),
+      ([f'--config={config}', '--config.student.preset=huge'],
+       "config.student.preset='huge'")):
     out = subprocess.run([sys.executable, binary, f'--workdir={tmp_path}',
                           *args], capture_output=True, text=True,
                          env=dict(os.environ, JAX_PLATFORMS='cpu'),

@@ -39,6 +39,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
+from nanoflux_jax import atomic
 from nanoflux_jax import checkpoint as nf_checkpoint
 from nanoflux_jax import images
 from nanoflux_jax import parallel
@@ -588,6 +589,9 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, teacher=None,
     TrainingInterrupted: SIGINT / SIGTERM; the last step was checkpointed.
   """
   check_config(c)
+  # The student is written there at the end; refuse a foreign folder now.
+  atomic.check_replaceable(os.path.join(workdir, 'student'),
+                           nf_checkpoint.is_checkpoint, 'nanoflux checkpoint')
   mesh = mesh or parallel.create_mesh(dict(c.mesh))
   # Bad prompt files fail before any model is built.
   prompts = data_lib.load_prompts(c.data.prompts) if data is None else None

@@ -15,7 +15,6 @@ files) follows the same three rules:
 """
 from __future__ import annotations
 
-import glob
 import os
 import re
 import shutil
@@ -54,48 +53,56 @@ def _pid_running(pid: int) -> bool:
   return True
 
 
-def _is_stale(name: str, full: str) -> bool:
-  m = re.search(r'\.(?:tmp|old)-([A-Za-z0-9]+)-(\d+)-[0-9a-f]{8}(?:\.\w+)?$',
-                name)
+def _stale_kind(name: str, base: str, full: str) -> str | None:
+  """'tmp' or 'old' when `name` is a temporary sibling of `base` left by a
+  dead process of this host (or, for older writers' names without a pid, one
+  older than an hour); else None. Only names that writers make match, never
+  a user's look-alike.
+  """
+  e = re.escape(base)
+  m = re.fullmatch(rf'\.{e}\.(tmp|old)-([A-Za-z0-9]+)-(\d+)-[0-9a-f]{{8}}',
+                   name)
   if m:
-    return m.group(1) == _host() and not _pid_running(int(m.group(2)))
-  try:  # An older writer's name without host and pid: go by age.
-    return time.time() - os.lstat(full).st_mtime > _LEGACY_AGE_S
+    dead = m.group(2) == _host() and not _pid_running(int(m.group(3)))
+    return m.group(1) if dead else None
+  m = re.fullmatch(rf'{e}\.tmp-(\d+)', name)  # Older safetensors writer.
+  if m:
+    return None if _pid_running(int(m.group(1))) else 'tmp'
+  m = re.fullmatch(rf'\.?{e}\.(tmp|old)-[0-9a-f]{{8}}', name)  # No pid.
+  try:
+    old = m and time.time() - os.lstat(full).st_mtime > _LEGACY_AGE_S
   except OSError:
-    return False
+    return None
+  return m.group(1) if old else None
 
 
 def remove_stale(path: str) -> list[str]:
   """Removes temporary siblings of `path` left by dead processes.
 
-  Matches `.<name>.tmp-*` and `.<name>.old-*` (and the older unhidden
-  `<name>.tmp-*`); an `.old-*` folder is kept while `path` itself is missing,
-  since it may then be the only copy of the previous artefact.
+  Matches the names `tmp_sibling` makes (and those of older versions); an
+  `.old-*` folder is kept while `path` itself is missing, since it may then
+  be the only copy of the previous artefact.
   Returns:
     The removed paths.
   """
   path = os.path.abspath(os.fspath(path))
-  parent, name = os.path.dirname(path), os.path.basename(path)
+  parent, base = os.path.dirname(path), os.path.basename(path)
   if not os.path.isdir(parent):
     return []
   removed = []
-  pattern = [f'.{glob.escape(name)}.tmp-*', f'.{glob.escape(name)}.old-*',
-             f'{glob.escape(name)}.tmp-*']
-  for pat in pattern:
-    for full in glob.glob(os.path.join(parent, pat)):
-      base = os.path.basename(full)
-      if '.old-' in base and not os.path.exists(path):
+  for name in sorted(os.listdir(parent)):
+    full = os.path.join(parent, name)
+    kind = _stale_kind(name, base, full) if base in name else None
+    if kind is None or (kind == 'old' and not os.path.exists(path)):
+      continue
+    if os.path.isdir(full) and not os.path.islink(full):
+      shutil.rmtree(full, ignore_errors=True)
+    else:
+      try:
+        os.remove(full)
+      except OSError:
         continue
-      if not _is_stale(base, full):
-        continue
-      if os.path.isdir(full) and not os.path.islink(full):
-        shutil.rmtree(full, ignore_errors=True)
-      else:
-        try:
-          os.remove(full)
-        except OSError:
-          continue
-      removed.append(full)
+    removed.append(full)
   return removed
 
 

@@ -569,9 +569,13 @@ def test_replacing_same_kind_is_allowed_and_stale_temps_are_removed(
   os.utime(legacy, (0, 0))
   live = tmp_path / f'.ck.tmp-{atomic._host()}-{os.getpid()}-fedcba98'
   live.mkdir()
+  mine = tmp_path / 'ck.tmp-notes'  # A user's look-alike, however old.
+  mine.write_text('keep')
+  os.utime(mine, (0, 0))
   checkpoint.save(ck, CFG.replace(remat=True), params)  # Same kind: allowed.
   assert checkpoint.load(ck)[0].remat
-  assert not dead.exists() and not legacy.exists() and live.exists()
+  assert not dead.exists() and not legacy.exists()
+  assert live.exists() and mine.read_text() == 'keep'
   # An empty folder may be written into; a parameter-free config loads.
   empty = tmp_path / 'empty'
   empty.mkdir()

@@ -14,6 +14,7 @@ import jax
 import config_flag  # experiments/config_flag.py, beside this binary.
 from nanoflux_jax import parallel
 from nanoflux_jax.distill import text_encoder
+from nanoflux_jax.distill import trainer
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints and the student.',
                                required=True)
@@ -22,6 +23,10 @@ _CONFIG = config_flag.define_config_file('config', 'Config file.')
 
 def main(argv):
   del argv
+  try:  # The loop's fields, before loading the teacher T5 or denoiser.
+    trainer.check_loop_config(_CONFIG.value)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
   parallel.maybe_initialize_distributed()
   logging.info('process %d/%d, %d devices', jax.process_index(),
                jax.process_count(), jax.device_count())

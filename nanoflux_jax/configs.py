@@ -102,7 +102,8 @@ class FluxConfig(_Serializable):
   # Numerics and execution.
   dtype: str = 'float32'        # compute dtype of matmuls.
   param_dtype: str = 'float32'  # storage dtype of params.
-  attention_impl: str = 'auto'  # 'auto' | 'per_head' | 'xla' | 'cudnn'.
+  # 'auto' | 'per_head' | 'xla' | 'cudnn' | 'splash' (layers.resolve_impl).
+  attention_impl: str = 'auto'
   remat: bool = False           # rematerialise each block in the backward.
 
   def __post_init__(self):
@@ -147,7 +148,8 @@ class FluxConfig(_Serializable):
                        "'adaln' or 'static'")
     if self.modulation == 'static' and not self.static_timesteps:
       raise ValueError("FluxConfig: modulation='static' needs static_timesteps")
-    if self.attention_impl not in ('auto', 'per_head', 'xla', 'cudnn'):
+    if self.attention_impl not in ('auto', 'per_head', 'xla', 'cudnn',
+                                   'splash'):
       raise ValueError(f'FluxConfig.attention_impl={self.attention_impl!r}')
     if (self.downsample_start is None) != (self.downsample_end is None):
       raise ValueError('FluxConfig: set both downsample_start and '

@@ -140,16 +140,29 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
   axes that do not divide a dim are dropped from it (odd pruned widths,
   small micro-batches) instead of padding it.
   """
+  spec = activation_spec(logical_axes, x.shape, 'constrain')
+  return x if spec is None else jax.lax.with_sharding_constraint(x, spec)
+
+
+def activation_spec(logical_axes: Sequence[str | None], shape: Sequence[int],
+                    caller: str = 'activation_spec') -> P | None:
+  """The mesh PartitionSpec of an array of `shape` named `logical_axes`.
+
+  None unless a mesh is set (`jax.set_mesh`) and logical rules are active
+  (`nn.logical_axis_rules`). Mesh axes that do not divide a dim are dropped
+  from it (`_fit`). `constrain` and shard_map'd kernels (splash attention)
+  both read their specs from here, so `RULES` stays the one table.
+  """
   rules = nn.get_logical_axis_rules()
   mesh = jax.sharding.get_abstract_mesh()
   if not rules or mesh.empty:
-    return x
-  if len(logical_axes) != x.ndim:
-    raise ValueError(f'constrain: {len(logical_axes)} logical axes '
-                     f'{tuple(logical_axes)} for an array of shape {x.shape}')
-  spec = _fit(nn.logical_to_mesh_axes(tuple(logical_axes), rules), x.shape,
+    return None
+  if len(logical_axes) != len(shape):
+    raise ValueError(f'{caller}: {len(logical_axes)} logical axes '
+                     f'{tuple(logical_axes)} for an array of shape '
+                     f'{tuple(shape)}')
+  return _fit(nn.logical_to_mesh_axes(tuple(logical_axes), rules), shape,
               mesh)
-  return jax.lax.with_sharding_constraint(x, spec)
 
 
 def logical_shardings(abstract_boxed, mesh: Mesh, rules=RULES):

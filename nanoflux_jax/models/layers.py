@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from nanoflux_jax import parallel
+from nanoflux_jax.models import splash
 
 Array = jax.Array
 
@@ -234,20 +235,67 @@ def _attention_reference(q: Array, k: Array, v: Array) -> Array:
   return jnp.einsum('bhqk,bkhd->bqhd', p, v)
 
 
+IMPLS = ('auto', 'per_head', 'xla', 'cudnn', 'splash')
+
+
+@functools.lru_cache(maxsize=None)
+def _cudnn_works() -> bool:
+  """Whether jax's cuDNN flash attention compiles here (cuDNN >= 8.9, an
+  NVIDIA GPU). Probed once with a small bf16 call, since jax raises only when
+  it lowers."""
+  try:
+    x = jax.ShapeDtypeStruct((1, 128, 1, 64), jnp.bfloat16)
+    jax.jit(functools.partial(jax.nn.dot_product_attention,
+                              implementation='cudnn')).lower(x, x, x).compile()
+    return True
+  except Exception:  # pylint: disable=broad-except
+    return False
+
+
+def resolve_impl(impl: str, dtype=jnp.float32, backend: str | None = None,
+                 cudnn_available=None) -> str:
+  """The attention implementation 'auto' stands for (others pass through).
+
+  TPU: 'splash' (Pallas flash attention, nothing [B, H, L, L] in memory).
+  GPU: 'cudnn' when cuDNN flash attention is available and the dtype is
+  bf16 / fp16 (the only ones it takes), else 'xla'. CPU: 'per_head'.
+
+  Args:
+    dtype: the q/k/v dtype.
+    backend: default jax.default_backend().
+    cudnn_available: () -> bool; default a one-off compile probe.
+  """
+  if impl not in IMPLS:
+    raise ValueError(f'attention: unknown implementation {impl!r}; expected '
+                     f'one of {IMPLS}')
+  if impl != 'auto':
+    return impl
+  backend = backend or jax.default_backend()
+  if backend == 'tpu':
+    return 'splash'
+  if backend == 'cpu':
+    return 'per_head'
+  half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+  if backend in ('gpu', 'cuda') and half and (cudnn_available or
+                                              _cudnn_works)():
+    return 'cudnn'
+  return 'xla'
+
+
 def attention(q: Array, k: Array, v: Array, impl: str = 'auto') -> Array:
   """Scaled dot-product attention (no mask), q/k/v [B, L, H, D] -> [B, L, H, D].
 
   impl: 'per_head' (fastest exact one on CPU), 'xla' (jax.nn's fused XLA
-  path, the TPU default), 'cudnn' (flash attention on NVIDIA GPUs), or 'auto':
-  'per_head' on CPU, 'xla' elsewhere.
+  path), 'cudnn' (flash attention on NVIDIA GPUs), 'splash' (Pallas flash
+  attention for TPUs, interpret mode elsewhere; `splash.py`), or 'auto'
+  (`resolve_impl`: splash on TPU, cudnn on GPU when it can, per_head on CPU).
   """
-  if impl == 'auto':
-    impl = 'per_head' if jax.default_backend() == 'cpu' else 'xla'
+  impl = resolve_impl(impl, q.dtype)
   if impl == 'per_head':
     return _attention_per_head(q, k, v)
-  if impl in ('xla', 'cudnn'):
-    return jax.nn.dot_product_attention(q, k, v, implementation=impl)
-  raise ValueError(f'attention: unknown implementation {impl!r}')
+  if impl == 'splash':
+    return splash.splash_attention(q, k, v)
+  return jax.nn.dot_product_attention(q, k, v, implementation=impl)
 
 
 @functools.lru_cache(maxsize=None)

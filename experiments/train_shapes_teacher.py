@@ -25,12 +25,13 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-from nanoflux_jax import checkpoint
+from nanoflux_jax import atomic
 from nanoflux_jax import images
 from nanoflux_jax.data import shapes
 from nanoflux_jax.distill import shapes_teacher
 from nanoflux_jax.evaluate import classifier
 from nanoflux_jax.evaluate import toy
+from nanoflux_jax.pipeline import PIPELINE_FILE
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training folder; resumed.',
@@ -92,8 +93,11 @@ def main(argv):
 
   if _OUT.value:
     out = os.path.abspath(_OUT.value)
-    tmp = f'{out}.tmp-{os.getpid()}'
-    shutil.rmtree(tmp, ignore_errors=True)
+    atomic.check_replaceable(
+        out, lambda p: os.path.isfile(os.path.join(p, PIPELINE_FILE)),
+        'FluxPipeline folder')
+    atomic.remove_stale(out)
+    tmp = atomic.tmp_sibling(out)
     shutil.copytree(os.path.join(_WORKDIR.value, 'pipeline'), tmp)
     command = ' '.join(['python', 'experiments/train_shapes_teacher.py'] +
                        [a for a in sys.argv[1:]
@@ -103,7 +107,7 @@ def main(argv):
       f.write(_readme(command, seconds, ev,
                       jax.devices()[0].device_kind))
     images.save_grid(imgs[:16], os.path.join(tmp, 'samples.png'))
-    checkpoint.replace_dir(tmp, out)
+    atomic.replace_dir(tmp, out)
     logging.info('teacher written to %s', out)
 
 

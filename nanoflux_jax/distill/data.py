@@ -241,9 +241,12 @@ def build_cache(cache_dir: str, data, cfg: FluxConfig, params,
   if os.path.isfile(meta_file):
     with open(meta_file) as f:
       old = json.load(f)
+    meta = json.loads(json.dumps(meta))  # Tuples -> lists, as on disk.
     if old != meta:
+      diff = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
       raise ValueError(f'teacher cache {cache_dir!r} was built with other '
-                       'settings; delete it or choose another cache_dir')
+                       f'settings ({", ".join(diff)} differ); delete it or '
+                       'choose another cache_dir')
     return CachedData(cache_dir)
   os.makedirs(cache_dir, exist_ok=True)
   traj = jax.jit(lambda p, n, t, y: teacher_trajectory(

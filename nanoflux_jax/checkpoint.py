@@ -133,11 +133,14 @@ def load(path: str, *, dtype=None, shardings=None, **config_overrides):
     **config_overrides: fields to replace in the stored config.
   """
   path = os.path.abspath(os.fspath(path))
-  config = load_config(path)
+  config = stored = load_config(path)
   if dtype is not None and not isinstance(config, dict):
     config = config.replace(param_dtype=np.dtype(dtype).name)
   if config_overrides:
     config = config.replace(**config_overrides)
+  if (isinstance(config, configs.FluxConfig) and
+      config.scan_blocks != stored.scan_blocks):
+    return _load_relayout(path, stored, config, dtype, shardings)
   if not os.path.isdir(os.path.join(path, 'params')):
     if _read_config_file(path).get(EMPTY_KEY) or _param_free(config):
       return config, {}  # Saved from an empty params tree.
@@ -162,4 +165,23 @@ def load(path: str, *, dtype=None, shardings=None, **config_overrides):
     params = ckptr.restore(os.path.join(path, 'params'), target)
   except Exception as e:  # orbax raises many types; name the folder.
     raise CheckpointError(f'{path}: cannot restore params: {e}') from e
+  return config, params
+
+
+def _load_relayout(path: str, stored, config, dtype, shardings):
+  """A Flux checkpoint saved with the other `scan_blocks` layout: restored
+  as saved, then its runs stacked (or split) into `config`'s layout."""
+  from nanoflux_jax.models import flux  # pylint: disable=g-import-not-at-top
+  if shardings is not None and not callable(shardings):
+    raise ValueError(
+        f'{path}: saved with scan_blocks={stored.scan_blocks}; loading it '
+        f'with scan_blocks={config.scan_blocks} needs shardings as a '
+        'callable (config, param_shapes) -> shardings, e.g. '
+        'parallel.loading_shardings(mesh)')
+  _, params = load(path, dtype=dtype, shardings=shardings)
+  params = (flux.scan_params(config, params) if config.scan_blocks else
+            flux.unscan_params(stored, params))
+  if shardings is not None:
+    params = jax.device_put(params, shardings(config,
+                                              flux.param_shapes(config)))
   return config, params

@@ -59,6 +59,11 @@ class _Serializable:
     return dataclasses.replace(self, **kw)
 
 
+# jax.checkpoint_policies that take no arguments (FluxConfig.remat_policy).
+REMAT_POLICIES = ('nothing_saveable', 'everything_saveable', 'dots_saveable',
+                  'dots_with_no_batch_dims_saveable')
+
+
 @dataclasses.dataclass(frozen=True)
 class FluxConfig(_Serializable):
   """The FLUX.1 rectified-flow DiT (BFL `FluxParams` plus compression fields).
@@ -105,6 +110,13 @@ class FluxConfig(_Serializable):
   # 'auto' | 'per_head' | 'xla' | 'cudnn' | 'splash' (layers.resolve_impl).
   attention_impl: str = 'auto'
   remat: bool = False           # rematerialise each block in the backward.
+  # What a rematerialised block keeps for the backward: a jax.checkpoint_
+  # policies name without arguments (REMAT_POLICIES).
+  remat_policy: str = 'nothing_saveable'
+  # Scan (lax.scan) over each run of identical blocks instead of unrolling
+  # them: one block body to compile per run. Params of a run are stacked on a
+  # leading 'layers' axis (models.flux.scan_params / unscan_params convert).
+  scan_blocks: bool = False
 
   def __post_init__(self):
     set_ = lambda k, v: object.__setattr__(self, k, v)
@@ -151,6 +163,9 @@ class FluxConfig(_Serializable):
     if self.attention_impl not in ('auto', 'per_head', 'xla', 'cudnn',
                                    'splash'):
       raise ValueError(f'FluxConfig.attention_impl={self.attention_impl!r}')
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f'FluxConfig.remat_policy={self.remat_policy!r}; '
+                       f'expected one of {REMAT_POLICIES}')
     if (self.downsample_start is None) != (self.downsample_end is None):
       raise ValueError('FluxConfig: set both downsample_start and '
                        'downsample_end, or neither')

@@ -45,6 +45,9 @@ RULES: tuple[tuple[str, Any], ...] = (
     ('vocab', 'tensor'),
     ('conv_in', None),
     ('conv_out', 'tensor'),
+    # The stacked-blocks axis of scanned params (FluxConfig.scan_blocks):
+    # every device holds every layer's slice of its shard.
+    ('layers', None),
 )
 
 

@@ -164,10 +164,10 @@ def test_flux_forward_splash_equals_per_head_on_mesh():
 
 
 def test_distill_step_splash_equals_per_head_on_mesh():
-  """One sharded distillation step (`trainer.train_step`: teacher
-  trajectory, student forward and backward through the splash VJP, AdamW)
-  gives per_head's loss and params. 5 text + 8 image tokens: padded."""
-  mesh = _mesh8()
+  """One distillation step (`trainer.train_step`: teacher trajectory,
+  student forward and backward through the splash VJP, AdamW), sharded over
+  (2, 2, 2), gives the params of a one-device per_head step. 5 text + 8
+  image tokens: padded to 128."""
   # Host copies: the step donates its state, each run places its own.
   teacher = jax.device_get(flux.init_params(TINY, jax.random.PRNGKey(1)))
   student = jax.device_get(flux.init_params(TINY, jax.random.PRNGKey(2)))
@@ -175,17 +175,14 @@ def test_distill_step_splash_equals_per_head_on_mesh():
   batch = {'noise': rng.standard_normal((4, 8, TINY.in_channels)),
            'txt': rng.standard_normal((4, 5, TINY.context_in_dim)),
            'y': rng.standard_normal((4, TINY.vec_in_dim))}
-  batch = {k: jax.device_put(jnp.asarray(v, jnp.float32),
-                             parallel.batch_sharding(mesh, v.ndim))
-           for k, v in batch.items()}
   c = trainer.default_config()
   c.adam_eps = 1e-3  # Rounding-sized grads must not become +-lr steps.
   tx = trainer.make_optimizer(c)
 
-  def step(impl):
+  def step(impl, mesh):
     cfg = TINY.replace(attention_impl=impl)
     spec = trainer.DistillSpec(
-        student=cfg, teacher=cfg, schedule=(1.0, 0.5, 0.0), grid=(2, 4),
+        student=cfg, teacher=cfg, schedule=(1.0, 0.0), grid=(2, 4),
         weights=(('output_kd', 1.0),))
     p_sh = parallel.param_shardings(cfg, mesh)
     params = {'student': parallel.shard_like(student, p_sh)}
@@ -194,14 +191,20 @@ def test_distill_step_splash_equals_per_head_on_mesh():
         step=jnp.zeros((), jnp.int32), params=params,
         opt_state=tx.init(params), rng=jax.random.PRNGKey(0)), state_sh)
     frozen = {'teacher': parallel.shard_like(teacher, p_sh)}
+    x = {k: jax.device_put(jnp.asarray(v, jnp.float32),
+                           parallel.batch_sharding(mesh, v.ndim))
+         for k, v in batch.items()}
     fn = trainer.compile_train_step(
         functools.partial(trainer.distill_loss, spec=spec), tx, 1, state_sh,
-        jax.tree.map(lambda x: x.sharding, batch), {'teacher': p_sh}, mesh)
-    return fn(state, batch, frozen)
+        jax.tree.map(lambda a: a.sharding, x), {'teacher': p_sh}, mesh)
+    return fn(state, x, frozen)
 
-  got, got_m = step('splash')
-  want, want_m = step('per_head')
+  got, got_m = step('splash', _mesh8())
+  want, want_m = step('per_head',
+                      parallel.create_mesh((1, 1, 1), jax.devices()[:1]))
   assert int(got.step) == 1
+  qkv = got.params['student']['double_blocks_0']['img_attn']['qkv']['kernel']
+  assert qkv.sharding.spec == P('fsdp', None, 'tensor', None)
   np.testing.assert_allclose(got_m['loss'], want_m['loss'], rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
                got.params, want.params)

@@ -16,6 +16,8 @@ import os
 import re
 from typing import Any
 
+import jax
+from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 
 from nanoflux_jax.configs import FluxConfig
@@ -520,22 +522,41 @@ def load_flux_transformer(path: str, dtype=None, *, shardings=None,
       cfg = cfg.replace(param_dtype=np.dtype(dtype).name)
     if config_overrides:
       cfg = cfg.replace(**config_overrides)
-    target = flux_model.param_shapes(cfg)
+    # Files hold one tensor per block: load unrolled, then stack the runs
+    # a scan_blocks config scans (each stacked array on its sharding).
+    flat = cfg.replace(scan_blocks=False)
+    target = flux_model.param_shapes(flat)
     if callable(shardings):
-      shardings = shardings(cfg, target)
-    plan = bfl_plan(cfg) if fmt == 'bfl' else diffusers_plan(cfg)
-    params = loading.load_strict(source, plan, target, dtype=dtype,
-                                 shardings=shardings, origin=path,
-                                 progress=progress, nonfinite=nonfinite)
+      shardings = shardings(cfg, flux_model.param_shapes(cfg))
+    plan = bfl_plan(flat) if fmt == 'bfl' else diffusers_plan(flat)
+    params = loading.load_strict(
+        source, plan, target, dtype=dtype, origin=path, progress=progress,
+        nonfinite=nonfinite, shardings=None if shardings is None else
+        flux_model.unscan_params(cfg, shardings, take=_layer_sharding))
   finally:
     source.close()
+  if cfg.scan_blocks:
+    params = flux_model.scan_params(cfg, params)
+    if shardings is not None:
+      params = jax.device_put(params, shardings)
   return cfg, params
+
+
+def _layer_sharding(s, i):
+  """The sharding of one layer of a stacked param: its spec minus the
+  leading 'layers' entry (other shardings are whole-array already)."""
+  del i
+  if not isinstance(s, NamedSharding):
+    return s
+  return NamedSharding(s.mesh, P(*tuple(s.spec)[1:]))
 
 
 def to_bfl_state_dict(cfg: FluxConfig, params) -> dict[str, np.ndarray]:
   """Our params -> a BFL-keyed state dict (torch layouts), the inverse of
   `bfl_plan`. Static-modulation tables keep a `.table` suffix; the token
   down-sampler is stored under `downsample.*` extension keys."""
+  from nanoflux_jax.models import flux as flux_model  # pylint: disable=g-import-not-at-top
+  params = flux_model.unscan_params(cfg, params)  # Files hold every block.
   p = {k: np.asarray(v) for k, v in _flatten(params).items()}
   out: dict[str, np.ndarray] = {}
   lin = lambda dst, src, bias=True: out.update(

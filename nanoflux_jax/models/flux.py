@@ -113,6 +113,13 @@ class DoubleStreamBlock(nn.Module):
   """
   config: FluxConfig
   index: int
+  scan_outputs: bool = False  # scan_step also stacks every block's output.
+
+  def scan_step(self, carry: tuple[Array, Array], cond: Array,
+                pe: tuple[Array, Array]):
+    """nn.scan body: ((img, txt), cond, pe) -> ((img, txt), ys)."""
+    out = self(*carry, cond, pe)
+    return out, (out if self.scan_outputs else None)
 
   @nn.compact
   def __call__(self, img: Array, txt: Array, cond: Array,
@@ -152,6 +159,12 @@ class SingleStreamBlock(nn.Module):
   """
   config: FluxConfig
   index: int
+  scan_outputs: bool = False  # scan_step also stacks every block's output.
+
+  def scan_step(self, x: Array, cond: Array, pe: tuple[Array, Array]):
+    """nn.scan body: (x, cond, pe) -> (x, ys)."""
+    x = self(x, cond, pe)
+    return x, (x if self.scan_outputs else None)
 
   @nn.compact
   def __call__(self, x: Array, cond: Array,
@@ -208,6 +221,10 @@ class Flux(nn.Module):
   (static Python ints, h * w = L, both divisible by downsample_factor f) is
   required; blocks start..end then see (h/f)*(w/f) coarse image tokens, and
   their intermediates 'img' are those coarse tokens [B, L/f^2, D].
+
+  With `config.scan_blocks`, each run of identical blocks (`block_runs`) is
+  one lax.scan over params stacked as `{kind}_blocks_{a}_to_{b}`; same
+  outputs, one block body to compile per run.
   """
   config: FluxConfig
 
@@ -295,25 +312,47 @@ class Flux(nn.Module):
     pe = layers.rope(jnp.concatenate([txt_ids, img_ids], axis=1),
                      cfg.axes_dim, cfg.theta)
 
-    double = nn.remat(DoubleStreamBlock) if cfg.remat else DoubleStreamBlock
-    single = nn.remat(SingleStreamBlock) if cfg.remat else SingleStreamBlock
+    double, single = (_maybe_remat(b, cfg)
+                      for b in (DoubleStreamBlock, SingleStreamBlock))
     resample = self._resampler(img, img_ids, txt_ids, img_grid)
+    runs = block_runs(cfg)
     feats_img, feats_txt = [], []
     img, txt = _constrain(img), _constrain(txt)
-    for i in range(cfg.depth):
-      img, pe = resample(i, 'down', img, pe)
-      img, txt = double(cfg, i, name=f'double_blocks_{i}')(img, txt, cond, pe)
+    for kind, a, b in runs:
+      if kind != 'double':
+        continue
+      if b - a > 1:  # A scanned run: stacked outputs [n, B, L, D].
+        run = _scan(DoubleStreamBlock, cfg, b - a)(
+            cfg, a, return_intermediates, name=run_name(kind, a, b))
+        (img, txt), ys = run.scan_step((img, txt), cond, pe)
+        if return_intermediates:
+          feats_img.extend(ys[0])
+          feats_txt.extend(ys[1])
+        continue
+      img, pe = resample(a, 'down', img, pe)
+      img, txt = double(cfg, a, name=run_name(kind, a, b))(img, txt, cond, pe)
       feats_img.append(img)
       feats_txt.append(txt)
-      img, pe = resample(i, 'up', img, pe)
+      img, pe = resample(a, 'up', img, pe)
     lt = txt.shape[1]
     x = jnp.concatenate([txt, img], axis=1)
-    for i in range(cfg.depth_single_blocks):
-      x, pe = resample(cfg.depth + i, 'down', x, pe, lt)
-      x = single(cfg, i, name=f'single_blocks_{i}')(x, cond, pe)
+    for kind, a, b in runs:
+      if kind != 'single':
+        continue
+      if b - a > 1:
+        run = _scan(SingleStreamBlock, cfg, b - a)(
+            cfg, a, return_intermediates, name=run_name(kind, a, b))
+        x, ys = run.scan_step(x, cond, pe)
+        if return_intermediates:
+          feats_img.extend(ys[:, :, lt:])
+          feats_txt.extend(ys[:, :, :lt])
+        continue
+      g = cfg.depth + a
+      x, pe = resample(g, 'down', x, pe, lt)
+      x = single(cfg, a, name=run_name(kind, a, b))(x, cond, pe)
       feats_img.append(x[:, lt:])
       feats_txt.append(x[:, :lt])
-      x, pe = resample(cfg.depth + i, 'up', x, pe, lt)
+      x, pe = resample(g, 'up', x, pe, lt)
     img = x[:, lt:]
 
     # Final layer: BFL orders the modulation halves (shift, scale).
@@ -324,6 +363,94 @@ class Flux(nn.Module):
     if return_intermediates:
       return out, {'img': tuple(feats_img), 'txt': tuple(feats_txt)}
     return out
+
+
+# ---------------------------------------------------------------------------
+# Scanned runs of identical blocks (FluxConfig.scan_blocks).
+# ---------------------------------------------------------------------------
+def block_runs(cfg: FluxConfig) -> list[tuple[str, int, int]]:
+  """The blocks as runs (kind, start, stop): 'double' runs first, in order.
+
+  Without `scan_blocks` every block is its own run. With it, consecutive
+  blocks of one kind with the same widths (heads, MLP widths) form a run,
+  scanned when it has more than one block; blocks in the down-sampler's
+  range [downsample_start, downsample_end] stay single (the resampling
+  happens between them and their neighbours).
+  """
+  ds = (range(0) if cfg.downsample_start is None else
+        range(cfg.downsample_start, cfg.downsample_end + 1))
+  kinds = (('double', 0, tuple(zip(cfg.double_heads, cfg.double_mlp_img,
+                                   cfg.double_mlp_txt))),
+           ('single', cfg.depth, tuple(zip(cfg.single_heads,
+                                           cfg.single_mlp))))
+  runs = []
+  for kind, offset, widths in kinds:
+    for i, w in enumerate(widths):
+      joins = (cfg.scan_blocks and runs and runs[-1][0] == kind and
+               runs[-1][2] == i and widths[i - 1] == w and
+               offset + i not in ds and offset + i - 1 not in ds)
+      if joins:
+        runs[-1] = (kind, runs[-1][1], i + 1)
+      else:
+        runs.append((kind, i, i + 1))
+  return runs
+
+
+def run_name(kind: str, start: int, stop: int) -> str:
+  """Param name of a run: 'double_blocks_3' alone, 'double_blocks_0_to_18'
+  (params stacked on a leading axis) when scanned."""
+  if stop - start == 1:
+    return f'{kind}_blocks_{start}'
+  return f'{kind}_blocks_{start}_to_{stop - 1}'
+
+
+def _maybe_remat(block, cfg: FluxConfig, **kw):
+  if not cfg.remat:
+    return block
+  return nn.remat(block, policy=getattr(jax.checkpoint_policies,
+                                        cfg.remat_policy), **kw)
+
+
+def _scan(block, cfg: FluxConfig, length: int):
+  """`block` whose `scan_step` runs `length` times in a lax.scan (params
+  stacked on a leading 'layers' axis, one RNG per layer at init)."""
+  # prevent_cse=False: inside a scan the loop already keeps XLA from CSE-ing
+  # the recomputation into the forward (as flax recommends).
+  body = _maybe_remat(block, cfg, prevent_cse=False, methods=['scan_step'])
+  return nn.scan(body, variable_axes={'params': 0},
+                 split_rngs={'params': True},
+                 in_axes=(nn.broadcast, nn.broadcast), length=length,
+                 metadata_params={nn.PARTITION_NAME: 'layers'},
+                 methods=['scan_step'])
+
+
+def scan_params(cfg: FluxConfig, params: dict) -> dict:
+  """Unrolled params (one `{kind}_blocks_{i}` per block: what the BFL /
+  diffusers loaders and `save_bfl` use) -> `cfg`'s scanned layout."""
+  out = dict(params)
+  for kind, a, b in block_runs(cfg):
+    if b - a > 1:
+      blocks = [out.pop(f'{kind}_blocks_{i}') for i in range(a, b)]
+      out[run_name(kind, a, b)] = jax.tree.map(
+          lambda *xs: jnp.stack(xs), *blocks)
+  return out
+
+
+def unscan_params(cfg: FluxConfig, params: dict, take=None) -> dict:
+  """`cfg`'s scanned layout -> unrolled params (the inverse of scan_params).
+
+  take: (stacked leaf, i) -> leaf of layer i; default indexing (a tree of
+  shardings, say, needs its own).
+  """
+  take = take or (lambda x, i: x[i])
+  out = dict(params)
+  for kind, a, b in block_runs(cfg):
+    if b - a > 1:
+      stacked = out.pop(run_name(kind, a, b))
+      for i in range(a, b):
+        out[f'{kind}_blocks_{i}'] = jax.tree.map(
+            lambda x, i=i: take(x, i - a), stacked)
+  return out
 
 
 def init_params(config: FluxConfig, rng: Array, batch: int = 1,

@@ -168,11 +168,23 @@ def _asset(name: str) -> str:
 
 
 def teacher_path() -> str:
-  """The shipped shapes-world teacher: a `FluxPipeline` folder.
+  """The shipped shapes-world teacher: a `FluxPipeline` folder (9.7 MB).
 
-  Load it with `nf.FluxPipeline.from_pretrained(teacher_path())`. See
-  assets/shapes_teacher/README.md for how it was trained (the command that
-  reproduces it) and what it scores.
+  Load it with `nf.FluxPipeline.from_pretrained(teacher_path())`. A FLUX DiT
+  (hidden 128, 2 double + 4 single blocks, 2.3M parameters) over 8x8 tokens
+  of a PCA patch autoencoder, a word-level T5 pretrained on the captions'
+  structure (distill/shapes_encoders.py) and a random CLIP, both frozen.
+  Trained with rectified flow for 6000 steps at batch 32 on 2 CPU cores
+  (80 minutes) by
+
+    python experiments/train_shapes_teacher.py \
+        --config=experiments/configs/shapes.py:teacher \
+        --workdir=/tmp/shapes_teacher \
+        --out=nanoflux_jax/data/assets/shapes_teacher
+
+  toy-GenEval on 512 held-out prompts (world 1000, 8 Euler steps): 0.984,
+  95% CI [0.969, 0.992]; two-object prompts 0.977 [0.951, 0.990] (n=264).
+  assets/shapes_teacher/README.md has the full record.
   """
   return _asset('shapes_teacher')
 

@@ -563,6 +563,23 @@ def _resolve_teacher(c, teacher, mesh):
   return None, None
 
 
+def feature_pairs(spec, student: FluxConfig, teacher: FluxConfig | None
+                  ) -> tuple[tuple[int, int], ...]:
+  """(student block, teacher block) pairs for feature KD.
+
+  spec: explicit pairs, or 'identity' (block i to block i: students with the
+  teacher's depth, e.g. after pruning widths or static modulation).
+  """
+  if spec != 'identity':
+    return tuple(tuple(p) for p in spec)
+  if teacher is None or student.num_blocks != teacher.num_blocks:
+    raise ValueError(
+        "loss.feature_pairs='identity' needs a teacher with the student's "
+        f'{student.num_blocks} blocks, got '
+        f"{None if teacher is None else teacher.num_blocks}")
+  return tuple((i, i) for i in range(student.num_blocks))
+
+
 def train(c: ml_collections.ConfigDict, workdir: str, *, teacher=None,
           student=None, data=None, embed_fn=None, latents_fn=None,
           sample_fn=None, mesh=None):
@@ -615,7 +632,7 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, teacher=None,
   grid = tuple(c.data.grid)
   schedule = tuple(sampling.get_schedule(c.num_sampling_steps,
                                          grid[0] * grid[1], shift=False))
-  pairs = tuple(tuple(p) for p in c.loss.feature_pairs)
+  pairs = feature_pairs(c.loss.feature_pairs, s_cfg, t_cfg)
   params, sh = {'student': s_params}, {'student': s_sh}
   if t_cfg is not None and pairs and t_cfg.hidden_size != s_cfg.hidden_size:
     proj = losses.FeatureProjection(pairs, s_cfg.hidden_size,
@@ -672,6 +689,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.num_sampling_steps = 4         # the fixed schedule (schnell: 4, no shift).
   c.guidance = None                # models with a guidance embedder (dev):
                                    # the scale both see; None: 3.5.
+  # feature_pairs: ((student block, teacher block), ...) or 'identity'.
   c.loss = {'weights': {'output_kd': 1.0, 'feature_kd': 0.0, 'rf': 0.0},
             'feature_pairs': ()}
   c.timesteps = {'mode': 'schedule', 'logit_mean': 0.0, 'logit_std': 1.0,

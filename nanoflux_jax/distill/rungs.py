@@ -124,9 +124,9 @@ class Context:
 
   def real_latents(self, prompts) -> np.ndarray:
     """Real latents [N, L, C] of the training prompts, for the
-    rectified-flow term: the renderings of the shapes scenes that
-    config.distill.data.prompts ('shapes:N[:seed]') captions, encoded by
-    the teacher pipeline's autoencoder."""
+    rectified-flow term: the renderings of the shapes scenes whose captions
+    config.distill.data.prompts ('shapes:N[:seed]') lists, encoded by the
+    teacher pipeline's autoencoder."""
     # pylint: disable=g-import-not-at-top
     from nanoflux_jax.data import shapes
     from nanoflux_jax.distill import shapes_teacher

@@ -248,18 +248,14 @@ def _ablations_and_targets(report: dict) -> list[str]:
     out.append(_target(v >= t['min_param_ratio'],
                        f'DiT params {v:.2f}x fewer (target >= '
                        f"{t['min_param_ratio']:g}x)"))
-  if 'min_denoise_speedup' in t:
-    v = dms(teacher) / dms(final)
-    out.append(_target(v >= t['min_denoise_speedup'],
-                       f'denoising {v:.2f}x faster in JAX, {dms(teacher):.1f}'
-                       f" -> {dms(final):.1f} ms per image (target >= "
-                       f"{t['min_denoise_speedup']:g}x)"))
-  if 'min_total_speedup' in t:
-    v = ms(teacher) / ms(final)
-    out.append(_target(v >= t['min_total_speedup'],
-                       f'end to end {v:.2f}x faster in JAX, {ms(teacher):.1f}'
-                       f" -> {ms(final):.1f} ms per image (target >= "
-                       f"{t['min_total_speedup']:g}x)"))
+  for key, what, f in (('min_denoise_speedup', 'denoising', dms),
+                       ('min_total_speedup', 'end to end', ms)):
+    if key in t:
+      v = f(teacher) / f(final)
+      out.append(_target(v >= t[key],
+                         f'{what} {v:.2f}x faster in JAX, {f(teacher):.1f} -> '
+                         f'{f(final):.1f} ms per image (target >= '
+                         f'{t[key]:g}x)'))
   if 'min_geneval_retention' in t:
     v = gen(final) / gen(teacher) if gen(teacher) else 0.0
     out.append(_target(

@@ -228,3 +228,19 @@ def test_teacher_cache_is_built_once_and_reused(tmp_path):
   assert os.path.getmtime(tmp_path / 'c' / 'shard-00000.npz') == mtime
   with pytest.raises(ValueError, match='other settings'):
     data_lib.build_cache(str(tmp_path / 'c'), d, cfg, params, (1.0, 0.0), 2)
+
+
+def test_identity_feature_pairs():
+  """'identity' maps block i to block i, and only for the teacher's depth."""
+  from nanoflux_jax.configs import FluxConfig  # pylint: disable=g-import-not-at-top
+  teacher = FluxConfig.tiny(depth=2, depth_single_blocks=2)
+  pruned = teacher.replace(double_heads=(2, 2), single_mlp=(32, 32))
+  assert trainer.feature_pairs('identity', pruned, teacher) == (
+      (0, 0), (1, 1), (2, 2), (3, 3))
+  assert trainer.feature_pairs([[0, 1], [2, 3]], pruned, teacher) == (
+      (0, 1), (2, 3))
+  shallow = FluxConfig.tiny(depth=1, depth_single_blocks=2)
+  with pytest.raises(ValueError, match="'identity' needs a teacher"):
+    trainer.feature_pairs('identity', shallow, teacher)
+  with pytest.raises(ValueError, match="'identity' needs a teacher"):
+    trainer.feature_pairs('identity', teacher, None)

@@ -140,3 +140,21 @@ def replace_dir(src: str, dst: str) -> None:
   os.replace(src, dst)
   if old:
     shutil.rmtree(old, ignore_errors=True)
+
+
+def write_file(path: str, write: Callable[[object], None],
+               mode: str = 'w') -> None:
+  """Writes a small file atomically: `write(f)` fills a temporary sibling
+  opened with `mode`, which then replaces `path` (reports, eval results).
+  Stale siblings of earlier, interrupted writes are removed first."""
+  path = os.path.abspath(os.fspath(path))
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  remove_stale(path)
+  tmp = tmp_sibling(path)
+  try:
+    with open(tmp, mode) as f:
+      write(f)
+    os.replace(tmp, path)
+  finally:
+    if os.path.lexists(tmp):
+      os.remove(tmp)

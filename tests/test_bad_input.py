@@ -657,3 +657,24 @@ def test_distils_a_guidance_embedded_teacher(tmp_path):
   a = data_lib.teacher_trajectory(cfg, p, x, txt, y, (1.0, 0.0), (2, 2), 1.0)
   b = data_lib.teacher_trajectory(cfg, p, x, txt, y, (1.0, 0.0), (2, 2), 4.0)
   assert not np.allclose(a[1], b[1])
+
+
+def test_write_file_is_atomic_and_leaves_no_debris(tmp_path):
+  """Reports and eval results: a failed write keeps the old file and leaves
+  no temporary sibling; a stale sibling of a dead process is removed."""
+  path = tmp_path / 'eval.json'
+  atomic.write_file(str(path), lambda f: f.write('old'))
+
+  def fail(f):
+    f.write('half')
+    raise RuntimeError('interrupted')
+  with pytest.raises(RuntimeError, match='interrupted'):
+    atomic.write_file(str(path), fail)
+  assert path.read_text() == 'old'
+  assert os.listdir(tmp_path) == ['eval.json']
+  # pylint: disable-next=protected-access
+  stale = tmp_path / f'.eval.json.tmp-{atomic._host()}-999999999-0123abcd'
+  stale.write_text('debris')  # pid 999999999: no such process.
+  atomic.write_file(str(path), lambda f: f.write('new'))
+  assert path.read_text() == 'new'
+  assert os.listdir(tmp_path) == ['eval.json']

@@ -48,6 +48,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from nanoflux_jax import atomic
 from nanoflux_jax import checkpoint
 from nanoflux_jax import compress
 from nanoflux_jax import images
@@ -190,13 +191,8 @@ def _measure(ctx: Context, student: Student, name: str, workdir: str,
 # Report files (atomic).
 # ---------------------------------------------------------------------------
 def _write_atomic(path: str, text: str) -> None:
-  if jax.process_index() != 0:
-    return
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f'{path}.tmp-{os.getpid()}'
-  with open(tmp, 'w') as f:
-    f.write(text)
-  os.replace(tmp, path)
+  if jax.process_index() == 0:
+    atomic.write_file(path, lambda f: f.write(text))
 
 
 def _read_json(path: str):
@@ -322,9 +318,7 @@ def run_ladder(config: ml_collections.ConfigDict, workdir: str, *,
     row, ref = _measure(ctx, ctx.teacher, 'teacher', workdir, None)
     report['teacher'] = dict(row, kind='-')
     if jax.process_index() == 0:
-      tmp = f'{ref_file}.tmp-{os.getpid()}.npy'
-      np.save(tmp, ref)
-      os.replace(tmp, ref_file)
+      atomic.write_file(ref_file, lambda f: np.save(f, ref), 'wb')
     _write_atomic(os.path.join(workdir, 'teacher.json'),
                   json.dumps(report['teacher'], indent=2))
 

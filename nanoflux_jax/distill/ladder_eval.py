@@ -24,6 +24,7 @@ from absl import logging
 import jax
 import numpy as np
 
+from nanoflux_jax import atomic
 from nanoflux_jax import images
 from nanoflux_jax.data import shapes
 from nanoflux_jax.evaluate import classifier as clf_lib
@@ -32,14 +33,10 @@ from nanoflux_jax.evaluate import toy
 
 def _save(stage_dir: str, ev: dict, imgs: np.ndarray) -> None:
   """eval_images.npy, then eval.json (the marker), each atomically."""
-  os.makedirs(stage_dir, exist_ok=True)
-  tmp = os.path.join(stage_dir, f'.eval_images.tmp-{os.getpid()}.npy')
-  np.save(tmp, imgs)
-  os.replace(tmp, os.path.join(stage_dir, 'eval_images.npy'))
-  tmp = os.path.join(stage_dir, f'.eval.tmp-{os.getpid()}.json')
-  with open(tmp, 'w') as f:
-    json.dump(ev, f, indent=2)
-  os.replace(tmp, os.path.join(stage_dir, 'eval.json'))
+  atomic.write_file(os.path.join(stage_dir, 'eval_images.npy'),
+                    lambda f: np.save(f, imgs), 'wb')
+  atomic.write_file(os.path.join(stage_dir, 'eval.json'),
+                    lambda f: json.dump(ev, f, indent=2))
 
 
 def _eval_pipeline(ctx, stage, s, clf, teacher_images, e

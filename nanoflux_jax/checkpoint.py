@@ -23,6 +23,7 @@ import orbax.checkpoint as ocp
 
 from nanoflux_jax import atomic
 from nanoflux_jax import configs
+from nanoflux_jax import jsonfile
 from nanoflux_jax.atomic import OverwriteError  # pylint: disable=unused-import
 from nanoflux_jax.atomic import replace_dir  # pylint: disable=unused-import
 from nanoflux_jax.convert.safetensors_io import CheckpointError
@@ -89,14 +90,7 @@ def _read_config_file(path: str) -> dict:
   file = os.path.join(path, CONFIG_FILE)
   if not os.path.isfile(file):
     raise CheckpointError(f'{path}: not a nanoflux checkpoint (no {CONFIG_FILE})')
-  try:
-    with open(file) as f:
-      d = json.load(f)
-  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise CheckpointError(f'{file}: corrupt config: {e!r}') from e
-  if not isinstance(d, dict):
-    raise CheckpointError(f'{file}: corrupt config: not a JSON object')
-  return d
+  return jsonfile.read_object(file, CheckpointError, 'config')
 
 
 def load_config(path: str):

@@ -17,7 +17,6 @@ concatenate). `load_strict` then
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any, Callable, Mapping
 
@@ -27,6 +26,7 @@ import ml_dtypes
 import numpy as np
 from flax import traverse_util
 
+from nanoflux_jax import jsonfile
 from nanoflux_jax.convert.safetensors_io import CheckpointError
 
 
@@ -171,11 +171,4 @@ def read_config_json(path: str) -> tuple[str, dict[str, Any]]:
   if not os.path.isfile(fname):
     raise CheckpointError(f'{fname}: no such file (a model folder needs '
                           'config.json beside its *.safetensors)')
-  try:
-    with open(fname) as f:
-      d = json.load(f)
-  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise CheckpointError(f'{fname}: corrupt config: {e}') from e
-  if not isinstance(d, dict):
-    raise CheckpointError(f'{fname}: corrupt config: not a JSON object')
-  return fname, d
+  return fname, jsonfile.read_object(fname, CheckpointError, 'config')

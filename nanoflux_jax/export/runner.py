@@ -17,12 +17,13 @@ Interpreters use LiteRT's default XNNPACK delegate with `num_threads`.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any, Sequence
 
 import numpy as np
+
+from nanoflux_jax import jsonfile
 
 MANIFEST = 'manifest.json'
 SIGNATURE_KEY = 'serving_default'
@@ -105,13 +106,7 @@ class TFLitePipeline:
     path = os.path.join(directory, MANIFEST)
     if not os.path.isfile(path):
       raise FileNotFoundError(f'{path}: no manifest (not an exported folder)')
-    try:
-      with open(path) as f:
-        m = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-      raise ManifestError(f'{path}: corrupt manifest: {e}') from e
-    if not isinstance(m, dict):
-      raise ManifestError(f'{path}: corrupt manifest: not a JSON object')
+    m = jsonfile.read_object(path, ManifestError, 'manifest')
     self.directory, self.manifest = directory, m
     g = lambda key: _get(m, key, path)
     self.height, self.width = int(g('height')), int(g('width'))

@@ -1,20 +1,7 @@
 """Shared helpers for FLUX transformer tests: tiny diffusers models and inputs."""
 import numpy as np
 
-from refs import require
-
-
-def perturb_zeros(model, seed=0, scale=0.05):
-  """Gives every all-zero tensor (diffusers zero-inits some) random values."""
-  torch = require('torch')
-  g = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for p in model.parameters():
-      if not p.any():
-        p.copy_(torch.randn(p.shape, generator=g) * scale)
-      else:  # Larger random weights so every layer visibly matters.
-        p.mul_(1.5)
-  return model
+from refs import fill_unique, require
 
 
 def make_diffusers_flux(heads=4, head_dim=16, layers=2, single_layers=2,
@@ -29,7 +16,8 @@ def make_diffusers_flux(heads=4, head_dim=16, layers=2, single_layers=2,
       num_attention_heads=heads, joint_attention_dim=context,
       pooled_projection_dim=pooled, guidance_embeds=guidance,
       axes_dims_rope=axes).eval()
-  return perturb_zeros(model, seed)
+  # Unique values in every tensor, norms included (a swap must show).
+  return fill_unique(model, seed)
 
 
 def image_ids(h, w, batch):

@@ -10,7 +10,7 @@ from nanoflux_jax.convert import loading
 from nanoflux_jax.models import flux, layers
 
 from flux_utils import make_diffusers_flux, random_inputs, run_diffusers
-from refs import max_rel_err, require, to_numpy
+from refs import max_rel_err, require, to_numpy, unique_array
 
 END_TO_END_TOL = 1e-4  # max |ours - ref| / max |ref| over the whole forward.
 LAYER_TOL = 1e-5
@@ -61,13 +61,12 @@ def test_bfl_key_map_matches_diffusers_converter():
                       depth_single_blocks=1, in_channels=8, context_in_dim=16,
                       vec_in_dim=8)
   shapes = flux.param_shapes(cfg)
-  # A distinct value pattern per tensor (cheaper than RNG at this size, and
-  # fp16 to halve the 0.5B-element traffic) so a wrong transpose, split or
-  # swap shows.
-  params = jax.tree.map(
-      lambda s: (((np.arange(np.prod(s.shape), dtype=np.float32) * 0.618) % 1.0
-                  ).reshape(s.shape) + np.prod(s.shape) % 97).astype(np.float16),
-      shapes)
+  # Seeded random values keyed by each tensor's name (fp16 to halve the
+  # 0.5B-element traffic): same-shaped tensors (query/key norm, img/txt qkv)
+  # differ, so a wrong transpose, split or swap shows.
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, s: unique_array(jax.tree_util.keystr(path), s.shape,
+                                   np.float16), shapes)
   bfl = convert_flux.to_bfl_state_dict(cfg, params)
   assert len(bfl) == 16 + 24 + 8  # top level + one double + one single block.
   diff = sfu.convert_flux_transformer_checkpoint_to_diffusers(
@@ -110,3 +109,50 @@ def test_diffusers_full_size_key_count():
   with torch.device('meta'):
     ref = diffusers.FluxTransformer2DModel(guidance_embeds=False)
   assert set(ref.state_dict()) == _diffusers_keys(nf.FluxConfig.schnell())
+
+
+# ----------------------------------------------------------------------------
+# Layer-level parity (LAYER_TOL): RoPE and the timestep embedding on their own,
+# so an error there is named rather than only seen end to end.
+# ----------------------------------------------------------------------------
+def test_timestep_embedding_matches_diffusers():
+  torch = require('torch')
+  emb = require('diffusers.models.embeddings')
+  t = np.array([0.0, 0.013, 0.25, 0.5, 0.999, 1.0], np.float32)
+  ours = layers.timestep_embedding(jnp.asarray(t), 256)
+  # diffusers' FluxTransformer2DModel scales t by 1000, then Timesteps(256,
+  # flip_sin_to_cos=True, downscale_freq_shift=0).
+  ref = emb.get_timestep_embedding(torch.from_numpy(t) * 1000, 256,
+                                   flip_sin_to_cos=True, downscale_freq_shift=0)
+  assert ours.dtype == jnp.float32 and ours.shape == (6, 256)
+  # sin/cos of arguments up to 1000: fp32 rounding of the argument is ~6e-5.
+  np.testing.assert_allclose(np.asarray(ours), to_numpy(ref), atol=2e-4)
+  assert max_rel_err(ours[:, 128:], to_numpy(ref)[:, 128:]) < 2e-4
+  small = np.array([0.0, 1e-4, 3e-4], np.float32)  # Args < 1: fp32-exact.
+  ours = layers.timestep_embedding(jnp.asarray(small), 256)
+  ref = emb.get_timestep_embedding(torch.from_numpy(small) * 1000, 256,
+                                   flip_sin_to_cos=True, downscale_freq_shift=0)
+  assert max_rel_err(ours, to_numpy(ref)) < LAYER_TOL
+
+
+@pytest.mark.parametrize('axes', [(4, 6, 6), (16, 56, 56)])
+def test_rope_matches_diffusers(axes):
+  torch = require('torch')
+  emb = require('diffusers.models.embeddings')
+  from flux_utils import image_ids  # pylint: disable=g-import-not-at-top
+  ids = np.concatenate([np.zeros((1, 3, 3), np.float32),  # 3 text tokens.
+                        image_ids(3, 5, 1)], 1)          # non-square grid.
+  cos, sin = layers.rope(jnp.asarray(ids), axes, 10_000)
+  pos = emb.FluxPosEmbed(theta=10000, axes_dim=list(axes))
+  ref_cos, ref_sin = pos(torch.from_numpy(ids[0]))  # [L, D], pairs repeated.
+  assert cos.shape == (1, 18, 1, sum(axes) // 2)
+  assert max_rel_err(cos[0, :, 0], to_numpy(ref_cos)[:, ::2]) < LAYER_TOL
+  assert max_rel_err(sin[0, :, 0], to_numpy(ref_sin)[:, ::2]) < LAYER_TOL
+  # Rotating q [B, L, H, D] as diffusers does on [B, H, L, D].
+  x = np.random.default_rng(0).standard_normal(
+      (1, 18, 2, sum(axes))).astype(np.float32)
+  ours = layers.apply_rope(jnp.asarray(x), (cos, sin))
+  ref = emb.apply_rotary_emb(torch.from_numpy(x.transpose(0, 2, 1, 3)),
+                             (ref_cos, ref_sin), use_real=True,
+                             use_real_unbind_dim=-1)
+  assert max_rel_err(ours, to_numpy(ref).transpose(0, 2, 1, 3)) < LAYER_TOL

@@ -5,6 +5,7 @@ import sys
 
 import numpy as np
 from PIL import Image
+import pytest
 
 from nanoflux_jax.testing.tiny_flux import make_tiny_flux_pipeline
 
@@ -25,9 +26,15 @@ def test_convert_then_sample(tmp_path):
   out = _run('convert_flux.py', f'--src={tmp_path / "pipe"}',
              f'--out={tmp_path / "converted"}', '--dtype=float32')
   assert 'peak RSS' in out
+  import jax  # pylint: disable=g-import-not-at-top
   import nanoflux_jax as nf
-  cfg, _ = nf.convert.load_flux_transformer(str(tmp_path / 'converted'))
+  cfg, params = nf.convert.load_flux_transformer(str(tmp_path / 'converted'))
   assert cfg.depth == 2 and cfg.in_channels == 64
+  # The converted values are the source's, tensor by tensor.
+  src_cfg, src = nf.convert.load_flux_transformer(str(tmp_path / 'pipe'))
+  assert cfg == src_cfg
+  assert jax.tree.structure(params) == jax.tree.structure(src)
+  jax.tree.map(np.testing.assert_array_equal, params, src)
 
   grid = tmp_path / 'grid.png'
   out = _run('sample.py', f'--model={tmp_path / "pipe"}', '--prompt=a red cat',
@@ -54,10 +61,33 @@ def test_shapes_ladder_micro_end_to_end(tmp_path):
   assert 'ladder complete' in out
   report = json.loads((work / 'report.json').read_text())
   assert report['complete']
-  assert [r['kind'] for r in report['rungs']] == [
-      'prune', 'depth', 'static_modulation', 'downsample', 'text_encoder',
-      'text_encoder', 'export']
-  assert [r['ablation'] for r in report['rungs']][-3:] == [False, True, False]
+  assert [(r['kind'], r['ablation']) for r in report['rungs']] == [
+      ('prune', False), ('depth', False), ('static_modulation', False),
+      ('prune', True), ('prune', False), ('finetune', True),
+      ('downsample', False), ('text_encoder', False), ('text_encoder', True),
+      ('export', False)]
+  rungs = {r['name']: r for r in report['rungs']}
+  # The depth rung keeps 3 of the teacher's 4 blocks; feature KD pairs each
+  # student block with the teacher block it descends from, and leaves out
+  # the down-sampler's coarse blocks [0, 1].
+  origin = json.loads((work / 'rung_1_depth' / 'lineage.json').read_text())[
+      'teacher_blocks']
+  assert len(origin) == 3 and origin == sorted(origin) and origin[-1] <= 3
+  assert rungs['rung_1_depth']['feature_pairs'] == [
+      [i, t] for i, t in enumerate(origin)]
+  assert rungs['rung_6_downsample']['feature_pairs'] == [[2, origin[2]]]
+  assert rungs['rung_3_prune']['loss_weights'] == {'output_kd': 1.0}
+  assert rungs['rung_4_prune']['loss_weights'] == {
+      'output_kd': 1.0, 'feature_kd': 1.0, 'rf': 1.0}
+  # The ablations fed nothing: the main prune starts from the static
+  # student, so both prunes give the same architecture.
+  assert rungs['rung_3_prune']['params'] == rungs['rung_4_prune']['params']
+  assert rungs['rung_5_finetune']['params'] == rungs['rung_4_prune']['params']
+  for r in report['rungs'][:7]:  # Every denoiser rung: PSNR before/after.
+    assert np.isfinite(r['sample_psnr_init']) and np.isfinite(
+        r['sample_psnr']), r['name']
+  assert rungs['rung_5_finetune']['sample_psnr_init'] == pytest.approx(
+      rungs['rung_4_prune']['sample_psnr'], abs=1e-3)
   rows = [report['teacher']] + report['rungs']
   for r in rows:
     ev = r['eval']
@@ -90,12 +120,18 @@ def test_shapes_ladder_micro_end_to_end(tmp_path):
                   '### TFLite exports', '### toy-GenEval by number of '
                   'prompted objects'):
     assert heading in md, heading
+  ablations = md.split('## Ablations')[1].split('## Targets')[0]
+  for text in ('(a) Without the token down-sampler (rung_5_finetune',
+               '(b) Text encoder trained on embedding MSE only '
+               '(rung_8_text_encoder)', '| rung_4_prune (main) |',
+               '| rung_3_prune | output_kd 1 |'):
+    assert text in ablations, (text, ablations)
   # micro checks the full ladder's targets: params, denoise and total
-  # speed-up, retention, 2 exports, teacher, 5 rung drops, down-sampler,
-  # text-encoder ablation.
+  # speed-up, retention, 2 exports, teacher, 6 main rung drops, the
+  # down-sampler's latency and quality, the text-encoder ablation.
   targets = [l for l in md.split('## Targets')[1].split('## Grids')[0]
              .splitlines() if l.startswith('- ')]
-  assert len(targets) == 14, targets
+  assert len(targets) == 16, targets
   assert all(l.startswith(('- met', '- **MISSED**', '- n/a'))
              for l in targets), targets
 

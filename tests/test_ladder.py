@@ -7,6 +7,7 @@ from a copy of its first rung.
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -63,9 +64,10 @@ def finished(tmp_path_factory):
 
 
 def test_cli_writes_report_checkpoints_samples_then_resumes(finished):
-  workdir, log, seconds = finished
-  assert seconds < 180, seconds
+  workdir, log, _ = finished
   assert 'ladder complete' in log
+  # Work counters, not wall-clock: each of the 2 rungs trains steps 1..4.
+  assert log.count('step 1 |') == 2 and log.count('step 4 |') == 2, log[-3000:]
   md = (workdir / 'report.md').read_text()
   rows = _table_rows(md)
   assert [r[0] for r in rows] == ['teacher'] + RUNGS
@@ -85,13 +87,13 @@ def test_cli_writes_report_checkpoints_samples_then_resumes(finished):
   cfg = checkpoint.load_config(str(workdir / RUNGS[1] / 'student'))
   assert cfg.modulation == 'static' and cfg.double_heads == (2,)
 
-  # A second run resumes: nothing is compressed or trained again, the report
-  # keeps one row per rung, and it takes a fraction of the first run.
-  log2, seconds2 = _cli(workdir)
+  # A second run resumes: nothing is compressed or trained again, and the
+  # report keeps one row per rung.
+  log2, _ = _cli(workdir)
   assert log2.count('already done; skipping') == 2, log2[-3000:]
-  assert 'compressing' not in log2 and 'step 1 |' not in log2
+  assert 'compressing' not in log2
+  assert re.search(r'step \d+ \|', log2) is None, log2[-3000:]
   assert (workdir / 'report.md').read_text() == md
-  assert seconds2 < seconds
 
 
 def test_interrupted_rung_resumes_at_its_step_to_the_same_student(
@@ -163,3 +165,47 @@ def test_downsample_and_text_encoder_rungs_are_checked_up_front():
   c.rungs = [{'kind': 'export', 'quantize': ('int8', 'int3')}]
   with pytest.raises(ValueError, match=r"rung 0 \('export'\): .*'int3'"):
     ladder.check_config(c)
+
+
+def test_origin_feature_pairs_follow_depth_and_skip_coarse_blocks():
+  """The ladder's 'origin' pairs: each student block with the teacher block
+  it descends from (after block removal), coarse down-sampled blocks out;
+  the trainer itself refuses the name."""
+  from nanoflux_jax.configs import FluxConfig  # pylint: disable=g-import-not-at-top
+  from nanoflux_jax.distill import rungs  # pylint: disable=g-import-not-at-top
+  from nanoflux_jax.distill import trainer  # pylint: disable=g-import-not-at-top
+  ctx = rungs.Context(None, None, (4, 4), (1.0, 0.0), '')
+  cfg = FluxConfig.tiny(depth=1, depth_single_blocks=3)
+  assert rungs.origin_pairs(ctx, cfg) == ((0, 0), (1, 1), (2, 2), (3, 3))
+  ctx.teacher_blocks = (0, 2, 3, 5)
+  assert rungs.origin_pairs(ctx, cfg) == ((0, 0), (1, 2), (2, 3), (3, 5))
+  coarse = cfg.replace(downsample_start=0, downsample_end=2)
+  assert rungs.origin_pairs(ctx, coarse) == ((3, 5),)
+  with pytest.raises(ValueError, match="feature_pairs='origin'"):
+    trainer.feature_pairs('origin', cfg, cfg)
+
+
+def test_teacher_cache_with_real_latents_serves_runs_without_them(tmp_path):
+  """Rungs with and without the rectified-flow term share one cache; a cache
+  without latents cannot serve a run that needs them."""
+  from nanoflux_jax.configs import FluxConfig  # pylint: disable=g-import-not-at-top
+  from nanoflux_jax.distill import data as data_lib  # pylint: disable=g-import-not-at-top
+  from nanoflux_jax.models import flux  # pylint: disable=g-import-not-at-top
+  cfg = FluxConfig.tiny()
+  params = flux.init_params(cfg, jax.random.PRNGKey(0))
+  prompts = ['a', 'b', 'c', 'd']
+  lat = np.random.default_rng(0).standard_normal(
+      (4, 8, cfg.in_channels)).astype(np.float32)
+  make = lambda latents: data_lib.PromptData(
+      prompts, data_lib.random_embedder(cfg, 4), cfg, (2, 4), 2,
+      latents=latents)
+  sched = (1.0, 0.5, 0.0)
+  with_lat = data_lib.build_cache(str(tmp_path / 'a'), make(lat), cfg, params,
+                                  sched, 2)
+  without = data_lib.build_cache(str(tmp_path / 'a'), make(None), cfg, params,
+                                 sched, 2)
+  np.testing.assert_array_equal(without.batch(1)['latents'],
+                                with_lat.batch(1)['latents'])
+  data_lib.build_cache(str(tmp_path / 'b'), make(None), cfg, params, sched, 2)
+  with pytest.raises(ValueError, match='latents differ'):
+    data_lib.build_cache(str(tmp_path / 'b'), make(lat), cfg, params, sched, 2)

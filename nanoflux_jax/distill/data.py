@@ -227,8 +227,9 @@ def build_cache(cache_dir: str, data, cfg: FluxConfig, params,
 
   Each shard `shard-XXXXX.npz` holds one global batch of `data` (steps 0 ..
   num_shards - 1): txt, y, noise, traj_x, traj_v (and latents if present).
-  An existing cache is reused when its metadata matches; a mismatching one
-  raises rather than being silently overwritten.
+  An existing cache is reused when its metadata matches (one with real
+  latents also serves data without them: the loss then ignores them); a
+  mismatching one raises rather than being silently overwritten.
   """
   meta = {'teacher': json.loads(cfg.to_json()),
           'schedule': [float(t) for t in schedule], 'grid': list(data.grid),
@@ -242,6 +243,8 @@ def build_cache(cache_dir: str, data, cfg: FluxConfig, params,
     with open(meta_file) as f:
       old = json.load(f)
     meta = json.loads(json.dumps(meta))  # Tuples -> lists, as on disk.
+    if old.get('latents') and not meta['latents']:
+      meta['latents'] = True
     if old != meta:
       diff = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
       raise ValueError(f'teacher cache {cache_dir!r} was built with other '

@@ -23,7 +23,8 @@ Layout of workdir:
 With a teacher pipeline (config.teacher.shapes: the shapes-world teacher,
 trained once into workdir/teacher; or config.teacher.pipeline: a FLUX
 folder) prompts get the pipeline's real embeddings, text-encoder rungs
-distil its T5, the export rung writes workdir/tflite/{fp32,int8}, and
+distil its T5, the export rung writes the final pipeline (workdir/pipeline)
+and its .tflite files (workdir/tflite/{fp32,int8}), and
 config.evaluate scores every rung after the last one (ladder_eval.py:
 {rung dir}/eval.json, samples/eval_*.png, report sections).
 
@@ -61,12 +62,16 @@ from nanoflux_jax.distill import rungs as rungs_lib
 from nanoflux_jax.distill import text_encoder
 from nanoflux_jax.distill import trainer
 from nanoflux_jax.distill.rungs import Context, RUNG_KINDS, RungKind, Student
+from nanoflux_jax.evaluate import metrics
 from nanoflux_jax.models import flux as flux_lib
 
 
 # ---------------------------------------------------------------------------
 # Config checking (before any work).
 # ---------------------------------------------------------------------------
+# Options every rung takes besides its kind's own.
+_COMMON_OPTIONS = ('kind', 'distill', 'ablation')
+
 def check_config(config: ml_collections.ConfigDict) -> list[dict]:
   """Validates every rung; returns them as dicts with defaults filled in.
 
@@ -96,11 +101,15 @@ def check_config(config: ml_collections.ConfigDict) -> list[dict]:
       raise ValueError(f'ladder rung {i}: unknown kind {kind!r}; known kinds: '
                        f'{sorted(RUNG_KINDS)}')
     spec = RUNG_KINDS[kind]
-    extra = sorted(set(r) - set(spec.defaults) - {'kind', 'distill'})
+    extra = sorted(set(r) - set(spec.defaults) - set(_COMMON_OPTIONS))
     if extra:
       raise ValueError(f'{where}: unknown options {extra}; {kind} accepts '
-                       f"{sorted(spec.defaults)} and 'distill'")
-    opts = {**spec.defaults, **r, 'distill': dict(r.get('distill') or {})}
+                       f'{sorted(spec.defaults)} and {list(_COMMON_OPTIONS)}')
+    if not isinstance(r.get('ablation', False), bool):
+      raise ValueError(f"{where}: ablation must be True or False, got "
+                       f"{r['ablation']!r}")
+    opts = {**spec.defaults, 'ablation': False, **r,
+            'distill': dict(r.get('distill') or {})}
     if spec.distill is None:  # trainer.train options must exist.
       rungs_lib.override(ml_collections.ConfigDict(config.distill.to_dict()),
                 opts['distill'], f'{where}.distill')
@@ -164,6 +173,29 @@ def latent_preview(latents: np.ndarray, grid, scale: int = 8) -> np.ndarray:
   return x.repeat(scale, 1).repeat(scale, 2)
 
 
+def _sample_images(ctx: Context, latents: np.ndarray) -> np.ndarray:
+  """uint8 [N, H, W, 3]: decoded by the teacher pipeline's VAE, else latent
+  previews."""
+  if ctx.pipeline is None:
+    return latent_preview(latents, ctx.grid, ctx.config.samples.scale)
+  return np.asarray(ctx.pipeline.decode_latents(
+      jnp.asarray(latents), ctx.resolution, ctx.resolution))
+
+
+def _sample_psnr(ctx: Context, latents: np.ndarray) -> float | None:
+  """PSNR (dB) of the sample images against the teacher's (same noise);
+  None without a teacher pipeline."""
+  if ctx.pipeline is None:
+    return None
+  reference = np.load(_teacher_latents_file(ctx.workdir))
+  return float(metrics.psnr(_sample_images(ctx, latents),
+                            _sample_images(ctx, reference)))
+
+
+def _teacher_latents_file(workdir: str) -> str:
+  return os.path.join(workdir, 'samples', 'teacher_latents.npy')
+
+
 def _measure(ctx: Context, student: Student, name: str, workdir: str,
              reference: np.ndarray | None) -> tuple[dict, np.ndarray]:
   """(report row, sample latents); writes samples/{name}.png."""
@@ -173,17 +205,14 @@ def _measure(ctx: Context, student: Student, name: str, workdir: str,
   latents = _sample(ctx, student)
   png = os.path.join('samples', f'{name}.png')
   if jax.process_index() == 0:
-    if ctx.pipeline is None:
-      grid_images = latent_preview(latents, ctx.grid, ctx.config.samples.scale)
-    else:
-      grid_images = np.asarray(ctx.pipeline.decode_latents(
-          jnp.asarray(latents), ctx.resolution, ctx.resolution))
-    images.save_grid(grid_images, os.path.join(workdir, png))
+    images.save_grid(_sample_images(ctx, latents), os.path.join(workdir, png))
   mse = 0.0 if reference is None else np.mean(np.square(latents - reference))
   return dict(name=name, params=int(compress.count_params(cfg)),
               gflops=compress.count_flops(cfg, h * w, t) / 1e9,
               ms=_forward_ms(ctx, student, ctx.config.timing.repeats),
               device=jax.devices()[0].device_kind, sample_mse=float(mse),
+              sample_psnr=None if reference is None else _sample_psnr(
+                  ctx, latents),
               samples=png), latents
 
 
@@ -212,21 +241,25 @@ def report_markdown(report: dict) -> str:
       '# NanoFLUX compression ladder', '',
       f"Forward: batch 1, {c['img_len']} image + {c['txt_len']} text tokens "
       f"on {c['device']}; ms = median of {c['repeats']} jitted calls. Sample "
-      'MSE: final latents vs the teacher\'s (same prompts and noise).', '',
+      'MSE: final latents vs the teacher\'s (same prompts and noise); '
+      'sample PSNR: their images against the teacher\'s, right after the '
+      'compression (step 0) and after the distillation.', '',
       '| rung | kind | params | GFLOPs | ms / fwd | steps | loss | '
-      'output_kd | sample MSE | samples |',
-      '|---|---|---:|---:|---:|---:|---:|---:|---:|---|']
+      'output_kd | sample MSE | sample PSNR step 0 -> end (dB) | samples |',
+      '|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|']
   for r in [report['teacher']] + report['rungs']:
     loss = r.get('losses') or {}
+    name = r['name'] + (' (ablation)' if r.get('ablation') else '')
     ms = f"{r['ms']:.2f}"
     if r.get('device', c['device']) != c['device']:  # Trained elsewhere.
       ms += f" ({r['device']})"
     lines.append(
-        f"| {r['name']} | {r.get('kind', '-')} | {r['params']:,} | "
+        f"| {name} | {r.get('kind', '-')} | {r['params']:,} | "
         f"{r['gflops']:.4g} | {ms} | {r.get('steps', '-')} | "
         f"{_fmt(loss.get('loss'), '.4g')} | "
         f"{_fmt(loss.get('output_kd'), '.4g')} | {r['sample_mse']:.4g} | "
-        f"[png]({r['samples']}) |")
+        f"{_fmt(r.get('sample_psnr_init'), '.2f')} -> "
+        f"{_fmt(r.get('sample_psnr'), '.2f')} | [png]({r['samples']}) |")
   if report.get('evaluation'):
     lines += ['', ladder_eval.markdown(report)]
   return '\n'.join(lines) + '\n'
@@ -245,6 +278,8 @@ def _marker_key(rung: dict) -> dict:
   """The rung options that define its result (stop_after does not)."""
   d = dict(rung, distill={k: v for k, v in rung['distill'].items()
                           if k != 'stop_after'})
+  if not d['ablation']:  # Markers from before rungs had the option.
+    del d['ablation']
   return json.loads(json.dumps(d, sort_keys=True, default=str))
 
 
@@ -261,30 +296,59 @@ def _distill_denoiser(ctx: Context, student: Student, rung: dict,
   rungs_lib.override(tc, rung['distill'], 'distill')
   if tc.data.get('cache_dir'):  # Relative: one cache inside the workdir.
     tc.data.cache_dir = os.path.join(ctx.workdir, tc.data.cache_dir)
+  if tc.loss.feature_pairs == 'origin':
+    with tc.ignore_type():
+      tc.loss.feature_pairs = rungs_lib.origin_pairs(ctx, student[0])
   real = tc.loss.weights.get('rf', 0.0) > 0
   state, history = trainer.train(
       tc, rung_dir, teacher=ctx.teacher, student=student, mesh=ctx.mesh,
       embed_fn=None if ctx.pipeline is None else ctx.embed,
       latents_fn=ctx.real_latents if real else None)
-  return rungs_lib.finished(state, history, tc)
+  done, fields = rungs_lib.finished(state, history, tc)
+  weights = {k: v for k, v in tc.loss.weights.items() if v}
+  pairs = trainer.feature_pairs(tc.loss.feature_pairs, student[0],
+                                ctx.teacher[0]) if weights.get(
+                                    'feature_kd') else ()
+  return done, dict(fields, loss_weights=weights,
+                    feature_pairs=[list(p) for p in pairs])
 
 
 
 def _compressed(ctx: Context, kind: RungKind, rung: dict, rung_dir: str,
                 student: Callable[[], Student]) -> Student:
-  """The rung's compressed student, or only its config when resuming."""
+  """The rung's compressed student, or only its config when resuming.
+
+  Also writes rung_dir/lineage.json: the teacher block each student block
+  descends from, and the PSNR of the new student's samples before any
+  distillation (how much the compression alone lost).
+  """
   cfg_file = os.path.join(rung_dir, 'student_config.json')
   if (kind.distill is None and os.path.isfile(cfg_file) and
       _has_checkpoint(rung_dir)):
     # trainer.train restores the values and needs only the config; this
     # also skips re-running the sensitivity analysis.
     logging.info('ladder: %s resumes from its trainer checkpoint', rung_dir)
+    _read_lineage(ctx, rung_dir)
     with open(cfg_file) as f:
       return FluxConfig.from_json(f.read()), None
   logging.info('ladder: %s: compressing (%s)', rung_dir, kind.name)
   out = kind.compress(ctx, student(), rung)
+  psnr = (_sample_psnr(ctx, _sample(ctx, out)) if kind.distill is None
+          else None)
+  _write_atomic(os.path.join(rung_dir, 'lineage.json'), json.dumps(dict(
+      teacher_blocks=ctx.teacher_blocks, sample_psnr_init=psnr)))
   _write_atomic(cfg_file, out[0].to_json())
   return out
+
+
+def _read_lineage(ctx: Context, rung_dir: str) -> dict:
+  """rung_dir/lineage.json ({} before the rung compressed); sets
+  ctx.teacher_blocks from it."""
+  lineage = _read_json(os.path.join(rung_dir, 'lineage.json')) or {}
+  if 'teacher_blocks' in lineage:
+    blocks = lineage['teacher_blocks']
+    ctx.teacher_blocks = None if blocks is None else tuple(blocks)
+  return lineage
 
 
 def run_ladder(config: ml_collections.ConfigDict, workdir: str, *,
@@ -313,7 +377,7 @@ def run_ladder(config: ml_collections.ConfigDict, workdir: str, *,
                            repeats=config.timing.repeats),
                 teacher=_read_json(os.path.join(workdir, 'teacher.json')),
                 rungs=[], complete=False)
-  ref_file = os.path.join(workdir, 'samples', 'teacher_latents.npy')
+  ref_file = _teacher_latents_file(workdir)
   if report['teacher'] is None or not os.path.isfile(ref_file):
     row, ref = _measure(ctx, ctx.teacher, 'teacher', workdir, None)
     report['teacher'] = dict(row, kind='-')
@@ -336,6 +400,9 @@ def run_ladder(config: ml_collections.ConfigDict, workdir: str, *,
     rung_dir = os.path.join(workdir, name)
     out_dir = os.path.join(rung_dir, 'student')
     done = _read_json(os.path.join(rung_dir, 'done.json'))
+    before = ctx.teacher_blocks  # An ablation's student is not passed on.
+    # This rung's denoiser; text_encoder and export leave it as it is.
+    rung_student = student
     if done is not None:
       if done['rung'] != _marker_key(rung):
         raise ValueError(
@@ -344,8 +411,9 @@ def run_ladder(config: ml_collections.ConfigDict, workdir: str, *,
             'or delete that rung folder and the ones after it')
       logging.info('ladder: %s already done; skipping', name)
       row = done['row']
-      if kind.distill is None:  # text_encoder leaves the denoiser as it is.
-        student = functools.partial(load, out_dir)
+      _read_lineage(ctx, rung_dir)
+      if kind.distill is None:
+        rung_student = functools.partial(load, out_dir)
     else:
       compressed = _compressed(ctx, kind, rung, rung_dir, student)
       finished, fields = (kind.distill or _distill_denoiser)(
@@ -357,9 +425,11 @@ def run_ladder(config: ml_collections.ConfigDict, workdir: str, *,
         return report
       if kind.distill is None:
         current = load(out_dir)
-        student = lambda current=current: current
-      row, _ = _measure(ctx, student(), name, workdir, np.load(ref_file))
-      row.update(fields, kind=kind.name, ablation=bool(rung.get('ablation')))
+        rung_student = lambda current=current: current
+      row, _ = _measure(ctx, rung_student(), name, workdir, np.load(ref_file))
+      lineage = _read_json(os.path.join(rung_dir, 'lineage.json')) or {}
+      row.update(fields, kind=kind.name, ablation=rung['ablation'],
+                 sample_psnr_init=lineage.get('sample_psnr_init'))
       _write_atomic(os.path.join(rung_dir, 'done.json'), json.dumps(
           dict(rung=_marker_key(rung), row=row), indent=2))
       logging.info('ladder: %s done: %s', name, row)
@@ -368,10 +438,12 @@ def run_ladder(config: ml_collections.ConfigDict, workdir: str, *,
     te = ctx.text_encoder
     if kind.name == 'text_encoder':
       te = os.path.join(rung_dir, text_encoder.STUDENT_DIR)
-      if not rung['ablation']:
-        ctx.text_encoder = te
-    stages.append(dict(row=row, dit=student, text_encoder=te, dir=rung_dir,
-                       exports=row.get('exports')))
+    if rung['ablation']:
+      ctx.teacher_blocks = before
+    else:
+      student, ctx.text_encoder = rung_student, te
+    stages.append(dict(row=row, dit=rung_student, text_encoder=te,
+                       dir=rung_dir, exports=row.get('exports')))
   if config.get('evaluate') and ctx.pipeline is not None:
     report['evaluation'] = ladder_eval.evaluate_stages(ctx, stages)
   report['complete'] = True

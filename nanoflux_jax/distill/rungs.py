@@ -3,7 +3,9 @@
 A rung kind compresses the current student (`compress`), may replace the
 distillation that follows (`distill`) and checks its options before any
 work (`check`). Built in: prune, depth, static_modulation, downsample,
-text_encoder, export; add one with `register_rung`. `Context` is what every
+finetune, text_encoder, export; add one with `register_rung`. Any rung may
+be an `ablation`: it runs on the current student and is reported, but the
+rungs after it continue from the student before it. `Context` is what every
 rung reads: the config, the mesh, the original teacher (and its pipeline,
 when there is one) and the prompt embedder.
 """
@@ -65,6 +67,9 @@ class Context:
   schedule: tuple[float, ...]   # the fixed sampling schedule, 1 -> 0.
   workdir: str
   text_encoder: str | None = None  # the current student T5 folder.
+  # The teacher block each student block descends from (global indices,
+  # double blocks first); None while the student has the teacher's blocks.
+  teacher_blocks: tuple[int, ...] | None = None
 
   @functools.cached_property
   def pipeline(self):
@@ -160,6 +165,18 @@ def img_grid(cfg: FluxConfig, grid):
   return tuple(grid) if cfg.downsample_start is not None else None
 
 
+def origin_pairs(ctx: Context, cfg: FluxConfig) -> tuple[tuple[int, int], ...]:
+  """Feature-KD pairs (student block, the teacher block it descends from).
+
+  Blocks on a down-sampler's coarse grid are left out: their tokens do not
+  line up with the teacher's.
+  """
+  origin = ctx.teacher_blocks or tuple(range(cfg.num_blocks))
+  coarse = (range(cfg.downsample_start, cfg.downsample_end + 1)
+            if cfg.downsample_start is not None else ())
+  return tuple((i, t) for i, t in enumerate(origin) if i not in coarse)
+
+
 def _calib(ctx: Context, student: Student, opts) -> dict:
   """Teacher-sampler states of the student; real prompts with a pipeline."""
   cfg, params = student
@@ -221,6 +238,10 @@ def _depth(ctx: Context, student: Student, opts) -> Student:
     mask = compress.select(cfg, scores, keep_blocks=opts['keep_blocks'])
     keep = np.concatenate([np.asarray(mask.double_blocks),
                            np.asarray(mask.single_blocks)]) > 0.5
+  flags = np.zeros(cfg.num_blocks, bool)
+  flags[np.arange(cfg.num_blocks)[np.asarray(keep)]] = True
+  origin = ctx.teacher_blocks or tuple(range(cfg.num_blocks))
+  ctx.teacher_blocks = tuple(int(t) for t, f in zip(origin, flags) if f)
   return compress.remove_blocks(cfg, params, keep, merge=opts['merge'])
 
 
@@ -256,6 +277,11 @@ def _downsample(ctx: Context, student: Student, opts) -> Student:
   return compress.add_downsampler(cfg, params, start, end,
                                   jax.random.PRNGKey(opts['seed']),
                                   opts['factor'], opts['channels'])
+
+
+# No compression: the same distillation budget again, for ablations (e.g.
+# the student without the token down-sampler, trained as long as with it).
+register_rung('finetune', {})(lambda ctx, student, opts: student)
 
 
 def _text_encoder_config(c, rung, where) -> ml_collections.ConfigDict:
@@ -300,8 +326,7 @@ def _distill_text_encoder(ctx: Context, student: Student, rung, rung_dir):
   return finished(state, history, tc)
 
 
-register_rung('text_encoder', dict(teacher_t5='', denoiser='student',
-                                   ablation=False),
+register_rung('text_encoder', dict(teacher_t5='', denoiser='student'),
               check=_check_text_encoder,
               distill=_distill_text_encoder)(lambda ctx, student, opts: student)
 
@@ -326,12 +351,14 @@ def _check_export(c, opts, where):
 
 
 def _export(ctx: Context, student: Student, rung, rung_dir):
-  """The current pipeline (student DiT + student T5) as .tflite files in
+  """The current pipeline (student DiT + student T5) as a FluxPipeline
+  folder, workdir/pipeline, and as .tflite files in
   workdir/tflite/{fp32,int8,...}, one folder per quantization."""
   del rung_dir
   # pylint: disable-next=g-import-not-at-top
   from nanoflux_jax.export import bundle
   pipe = ctx.pipeline_for(student, ctx.text_encoder)
+  pipe.save(os.path.join(ctx.workdir, 'pipeline'))
   out = {}
   for q in rung['quantize']:
     path = os.path.join(ctx.workdir, 'tflite', _QUANT_NAMES.get(q, q))
@@ -342,7 +369,7 @@ def _export(ctx: Context, student: Student, rung, rung_dir):
     out[_QUANT_NAMES.get(q, q)] = dict(
         dir=os.path.relpath(path, ctx.workdir),
         mb=m['sizes']['total_bytes'] / 1e6, export_s=m['export']['seconds'])
-  return True, dict(exports=out)
+  return True, dict(exports=out, pipeline='pipeline')
 
 
 register_rung('export', dict(quantize=('none', 'int8')), check=_check_export,

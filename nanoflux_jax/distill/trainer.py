@@ -570,6 +570,9 @@ def feature_pairs(spec, student: FluxConfig, teacher: FluxConfig | None
   spec: explicit pairs, or 'identity' (block i to block i: students with the
   teacher's depth, e.g. after pruning widths or static modulation).
   """
+  if isinstance(spec, str) and spec != 'identity':
+    raise ValueError(f"loss.feature_pairs={spec!r}: expected 'identity' or "
+                     '((student block, teacher block), ...)')
   if spec != 'identity':
     return tuple(tuple(p) for p in spec)
   if teacher is None or student.num_blocks != teacher.num_blocks:

@@ -56,8 +56,10 @@ def get_config(arg: str = ''):
   c.rungs = [
       # Feature KD only here: pruning keeps block indices aligned with the
       # teacher's; after the depth rung the pairs would have to be remapped.
+      # scope='block': every block keeps the same widths, which the depth
+      # rung's merge=True needs (it averages blocks of equal shapes).
       {'kind': 'prune', 'criterion': 'taylor', 'keep_heads': 0.5,
-       'keep_mlp': 0.75, 'scope': 'global', 'calib_n': 8,
+       'keep_mlp': 0.75, 'scope': 'block', 'calib_n': 8,
        'distill': {**_distill(20_000),
                    'loss': {'feature_pairs': ((4, 4), (18, 18), (40, 40))}}},
       {'kind': 'depth', 'keep_blocks': 40, 'criterion': 'block_io',
@@ -73,6 +75,8 @@ def get_config(arg: str = ''):
   ]
   if arg == 'runlocal':  # Plumbing check on one host: a few steps per rung.
     for r in c.rungs:
+      if 'distill' not in r:  # The export rung trains nothing.
+        continue
       r['distill'] = {**r['distill'], 'num_steps': 2}
       if 'warmup_steps' in r['distill']:
         r['distill']['warmup_steps'] = 1

@@ -7,17 +7,19 @@ targeted tests in that copy (cwd and PYTHONPATH point at it, so the copy's
 package is the one imported, which is checked). A mutant is caught when
 pytest reports failing tests (exit status 1); a collection or import error
 is an 'error', not a catch. A baseline run of every targeted test on the
-unmutated copy must pass first, or the table means nothing.
+unmutated copy (alongside the mutants) must pass, or the table means
+nothing; its status is in the JSON line.
 
 Prints a caught/missed table and, last, one JSON line
 {"mutants": N, "caught": M, ...}. Runs outside CI (minutes on 2 cores):
 
   nice -n 19 python experiments/check_mutants.py [--only=name,name]
-      [--skip_baseline] [--timeout=900]
+      [--skip_baseline] [--jobs=2] [--timeout=1800]
 """
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import json
 import os
@@ -50,8 +52,9 @@ MUTANTS = (
             ('nanoflux_jax/convert/flux.py',
              "out[f'{d}_attn.norm.{n}_norm.scale'] = p[f'{b}_attn/{n}_norm/scale']",
              "out[f'{d}_attn.norm.{ {\"query\": \"key\", \"key\": \"query\"}[n]}_norm.scale'] = p[f'{b}_attn/{n}_norm/scale']")),
-           (F + 'test_bfl_import_matches_diffusers_import',
-            F + 'test_bfl_key_map_matches_diffusers_converter')),
+           # (test_bfl_key_map_matches_diffusers_converter, at FLUX's full
+           # width, catches it too; this one is cheaper.)
+           (F + 'test_bfl_export_and_import_follow_the_documented_map',)),
     Mutant('diffusers_qk_norm_swap',
            'norm_q / norm_k swapped in the diffusers map (double blocks)',
            (('nanoflux_jax/convert/flux.py',
@@ -101,8 +104,7 @@ MUTANTS = (
            'the MSE summed over the batch (data) axis instead of averaged',
            (('nanoflux_jax/distill/losses.py', '    return d.mean()\n',
              '    return d.mean(axis=tuple(range(1, d.ndim))).sum()\n'),),
-           ('tests/test_losses.py::test_mse_and_masked_mse',
-            'tests/test_trainer.py::test_from_scratch_rectified_flow_mode')),
+           ('tests/test_losses.py::test_mse_and_masked_mse',)),
     Mutant('grad_accum_no_mean',
            'accumulated gradients summed over micro-batches, not averaged '
            "(Adam's first step hides the scale from the params)",
@@ -154,7 +156,7 @@ MUTANTS = (
            (('nanoflux_jax/distill/trainer.py',
              'first = jax.tree.map(np.asarray, data.batch(start, jax.process_index(),',
              'first = jax.tree.map(np.asarray, data.batch(start + (latest is not None), jax.process_index(),'),),
-           ('tests/test_trainer.py::test_resume_equals_uninterrupted_run_bit_for_bit',)),
+           ('tests/test_trainer.py::test_fit_resume_reads_the_step_it_stopped_at',)),
 )
 
 
@@ -211,6 +213,8 @@ def main(argv=None) -> int:
   ap.add_argument('--skip_baseline', action='store_true')
   ap.add_argument('--timeout', type=float, default=1800.0,
                   help='seconds per pytest run')
+  ap.add_argument('--jobs', type=int, default=1,
+                  help='mutants tested at once (each in its own copy)')
   ap.add_argument('--list', action='store_true')
   args = ap.parse_args(argv)
   mutants = [m for m in MUTANTS
@@ -230,30 +234,33 @@ def main(argv=None) -> int:
       apply(probe, m)
       shutil.rmtree(probe)
     baseline = None
-    if not args.skip_baseline:
-      tests = sorted({t for m in mutants for t in m.tests})
+    tests = sorted({t for m in mutants for t in m.tests})
+
+    def run_baseline():
       rc, text, secs = run_tests(base, tests, args.timeout * 2)
-      baseline = {'rc': rc, 'seconds': round(secs)}
       print(f'baseline ({len(tests)} targets, unmutated): rc={rc} '
             f'{secs:.0f}s', flush=True)
       if rc != 0:
-        print(text)
-        print(json.dumps({'mutants': len(mutants), 'caught': 0,
-                          'baseline': baseline}))
-        return 2
-    rows = []
-    for m in mutants:
+        print(text, flush=True)
+      return {'rc': rc, 'seconds': round(secs)}
+
+    def one(m):
       work = os.path.join(tmp, m.name)
       shutil.copytree(base, work)
       apply(work, m)
       rc, text, secs = run_tests(work, m.tests, args.timeout)
       status = _status(rc)
       failed = [l for l in text.splitlines() if l.startswith('FAILED')]
-      rows.append((m, status, secs, failed[:1]))
       print(f'{m.name}: {status} ({secs:.0f}s) {failed[:1]}', flush=True)
       if status != 'caught':
-        print(text)
+        print(text, flush=True)
       shutil.rmtree(work, ignore_errors=True)
+      return m, status, secs, failed[:1]
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+      # The baseline runs alongside the mutants, in its own unmutated copy.
+      base_job = None if args.skip_baseline else pool.submit(run_baseline)
+      rows = list(pool.map(one, mutants))
+      baseline = None if base_job is None else base_job.result()
     print()
     print('| mutant | planted bug | targeted tests | result | s |')
     print('|---|---|---|---|---|')
@@ -265,7 +272,8 @@ def main(argv=None) -> int:
                       'missed': [m.name for m, s, _, _ in rows
                                  if s != 'caught'],
                       'baseline': baseline}))
-    return 0 if caught == len(rows) else 1
+    ok = caught == len(rows) and (baseline is None or baseline['rc'] == 0)
+    return 0 if ok else 1
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
 

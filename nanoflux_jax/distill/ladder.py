@@ -243,19 +243,19 @@ def report_markdown(report: dict) -> str:
       f"on {c['device']}; ms = median of {c['repeats']} jitted calls. Sample "
       'MSE: final latents vs the teacher\'s (same prompts and noise); '
       'sample PSNR: their images against the teacher\'s, right after the '
-      'compression (step 0) and after the distillation.', '',
-      '| rung | kind | params | GFLOPs | ms / fwd | steps | loss | '
-      'output_kd | sample MSE | sample PSNR step 0 -> end (dB) | samples |',
-      '|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|']
+      'compression (step 0) and after the distillation. Trained on: the '
+      'device that distilled the rung (and timed its ms / fwd).', '',
+      '| rung | kind | params | GFLOPs | ms / fwd | trained on | steps | '
+      'loss | output_kd | sample MSE | sample PSNR step 0 -> end (dB) | '
+      'samples |',
+      '|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---|']
   for r in [report['teacher']] + report['rungs']:
     loss = r.get('losses') or {}
     name = r['name'] + (' (ablation)' if r.get('ablation') else '')
-    ms = f"{r['ms']:.2f}"
-    if r.get('device', c['device']) != c['device']:  # Trained elsewhere.
-      ms += f" ({r['device']})"
     lines.append(
         f"| {name} | {r.get('kind', '-')} | {r['params']:,} | "
-        f"{r['gflops']:.4g} | {ms} | {r.get('steps', '-')} | "
+        f"{r['gflops']:.4g} | {r['ms']:.2f} | {r.get('device', '-')} | "
+        f"{r.get('steps', '-')} | "
         f"{_fmt(loss.get('loss'), '.4g')} | "
         f"{_fmt(loss.get('output_kd'), '.4g')} | {r['sample_mse']:.4g} | "
         f"{_fmt(r.get('sample_psnr_init'), '.2f')} -> "

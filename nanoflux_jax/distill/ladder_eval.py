@@ -124,6 +124,7 @@ def evaluate_stages(ctx, stages: list[dict]) -> dict:
               noise_seed=e.noise_seed, num_reference=e.num_reference,
               txt_len=ctx.config.distill.data.txt_len,
               resolution=ctx.resolution, num_steps=len(ctx.schedule) - 1,
+              device=jax.devices()[0].device_kind,
               timing_batch=e.timing_batch, num_threads=e.num_threads,
               classifier_accuracy=clf_lib.evaluate_on_world(clf, n=256),
               targets=dict(e.get('targets') or {}))
@@ -165,7 +166,8 @@ def markdown(report: dict) -> str:
       f"{ev_setup['timing_batch']} prompts / {ev_setup['timing_batch']}, "
       'the denoising loop alone and the whole pipeline (encode + denoise + '
       'decode); LiteRT: one prompt through the batch-1 .tflite files, '
-      f"{ev_setup['num_threads']} threads. Classifier accuracy on real "
+      f"{ev_setup['num_threads']} threads; evaluated and timed on "
+      f"{ev_setup.get('device', '-')}. Classifier accuracy on real "
       'renderings: ' + ', '.join(
           f'{k} {v:.3f}' for k, v in ev_setup['classifier_accuracy'].items())
       + '.', '',

@@ -2,17 +2,20 @@
 
 `run_ladder(config, workdir)` walks `config.rungs` in order. Each rung is a
 dict with a `kind` from `RUNG_KINDS` (see rungs.py: prune, depth,
-static_modulation, downsample, text_encoder, export; extend with
-`rungs.register_rung`), that kind's options
-and `distill`: overrides of `config.distill` (a `trainer.default_config()`)
-for the distillation that follows the compression. The student of rung i is
-distilled from the ORIGINAL teacher in workdir/rung_{i}_{kind} and becomes
-the input of rung i + 1.
+static_modulation, downsample, finetune, text_encoder, export; extend with
+`rungs.register_rung`), that kind's options, `distill`: overrides of
+`config.distill` (a `trainer.default_config()`) for the distillation that
+follows the compression, and `ablation` (default False). The student of
+rung i is distilled from the ORIGINAL teacher in workdir/rung_{i}_{kind} and
+becomes the input of rung i + 1, unless rung i is an ablation: then it is
+only reported, against the main rung it stands in for.
 
 Layout of workdir:
   teacher.json                 the teacher's report row (computed once)
   rung_{i}_{kind}/
     student_config.json        the compressed config (written before training)
+    lineage.json               the teacher block each student block descends
+                               from; sample PSNR right after compressing
     checkpoints/               the trainer's orbax CheckpointManager
     student/                   final student (nanoflux_jax.checkpoint)
     done.json                  marker: the rung's options and report row
@@ -427,9 +430,9 @@ def run_ladder(config: ml_collections.ConfigDict, workdir: str, *,
         current = load(out_dir)
         rung_student = lambda current=current: current
       row, _ = _measure(ctx, rung_student(), name, workdir, np.load(ref_file))
-      lineage = _read_json(os.path.join(rung_dir, 'lineage.json')) or {}
       row.update(fields, kind=kind.name, ablation=rung['ablation'],
-                 sample_psnr_init=lineage.get('sample_psnr_init'))
+                 sample_psnr_init=_read_lineage(ctx, rung_dir).get(
+                     'sample_psnr_init'))
       _write_atomic(os.path.join(rung_dir, 'done.json'), json.dumps(
           dict(rung=_marker_key(rung), row=row), indent=2))
       logging.info('ladder: %s done: %s', name, row)

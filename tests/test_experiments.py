@@ -64,8 +64,8 @@ def test_shapes_ladder_micro_end_to_end(tmp_path):
   assert [(r['kind'], r['ablation']) for r in report['rungs']] == [
       ('prune', False), ('depth', False), ('static_modulation', False),
       ('prune', True), ('prune', False), ('finetune', True),
-      ('downsample', False), ('text_encoder', False), ('text_encoder', True),
-      ('export', False)]
+      ('downsample', True), ('prune', False), ('text_encoder', False),
+      ('text_encoder', True), ('export', False)]
   rungs = {r['name']: r for r in report['rungs']}
   # The depth rung keeps 3 of the teacher's 4 blocks; feature KD pairs each
   # student block with the teacher block it descends from, and leaves out
@@ -83,11 +83,14 @@ def test_shapes_ladder_micro_end_to_end(tmp_path):
   # student, so both prunes give the same architecture.
   assert rungs['rung_3_prune']['params'] == rungs['rung_4_prune']['params']
   assert rungs['rung_5_finetune']['params'] == rungs['rung_4_prune']['params']
-  for r in report['rungs'][:7]:  # Every denoiser rung: PSNR before/after.
+  for r in report['rungs'][:8]:  # Every denoiser rung: PSNR before/after.
     assert np.isfinite(r['sample_psnr_init']) and np.isfinite(
         r['sample_psnr']), r['name']
   assert rungs['rung_5_finetune']['sample_psnr_init'] == pytest.approx(
       rungs['rung_4_prune']['sample_psnr'], abs=1e-3)
+  # The down-sampler is an ablation: the last prune starts from rung 4.
+  assert rungs['rung_6_downsample']['params'] > rungs['rung_4_prune']['params']
+  assert rungs['rung_7_prune']['params'] < rungs['rung_4_prune']['params']
   rows = [report['teacher']] + report['rungs']
   for r in rows:
     ev = r['eval']
@@ -123,7 +126,7 @@ def test_shapes_ladder_micro_end_to_end(tmp_path):
   ablations = md.split('## Ablations')[1].split('## Targets')[0]
   for text in ('(a) Without the token down-sampler (rung_5_finetune',
                '(b) Text encoder trained on embedding MSE only '
-               '(rung_8_text_encoder)', '| rung_4_prune (main) |',
+               '(rung_9_text_encoder)', '| rung_4_prune (main) |',
                '| rung_3_prune | output_kd 1 |'):
     assert text in ablations, (text, ablations)
   # micro checks the full ladder's targets: params, denoise and total

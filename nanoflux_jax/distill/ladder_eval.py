@@ -212,10 +212,11 @@ def markdown(report: dict) -> str:
 def _ablations(rungs: list[dict]) -> tuple[list[str], dict]:
   """The ablation section's lines, and the figures the targets check.
 
-  An ablation rung is compared with the main rung it stands in for: the
-  next non-ablation rung of the same kind (a text-encoder ablation: the
-  last main text-encoder rung), or, for a `finetune` ablation (the student
-  without the next rung's compression, trained as long), the next main rung.
+  An ablation rung is compared with the rung it stands in for: a
+  `finetune` ablation (the student without the next rung's compression,
+  trained as long) with the next rung, ablation or not; a text-encoder
+  ablation with the last main text-encoder rung; any other ablation with
+  the next main rung of its kind.
   """
   out, figures = ['## Ablations', ''], {}
   gen = lambda r: r['eval']['geneval']
@@ -223,20 +224,21 @@ def _ablations(rungs: list[dict]) -> tuple[list[str], dict]:
   main = [r for r in rungs if not r.get('ablation')]
 
   def counterpart(i, r):
-    later = [m for m in main if rungs.index(m) > i]
     if r.get('kind') == 'finetune':
-      return later[0] if later else None
-    same = [m for m in (later if r.get('kind') != 'text_encoder' else main)
+      return rungs[i + 1] if i + 1 < len(rungs) else None
+    if r.get('kind') == 'text_encoder':
+      same = [m for m in main if m.get('kind') == 'text_encoder']
+      return same[-1] if same else None
+    same = [m for m in main[len([x for x in main if rungs.index(x) < i]):]
             if m.get('kind') == r.get('kind')]
-    return (same[0] if r.get('kind') != 'text_encoder' else same[-1]
-            ) if same else None
+    return same[0] if same else None
 
   loss_rows = []
   for i, r in enumerate(rungs):
     m = counterpart(i, r) if r.get('ablation') else None
-    if m is None:
+    if m is None or m.get('kind') == 'finetune':
       continue
-    if r.get('kind') == 'finetune' and m.get('kind') == 'downsample':
+    if m.get('kind') == 'downsample' and r.get('kind') == 'finetune':
       figures['no_ds_slowdown'] = dms(r) / dms(m) - 1
       figures['no_ds_gain'] = gen(r) - gen(m)
       out.append(
@@ -245,7 +247,10 @@ def _ablations(rungs: list[dict]) -> tuple[list[str], dict]:
           f"{dms(r):.1f} vs {dms(m):.1f} JAX denoise ms per image "
           f"({100 * figures['no_ds_slowdown']:+.0f}% latency); toy-GenEval "
           f"{_gen(r['eval'])} vs {_gen(m['eval'])} with it "
-          f"({figures['no_ds_gain']:+.3f}).")
+          f"({figures['no_ds_gain']:+.3f}); DiT params {r['params']:,} vs "
+          f"{m['params']:,}." + (
+              ' The ladder goes on without the down-sampler.'
+              if m.get('ablation') else ''))
     elif r.get('kind') == 'text_encoder':
       figures['emb_only_change'] = gen(r) - gen(m)
       # How far below the main rung its 95% interval reaches.

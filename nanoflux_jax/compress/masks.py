@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nanoflux_jax import parallel
 from nanoflux_jax.configs import FluxConfig
 
 Array = Any  # jax or numpy array.
@@ -219,7 +220,11 @@ def prune(cfg: FluxConfig, params: dict, mask: PruneMask
     equals `apply_masks(params, mask, cfg)`'s up to float rounding.
   """
   mask.check(cfg)
-  params = jax.tree.map(np.asarray, params)
+  # Nothing is copied to a host: numpy params are sliced on the host, jax
+  # arrays on their devices (sharded params: a device gather of one tensor
+  # at a time, then laid out on the same mesh by the rules), and tracers
+  # pass, so `jax.eval_shape` can prune a model that only exists as shapes.
+  mesh = parallel.mesh_of(params)
   keep_d = _keep_index(mask.double_blocks, 'double_blocks')
   keep_s = _keep_index(mask.single_blocks, 'single_blocks')
   out = {k: v for k, v in params.items()
@@ -253,4 +258,5 @@ def prune(cfg: FluxConfig, params: dict, mask: PruneMask
   new_cfg = cfg.replace(depth=len(keep_d), depth_single_blocks=len(keep_s),
                         **{f: tuple(v) for f, v in widths.items()},
                         **remap_downsample(cfg, keep_global))
-  return new_cfg, jax.tree.map(jnp.asarray, out)
+  return new_cfg, parallel.place_flux(new_cfg, jax.tree.map(jnp.asarray, out),
+                                      mesh)

@@ -13,6 +13,10 @@ from nanoflux_jax.export.bundle import size_table
 from nanoflux_jax.export.runner import ManifestError
 from nanoflux_jax.export.runner import TFLiteModel
 from nanoflux_jax.export.runner import TFLitePipeline
+from nanoflux_jax.export.streaming import export_denoiser_streaming
+from nanoflux_jax.export.streaming import RandomSource
+from nanoflux_jax.export.streaming import TreeSource
+from nanoflux_jax.export.student import nanoflux_student
 from nanoflux_jax.export.tflite import ExportError
 from nanoflux_jax.export.tflite import QUANTIZE_OPTIONS
 from nanoflux_jax.export.tflite import convert

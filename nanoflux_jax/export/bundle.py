@@ -111,7 +111,8 @@ def export_denoiser(cfg, params, out_dir: str, grid_h: int, grid_w: int,
       sub, name = params, f'{prefix}.tflite'
     else:
       fn, inputs = components.chunk_fn(cfg, keys, grid_h, grid_w, txt_len)
-      sub, name = {k: params[k] for k in keys}, f'{prefix}_{i:02d}.tflite'
+      sub = components.chunk_params(params, keys)
+      name = f'{prefix}_{i:02d}.tflite'
     entry = tflite.convert(fn, sub, inputs, os.path.join(out_dir, name),
                            quantize=quantize,
                            use_buffer_offset=use_buffer_offset,

@@ -29,6 +29,7 @@ import numpy as np
 
 from nanoflux_jax import sampling
 from nanoflux_jax.configs import ClipConfig, FluxConfig, T5Config, VAEConfig
+from nanoflux_jax.models import downsample
 from nanoflux_jax.models import flux as flux_lib
 from nanoflux_jax.models import layers
 from nanoflux_jax.models.clip import ClipTextModel
@@ -108,33 +109,59 @@ def _bytes(tree, bytes_per_param: float) -> float:
   return sum(math.prod(x.shape) for x in jax.tree.leaves(tree)) * bytes_per_param
 
 
+# The down-sampler's params are split between the chunk that down-samples
+# (before block downsample_start) and the one that up-samples (after block
+# downsample_end); chunk key lists name the halves with these keys.
+DOWN_KEY, UP_KEY = 'downsample_down', 'downsample_up'
+_DOWN_PARTS = {DOWN_KEY: ('down_proj', 'down_res'), UP_KEY: ('up_res', 'merge')}
+
+
+def chunk_params(params, keys: list[str]) -> dict:
+  """The params of one chunk ({key: subtree}); `params` may be a tree of
+  arrays or of ShapeDtypeStructs."""
+  out = {}
+  for k in keys:
+    if k in _DOWN_PARTS:
+      out[k] = {n: params['downsample'][n] for n in _DOWN_PARTS[k]}
+    else:
+      out[k] = params[k]
+  return out
+
+
 def plan_chunks(cfg: FluxConfig, params, max_bytes: float,
                 bytes_per_param: float = 4.0) -> list[list[str]]:
   """Groups consecutive blocks into chunks of at most `max_bytes` of weights.
 
-  The embedders join the first chunk and the final layer the last. A block
-  larger than `max_bytes` gets a chunk of its own (blocks are never split).
+  The embedders join the first chunk and the final layer the last; the
+  down-sampler's down half joins block downsample_start and its up half
+  block downsample_end (DOWN_KEY / UP_KEY). A block larger than `max_bytes`
+  gets a chunk of its own (blocks are never split). `params` may be shapes.
 
   Returns:
-    A list of chunks, each a list of top-level param keys.
+    A list of chunks, each a list of keys for `chunk_params`.
   Raises:
-    NotImplementedError: params outside the plain block stack (the token
-      down-sampler), which the chunked path does not cover yet.
+    NotImplementedError: params outside the block stack that no chunk
+      covers (a scanned layout, say).
   """
   blocks = block_keys(cfg)
   head = [k for k in _HEAD_KEYS if k in params]
   tail = [k for k in _TAIL_KEYS if k in params]
-  extra = sorted(set(params) - set(blocks) - set(head) - set(tail))
-  if extra or cfg.downsample_start is not None:
+  ds = cfg.downsample_start is not None
+  extra = sorted(set(params) - set(blocks) - set(head) - set(tail) -
+                 ({'downsample'} if ds else set()))
+  if extra:
     raise NotImplementedError(
-        f'chunked denoiser export: params {extra or "of the down-sampler"} '
-        'are not covered; export unchunked (max_chunk_bytes=None)')
+        f'chunked denoiser export: params {extra} are not covered; export '
+        'unchunked (max_chunk_bytes=None)')
   units = [[k] for k in blocks]
+  if ds:
+    units[cfg.downsample_start] = [DOWN_KEY] + units[cfg.downsample_start]
+    units[cfg.downsample_end] = units[cfg.downsample_end] + [UP_KEY]
   units[0] = head + units[0]
   units[-1] = units[-1] + tail
   chunks, cur, cur_bytes = [], [], 0.0
   for unit in units:
-    b = sum(_bytes(params[k], bytes_per_param) for k in unit)
+    b = _bytes(chunk_params(params, unit), bytes_per_param)
     if cur and cur_bytes + b > max_bytes:
       chunks.append(cur)
       cur, cur_bytes = [], 0.0
@@ -143,19 +170,71 @@ def plan_chunks(cfg: FluxConfig, params, max_bytes: float,
   return chunks
 
 
+def _block_index(cfg: FluxConfig, key: str) -> int:
+  """Global index (double blocks first) of a block key."""
+  i = int(key.rsplit('_', 1)[1])
+  return i if key.startswith('double_blocks_') else cfg.depth + i
+
+
+def _coarse(cfg: FluxConfig, g: int) -> bool:
+  """Whether global block g runs on the down-sampled grid."""
+  return (cfg.downsample_start is not None and
+          cfg.downsample_start <= g <= cfg.downsample_end)
+
+
+def chunk_signature(cfg: FluxConfig, keys: list[str], grid_h: int,
+                    grid_w: int, txt_len: int) -> tuple[dict, list[str]]:
+  """(inputs {name: (shape, dtype)}, output names) of one chunk."""
+  d, n_img = cfg.hidden_size, grid_h * grid_w
+  static = cfg.modulation == 'static'
+  blocks = [k for k in keys if 'blocks_' in k]
+  first, last = keys[0] in _HEAD_KEYS, keys[-1] in _TAIL_KEYS
+  n_coarse = n_img // cfg.downsample_factor ** 2
+  # A chunk starting inside the coarse range gets the detour's state.
+  detour_in = _coarse(cfg, _block_index(cfg, blocks[0])) and DOWN_KEY not in keys
+  detour_out = _coarse(cfg, _block_index(cfg, blocks[-1])) and UP_KEY not in keys
+  if first:
+    inputs = denoiser_inputs(cfg, n_img, txt_len)
+  else:
+    inputs = {'img_h': ((1, n_coarse if detour_in else n_img, d), F32),
+              'txt_h': ((1, txt_len, d), F32)}
+    inputs.update({'step': ((1,), I32)} if static else
+                  {'vec': ((1, d), F32)})
+    if detour_in:
+      inputs.update(skip=((1, n_img, d), F32),
+                    coarse_in=((1, n_coarse, d), F32))
+  if last:
+    outputs = ['velocity']
+  else:
+    outputs = ['img_h', 'txt_h'] + ([] if static else ['vec'])
+    if detour_out:
+      outputs += ['skip', 'coarse_in']
+  return inputs, outputs
+
+
 def chunk_fn(cfg: FluxConfig, keys: list[str], grid_h: int, grid_w: int,
              txt_len: int) -> tuple[Callable, dict]:
-  """One chunk of consecutive blocks (see the module docstring for names)."""
+  """One chunk of consecutive blocks (see the module docstring for names).
+
+  Inside the down-sampled range the hand-off also carries the detour's
+  state: img_h is then coarse [1, L/f^2, D], plus skip [1, L, D] (the
+  tokens before down-sampling) and coarse_in [1, L/f^2, D].
+  """
   cfg = export_flux_config(cfg)
   dtype, pdtype = layers.dtypes(cfg)
-  d, n_img = cfg.hidden_size, grid_h * grid_w
-  first, last = keys[0] in _HEAD_KEYS, keys[-1] in _TAIL_KEYS
+  d = cfg.hidden_size
+  first = keys[0] in _HEAD_KEYS
   static = cfg.modulation == 'static'
   img_ids, txt_ids = _ids(grid_h, grid_w, txt_len)
+  grid = (grid_h, grid_w)
+  inputs, outputs = chunk_signature(cfg, keys, grid_h, grid_w, txt_len)
   dense = lambda n, name: nn.DenseGeneral(n, dtype=dtype, param_dtype=pdtype,
                                           name=name)
 
   def fn(p, x):
+    x = {n: x[n] for n in inputs}
+    detour = {n: x[n] for n in ('skip', 'coarse_in') if n in x}
+    vec = None
     if first:
       img = dense(d, 'img_in').apply({'params': p['img_in']}, x['img'])
       txt = dense(d, 'txt_in').apply({'params': p['txt_in']}, x['txt'])
@@ -173,37 +252,43 @@ def chunk_fn(cfg: FluxConfig, keys: list[str], grid_h: int, grid_w: int,
     cond = (flux_lib.static_step_index(_timesteps(cfg, x),
                                        cfg.static_timesteps)
             if static else vec)
-    pe = layers.rope(jnp.concatenate([txt_ids, img_ids], axis=1),
-                     cfg.axes_dim, cfg.theta)
+    pe_full = layers.rope(jnp.concatenate([txt_ids, img_ids], axis=1),
+                          cfg.axes_dim, cfg.theta)
+    if cfg.downsample_start is not None:
+      ids = downsample.coarse_ids(img_ids, grid, cfg.downsample_factor)
+      pe_coarse = layers.rope(jnp.concatenate([txt_ids, ids], axis=1),
+                              cfg.axes_dim, cfg.theta)
+      sampler = downsample.TokenDownsampler(cfg)
     for k in keys:
-      if k.startswith('double_blocks_'):
-        img, txt = flux_lib.DoubleStreamBlock(cfg, int(k.rsplit('_', 1)[1])
-                                              ).apply({'params': p[k]}, img,
-                                                      txt, cond, pe)
-      elif k.startswith('single_blocks_'):
-        # Concatenating and splitting per block moves data only, so this is
-        # the same math as Flux's single [txt, img] stream.
-        xs = flux_lib.SingleStreamBlock(cfg, int(k.rsplit('_', 1)[1])).apply(
-            {'params': p[k]}, jnp.concatenate([txt, img], axis=1), cond, pe)
-        txt, img = xs[:, :txt_len], xs[:, txt_len:]
-    if last:
+      if k == DOWN_KEY:
+        detour['skip'] = img
+        img = detour['coarse_in'] = sampler.apply(
+            {'params': p[k]}, img, grid, method='down')
+      elif k == UP_KEY:
+        img = sampler.apply({'params': p[k]}, img, detour.pop('coarse_in'),
+                            detour.pop('skip'), grid, method='up')
+      elif 'blocks_' in k:
+        i = int(k.rsplit('_', 1)[1])
+        pe = pe_coarse if _coarse(cfg, _block_index(cfg, k)) else pe_full
+        if k.startswith('double_blocks_'):
+          img, txt = flux_lib.DoubleStreamBlock(cfg, i).apply(
+              {'params': p[k]}, img, txt, cond, pe)
+        else:
+          # Concatenating and splitting per block moves data only, so this
+          # is the same math as Flux's single [txt, img] stream.
+          xs = flux_lib.SingleStreamBlock(cfg, i).apply(
+              {'params': p[k]}, jnp.concatenate([txt, img], axis=1), cond, pe)
+          txt, img = xs[:, :txt_len], xs[:, txt_len:]
+    if 'velocity' in outputs:
       shift, scale = flux_lib.Modulation(cfg, 2).apply(
           {'params': p['final_mod']}, cond)
       h = (1 + scale) * layers.layer_norm(img) + shift
       out = dense(cfg.out_dim, 'final_linear').apply(
           {'params': p['final_linear']}, h)
       return {'velocity': out.astype(jnp.float32)}
-    out = {'img_h': img, 'txt_h': txt}
-    if not static:
-      out['vec'] = vec
-    return out
+    values = dict(img_h=img, txt_h=txt, vec=vec, **detour)
+    return {n: values[n] for n in outputs}
 
-  if first:
-    inputs = denoiser_inputs(cfg, n_img, txt_len)
-  else:
-    inputs = {'img_h': ((1, n_img, d), F32), 'txt_h': ((1, txt_len, d), F32)}
-    inputs.update({'step': ((1,), I32)} if static else
-                  {'vec': ((1, d), F32)})
   return fn, inputs
 
 
@@ -213,7 +298,7 @@ def run_chunks_jax(cfg: FluxConfig, params, chunks: list[list[str]],
   state = dict(inputs)
   for keys in chunks:
     fn, _ = chunk_fn(cfg, keys, grid_h, grid_w, inputs['txt'].shape[1])
-    state.update(fn({k: params[k] for k in keys}, state))
+    state.update(fn(chunk_params(params, keys), state))
   return state['velocity']
 
 

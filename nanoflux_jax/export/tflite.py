@@ -154,8 +154,11 @@ def _saved_model(fn: Callable, params, inputs: InputSpecs, path: str) -> None:
   module = tf.Module()
   # One leaf at a time: the only extra copy of the weights is these variables
   # (cast to float32 leaf by leaf, so bf16 params never exist twice in fp32).
+  # A callable leaf (streaming.LazyLeaf) makes its tensor only here, so a
+  # streaming export never holds a second copy of the chunk.
   module.params = jax.tree.map(
-      lambda x: tf.Variable(np.asarray(x, np.float32), trainable=False),
+      lambda x: tf.Variable(np.asarray(x() if callable(x) else x, np.float32),
+                            trainable=False),
       params)
   specs = {k: tf.TensorSpec(shape, tf.as_dtype(np.dtype(dtype)), name=k)
            for k, (shape, dtype) in inputs.items()}

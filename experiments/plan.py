@@ -62,7 +62,8 @@ def main(argv):
       'budget_bytes': budget,
       'rungs': [dict(name=p.name, teacher=p.teacher, student=p.student,
                      grads=p.grads, opt_state=p.opt_state, batch=p.batch,
-                     activations=p.activations, total=p.total, fits=p.fits,
+                     activations=p.activations,
+                     gathered=p.gathered, total=p.total, fits=p.fits,
                      largest=p.largest, largest_bytes=p.largest_bytes,
                      trainable_params=p.params_count)
                 for p in plans]}))

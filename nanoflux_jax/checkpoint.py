@@ -54,30 +54,55 @@ def save(path: str, config, params) -> None:
     raise TypeError(f'checkpoint.save({path}): params leaves {bad[:5]} are '
                     'not arrays')
   atomic.check_replaceable(path, is_checkpoint, 'nanoflux checkpoint')
+  # Multi-process (pod hosts): every process writes its shards into the
+  # same temporary folder (process 0 names it); process 0 alone writes the
+  # config and renames the folder into place.
+  primary = jax.process_index() == 0
   parent = os.path.dirname(path)
   os.makedirs(parent, exist_ok=True)
-  atomic.remove_stale(path)
-  tmp = atomic.tmp_sibling(path)
+  if primary:
+    atomic.remove_stale(path)
+  tmp = _shared_tmp_sibling(path)
   empty = not jax.tree.leaves(params)
   ckptr = ocp.StandardCheckpointer()
   try:
     if not empty:
       ckptr.save(os.path.join(tmp, 'params'), params)
       ckptr.wait_until_finished()
-    else:  # A parameter-free component (e.g. a pixel-shuffle codec).
+    elif primary:  # A parameter-free component (e.g. a pixel-shuffle codec).
       os.makedirs(tmp)
-    with open(os.path.join(tmp, CONFIG_FILE), 'w') as f:
-      json.dump(dict(_config_json(config), **({EMPTY_KEY: True} if empty
-                                               else {})),
-                f, indent=2, sort_keys=True)
-    atomic.check_replaceable(path, is_checkpoint, 'nanoflux checkpoint')
-    atomic.replace_dir(tmp, path)
+    if primary:
+      with open(os.path.join(tmp, CONFIG_FILE), 'w') as f:
+        json.dump(dict(_config_json(config), **({EMPTY_KEY: True} if empty
+                                                 else {})),
+                  f, indent=2, sort_keys=True)
+      atomic.check_replaceable(path, is_checkpoint, 'nanoflux checkpoint')
+      atomic.replace_dir(tmp, path)
   finally:
     try:  # Let a failed async write stop before removing its folder.
       ckptr.wait_until_finished()
     except Exception:  # pylint: disable=broad-except
       pass
-    shutil.rmtree(tmp, ignore_errors=True)
+    if primary:
+      shutil.rmtree(tmp, ignore_errors=True)
+  _sync(f'nanoflux_checkpoint_save:{path}')
+
+
+def _shared_tmp_sibling(path: str) -> str:
+  """atomic.tmp_sibling(path), the same one in every process."""
+  tmp = atomic.tmp_sibling(path)
+  if jax.process_count() == 1:
+    return tmp
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  raw = np.frombuffer(tmp.encode().ljust(4096, b'\0')[:4096], np.uint8)
+  raw = np.asarray(multihost_utils.broadcast_one_to_all(raw), np.uint8)
+  return raw.tobytes().rstrip(b'\0').decode()
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
 
 
 def _config_json(config) -> dict:

@@ -240,6 +240,18 @@ def loading_shardings(mesh: Mesh, rules=RULES
   return lambda cfg, shapes: param_shardings(cfg, mesh, rules)
 
 
+def t5_loading_shardings(mesh: Mesh, rules=RULES
+                         ) -> Callable[[Any, Any], Any]:
+  """`load_t5_encoder(path, shardings=t5_loading_shardings(mesh))`: each
+  T5 tensor goes straight onto its shard (T5-XXL: FSDP over the mesh)."""
+  def shardings(cfg, shapes):
+    del shapes
+    from nanoflux_jax.models.t5 import T5Encoder  # pylint: disable=g-import-not-at-top
+    return variable_shardings(T5Encoder(cfg), mesh, rules,
+                              jnp.zeros((1, 4), jnp.int32))['params']
+  return shardings
+
+
 def init_flux(cfg: FluxConfig, mesh: Mesh, rng, rules=RULES):
   """Sharded random Flux params; returns (params, shardings)."""
   module, inputs = _flux_module_and_inputs(cfg)
@@ -251,6 +263,30 @@ def shard_like(tree, shardings):
   """device_put every leaf of `tree` onto the matching sharding."""
   return jax.tree.map(lambda x, s: jax.device_put(jnp.asarray(x), s), tree,
                       shardings)
+
+
+def mesh_of(tree) -> Mesh | None:
+  """The Mesh the leaves of `tree` are laid out on (their NamedSharding's);
+  None when no leaf is a jax.Array with a NamedSharding (host arrays)."""
+  for x in jax.tree.leaves(tree):
+    if not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer):
+      continue
+    sh = x.sharding
+    if isinstance(sh, NamedSharding):
+      return sh.mesh
+  return None
+
+
+def place_flux(cfg: FluxConfig, params, mesh: Mesh | None):
+  """`params` of `cfg` laid out by the rules on `mesh` (None: unchanged).
+
+  Device-to-device only: leaves already on their sharding stay put, the
+  others are resharded by XLA, never gathered on a host. The compression
+  transforms call this on their output so a sharded student stays sharded.
+  """
+  if mesh is None:
+    return params
+  return jax.device_put(params, param_shardings(cfg, mesh))
 
 
 def describe(tree) -> dict[str, str]:

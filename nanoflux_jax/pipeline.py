@@ -26,6 +26,7 @@ import numpy as np
 
 from nanoflux_jax import atomic
 from nanoflux_jax import checkpoint
+from nanoflux_jax import parallel
 from nanoflux_jax import sampling
 from nanoflux_jax.configs import ClipConfig, FluxConfig, T5Config, VAEConfig
 from nanoflux_jax.models.clip import ClipTextModel
@@ -151,7 +152,8 @@ class FluxPipeline:
   # --------------------------------------------------------------------------
   @classmethod
   def from_pretrained(cls, folder: str, dtype=None, *,
-                      flux_overrides: dict | None = None) -> 'FluxPipeline':
+                      flux_overrides: dict | None = None,
+                      mesh=None) -> 'FluxPipeline':
     """Loads a diffusers FLUX pipeline folder or a nanoflux pipeline folder.
 
     Args:
@@ -159,20 +161,31 @@ class FluxPipeline:
         vae/, tokenizer/ and tokenizer_2/.
       dtype: cast all params (e.g. jnp.bfloat16); None keeps stored dtypes.
       flux_overrides: FluxConfig fields to replace, e.g. {'remat': True}.
+      mesh: load the DiT and T5 straight onto this mesh, sharded by
+        `parallel.RULES`, one tensor at a time: no host ever holds the
+        whole 12B DiT or T5-XXL (multi-host pods). CLIP and the VAE are
+        small and go to the default device.
     """
     from nanoflux_jax.convert import flux as convert_flux  # pylint: disable=g-import-not-at-top
     from nanoflux_jax.convert import text_encoders, vae  # pylint: disable=g-import-not-at-top
     folder = os.fspath(folder)
     if os.path.isfile(os.path.join(folder, PIPELINE_FILE)):
-      return cls.load(folder, dtype=dtype, flux_overrides=flux_overrides)
+      return cls.load(folder, dtype=dtype, flux_overrides=flux_overrides,
+                      mesh=mesh)
     if not os.path.isdir(folder):
       raise FileNotFoundError(f'{folder}: no such pipeline folder')
     paths = {n: _component(folder, n) for n in _COMPONENTS + _TOKENIZERS}
+    flux_sh = t5_sh = None
+    if mesh is not None:
+      flux_sh = parallel.loading_shardings(mesh)
+      t5_sh = parallel.t5_loading_shardings(mesh)
     return cls(
         convert_flux.load_flux_transformer(paths['transformer'], dtype,
+                                           shardings=flux_sh,
                                            **(flux_overrides or {})),
         text_encoders.load_clip_text(paths['text_encoder'], dtype),
-        text_encoders.load_t5_encoder(paths['text_encoder_2'], dtype),
+        text_encoders.load_t5_encoder(paths['text_encoder_2'], dtype,
+                                      shardings=t5_sh),
         vae.load_vae(paths['vae'], dtype),
         _load_tokenizer(paths['tokenizer']),
         _load_tokenizer(paths['tokenizer_2']))
@@ -204,11 +217,22 @@ class FluxPipeline:
 
   @classmethod
   def load(cls, directory: str, dtype=None, *,
-           flux_overrides: dict | None = None) -> 'FluxPipeline':
+           flux_overrides: dict | None = None, mesh=None) -> 'FluxPipeline':
     """Loads a folder written by `save` (its text_encoder_2/ may hold a
-    student text encoder, see `with_text_encoder`)."""
+    student text encoder, see `with_text_encoder`); `mesh`: the DiT (and a
+    T5 teacher) straight onto it, as in `from_pretrained`."""
     paths = {n: _component(directory, n) for n in _COMPONENTS + _TOKENIZERS}
-    parts = {n: checkpoint.load(paths[n], dtype=dtype) for n in _COMPONENTS}
+    shardings = {}
+    if mesh is not None:
+      shardings['transformer'] = parallel.param_shardings(
+          checkpoint.load_config(paths['transformer']), mesh)
+      t5_cfg = checkpoint.load_config(paths['text_encoder_2'])
+      if isinstance(t5_cfg, T5Config):
+        shardings['text_encoder_2'] = parallel.t5_loading_shardings(mesh)(
+            t5_cfg, None)
+    parts = {n: checkpoint.load(paths[n], dtype=dtype,
+                                shardings=shardings.get(n))
+             for n in _COMPONENTS}
     cfg, params = parts['text_encoder_2']
     if isinstance(cfg, dict):  # A student text encoder (see _components).
       parts['text_encoder_2'] = student_from_checkpoint(

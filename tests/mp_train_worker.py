@@ -143,4 +143,8 @@ def main():
 if __name__ == '__main__':
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
       __file__))))
-  main()
+  try:
+    main()
+  except BaseException as e:  # The launcher shows this line first.
+    print(f'WORKER ERROR: {type(e).__name__}: {str(e)[:3000]}', flush=True)
+    raise

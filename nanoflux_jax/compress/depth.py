@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from nanoflux_jax.compress.masks import PruneMask, prune
@@ -70,9 +71,10 @@ def remove_blocks(cfg: FluxConfig, params: dict, keep,
           raise ValueError(f'remove_blocks: cannot merge {kind} {members} '
                            f'with different widths {widths}')
         trees = [params[f'{kind}_{m}'] for m in members]
+        # On the params' devices (sharded params stay sharded).
         params[f'{kind}_{k}'] = jax.tree.map(
-            lambda *xs: (sum(np.asarray(x, np.float32) for x in xs) /
-                         len(xs)).astype(np.asarray(xs[0]).dtype), *trees)
+            lambda *xs: (sum(jnp.asarray(x, jnp.float32) for x in xs) /
+                         len(xs)).astype(xs[0].dtype), *trees)
   mask = PruneMask.ones(cfg).replace(
       double_blocks=flags[:cfg.depth].astype(np.float32),
       single_blocks=flags[cfg.depth:].astype(np.float32))

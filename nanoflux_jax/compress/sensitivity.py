@@ -234,5 +234,7 @@ def sensitivity(cfg: FluxConfig, params: dict, calib: dict,
              if k not in calib]
   if missing:
     raise ValueError(f'sensitivity: calib lacks keys {missing}')
-  return CRITERIA[criterion](cfg, params, calib, **kw)
+  # The scores (one float per unit) are the only thing fetched to the host,
+  # explicitly: the params stay where they are (sharded or not).
+  return jax.device_get(CRITERIA[criterion](cfg, params, calib, **kw))
 

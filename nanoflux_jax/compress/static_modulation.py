@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nanoflux_jax import parallel
 from nanoflux_jax.configs import FluxConfig
 from nanoflux_jax.models import flux as flux_model
 from nanoflux_jax.models import layers
@@ -116,7 +117,10 @@ def to_static_modulation(cfg: FluxConfig, params: dict,
     new = _set(new, path, {'table': table.astype(param_dtype)})
   static_cfg = cfg.replace(modulation='static', static_timesteps=ts,
                            guidance_embed=False)
-  return static_cfg, new
+  # Sharded params: the tables were computed on their devices; lay them out
+  # by the rules like every other param.
+  return static_cfg, parallel.place_flux(static_cfg, new,
+                                         parallel.mesh_of(params))
 
 
 def removed_params(cfg: FluxConfig, num_steps: int = 4) -> int:

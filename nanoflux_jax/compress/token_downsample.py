@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import jax
 
+from nanoflux_jax import parallel
 from nanoflux_jax.configs import FluxConfig
 from nanoflux_jax.models import downsample
 
@@ -22,4 +23,7 @@ def add_downsampler(cfg: FluxConfig, params: dict, start: int, end: int,
                         downsample_channels=int(channels))
   if factor < 2:
     raise ValueError(f'add_downsampler: factor={factor} must be >= 2')
-  return new_cfg, {**params, 'downsample': downsample.init_params(new_cfg, rng)}
+  # Sharded params: the new (small) down-sampler joins them on their mesh.
+  return new_cfg, parallel.place_flux(
+      new_cfg, {**params, 'downsample': downsample.init_params(new_cfg, rng)},
+      parallel.mesh_of(params))

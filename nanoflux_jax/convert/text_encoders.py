@@ -242,6 +242,8 @@ def _load(path, cfg, model_cls, plan_fn, dtype, shardings, nonfinite):
     # Params are stored in `dtype`; compute follows, as for FLUX's bf16 T5.
     cfg = cfg.replace(dtype=_dtype_name(dtype), param_dtype=_dtype_name(dtype))
   target = param_shapes(model_cls(cfg))
+  if callable(shardings):  # (config, param shapes) -> shardings.
+    shardings = shardings(cfg, target)
   source = open_tensors(path)
   try:
     params = load_strict(source, plan_fn(cfg, set(source)), target,
@@ -261,7 +263,10 @@ def load_t5_encoder(path: str, dtype=None, shardings: Any = None, *,
       model.safetensors.index.json).
     dtype: None keeps the config's float32 params; otherwise params are cast
       to `dtype` and the returned config's dtype and param_dtype are set to it.
-    shardings: optional nested dict of jax Shardings like the param tree.
+    shardings: optional nested dict of jax Shardings like the param tree,
+      or a callable (config, param_shapes) -> such a tree (e.g.
+      `parallel.t5_loading_shardings(mesh)`); each tensor is placed onto
+      its sharding as soon as it is converted (no host copy of the model).
     nonfinite: 'warn', 'error' or 'ignore' for NaN / inf params (see
       loading.load_strict).
   Returns:

@@ -13,8 +13,12 @@ Per rung and device it reports the frozen teacher's params (the DiT; for the
 text-encoder rung also T5-XXL), the student's params, their gradients, the
 optimizer state (AdamW's two moments, in the params' dtype), the batch, an
 activation estimate (`activation_bytes`: rematerialised blocks keep only
-their inputs; one block's working set, its gathered params and gradients at
-a time), the total against the budget, and the largest tensor.
+their inputs; one block's working set at a time), FSDP's whole-tensor copies
+(`gathered_bytes`), the total against the budget, and the largest tensor.
+The gradients column holds two param-shaped trees (the gradients and the
+optimizer's updates). The transient terms were checked against XLA:CPU's
+memory_analysis of the real step on one scaled model (the test); TPU's
+scheduler may free gathered weights sooner, so the plan errs high.
 
 `lower_train_step` builds the real distillation train step (the one
 `trainer.train` runs) from abstract shapes, so tests can hold the plan
@@ -261,6 +265,23 @@ def gathered_block_bytes(cfg: FluxConfig, params, compute_dtype: str) -> int:
              if k.startswith(('double_blocks_', 'single_blocks_')))
 
 
+def gathered_bytes(cfg: FluxConfig, params, compute_dtype: str,
+                   grads: bool) -> int:
+  """FSDP's transient whole-tensor copies per device during the step.
+
+  Unrolled blocks (scan_blocks=False): XLA keeps every block's gathered
+  params (compute dtype) from the forward to the rematerialised backward,
+  and (grads=True) the gradients whole in fp32 before their
+  reduce-scatter. Scanned blocks: two blocks' worth (the current one and
+  the next, prefetched). Measured on XLA:CPU (tests/test_memory_plan.py);
+  TPU's latency-hiding scheduler may free them sooner, so this errs high.
+  """
+  n_all = sum(int(math.prod(x.shape)) for x in jax.tree.leaves(params))
+  if cfg.scan_blocks:
+    n_all = 2 * gathered_block_bytes(cfg, params, 'float32') // 4
+  return n_all * (_ITEM[compute_dtype] + (4 if grads else 0))
+
+
 # ---------------------------------------------------------------------------
 # The plan.
 # ---------------------------------------------------------------------------
@@ -272,7 +293,8 @@ class RungPlan:
   grads: int
   opt_state: int
   batch: int
-  activations: int       # estimate (remat), incl. gathered block params.
+  activations: int       # estimate (remat).
+  gathered: int          # FSDP: params gathered whole + gradient buffers.
   budget: int
   largest: str
   largest_bytes: int
@@ -282,7 +304,7 @@ class RungPlan:
   @property
   def total(self) -> int:
     return (self.teacher + self.student + self.grads + self.opt_state +
-            self.batch + self.activations)
+            self.batch + self.activations + self.gathered)
 
   @property
   def fits(self) -> bool:
@@ -329,12 +351,15 @@ def dit_rung_plan(name: str, c, s_cfg: FluxConfig, s_params,
   s_cfg = s_cfg.replace(remat=c.remat)
   s_sh = _dit_shardings(s_cfg, mesh)
   sp, g, o = _state_parts(c, {'student': s_params}, {'student': s_sh}, mesh)
+  g *= 2  # The gradients and the optimizer's update tree.
   tb = 0
   lg = largest(s_params, s_sh, 'student/')
+  gathered = gathered_bytes(s_cfg, s_params, c.compute_dtype, grads=True)
   if t_cfg is not None:
     t_sh = _dit_shardings(t_cfg, mesh)
     tb = tree_bytes(t_params, t_sh)
     lg = max(lg, largest(t_params, t_sh, 'teacher/'))
+    gathered += gathered_bytes(t_cfg, t_params, c.compute_dtype, grads=False)
   b, notes = _micro_batch(c, mesh)
   grid = tuple(c.data.grid)
   li, lt = grid[0] * grid[1], c.data.txt_len
@@ -351,10 +376,9 @@ def dit_rung_plan(name: str, c, s_cfg: FluxConfig, s_params,
       s_cfg, t_cfg, grid, lt, b, mesh.shape['tensor'], c.compute_dtype,
       attention, num_steps=c.num_sampling_steps, feature_pairs=pairs,
       cached_trajectory=bool(c.data.get('cache_dir')))
-  act += gathered_block_bytes(s_cfg, s_params, 'float32')
   n = sum(int(math.prod(x.shape)) for x in jax.tree.leaves(s_params))
-  return RungPlan(name, tb, sp, g, o, int(batch), int(act), budget, lg[1],
-                  lg[0], n, tuple(notes))
+  return RungPlan(name, tb, sp, g, o, int(batch), int(act), int(gathered),
+                  budget, lg[1], lg[0], n, tuple(notes))
 
 
 def _t5_plan(name, config, rung, student: tuple, mesh, budget, attention):
@@ -399,14 +423,19 @@ def _t5_plan(name, config, rung, student: tuple, mesh, budget, attention):
                           mesh.shape['tensor'], tc.compute_dtype, attention,
                           num_steps=tc.num_sampling_steps) // max(
                               1, f_cfg.num_blocks) * 2
-  act += max(gathered_block_bytes(f_cfg, f_params, tc.compute_dtype),
-             0)
+  g *= 2  # The gradients and the optimizer's update tree.
+  # T5s unrolled: both whole in the compute dtype (+ the student's fp32
+  # gradients); the frozen denoiser only up to its vis blocks (one block).
+  n_t = sum(int(math.prod(x.shape)) for x in jax.tree.leaves(t_params))
+  n_s = sum(int(math.prod(x.shape)) for x in jax.tree.leaves(s_params))
+  gathered = (n_t + n_s) * act_b + n_s * 4 + gathered_block_bytes(
+      f_cfg, f_params, tc.compute_dtype)
   lg = max(largest(t_params, t_sh, 't5_xxl/'), largest(f_params, f_sh,
                                                        'denoiser/'),
            largest(s_params, s_sh, 'student_t5/'))
   n = sum(int(math.prod(x.shape)) for x in jax.tree.leaves(s_params))
-  return RungPlan(name, teacher, sp, g, o, b * lt * 4 * 4, int(act), budget,
-                  lg[1], lg[0], n, tuple(notes))
+  return RungPlan(name, teacher, sp, g, o, b * lt * 4 * 4, int(act),
+                  int(gathered), budget, lg[1], lg[0], n, tuple(notes))
 
 
 def teacher_shapes(config, preset: str = 'schnell',
@@ -468,12 +497,13 @@ def format_plan(plans: Sequence[RungPlan], mesh, hbm_bytes: int) -> str:
   lines = [f'per device, GiB; mesh {shape}; budget {g(hbm_bytes)} GiB',
            '',
            '| rung | teacher | student | grads | Adam | batch | activations '
-           '| total | fits | largest tensor (per device) |',
-           '|---|---:|---:|---:|---:|---:|---:|---:|:---:|---|']
+           '| gathered | total | fits | largest tensor (per device) |',
+           '|---|---:|---:|---:|---:|---:|---:|---:|---:|:---:|---|']
   for p in plans:
     lines.append(
         f'| {p.name} | {g(p.teacher)} | {g(p.student)} | {g(p.grads)} | '
         f'{g(p.opt_state)} | {g(p.batch)} | {g(p.activations)} | '
+        f'{g(p.gathered)} | '
         f'{g(p.total)} | {"yes" if p.fits else "NO"} | {p.largest} '
         f'({p.largest_bytes / 2**20:.0f} MiB) |')
   for p in plans:

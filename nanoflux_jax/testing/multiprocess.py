@@ -61,7 +61,10 @@ def launch(script: str, args: Sequence[str] = (), *, num_processes: int = 2,
   procs, files = [], []
   for pid in range(num_processes):
     e = dict(os.environ, **(env or {}))
-    e['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+    # Gloo's collectives time out after 30 s by default: far too short when
+    # one process is still compiling on a busy machine.
+    e['XLA_FLAGS'] = (f'--xla_force_host_platform_device_count={devices} '
+                      f'--xla_cpu_collective_timeout_seconds={int(timeout)}')
     e.update({ENV_ID: str(pid), ENV_COUNT: str(num_processes), ENV_ADDR: addr,
               'JAX_PLATFORMS': 'cpu', 'PYTHONUNBUFFERED': '1'})
     f = tempfile.TemporaryFile('w+')
@@ -89,7 +92,23 @@ def launch(script: str, args: Sequence[str] = (), *, num_processes: int = 2,
   failed = [i for i, p in enumerate(procs) if p.returncode != 0]
   if failed:
     tails = '\n'.join(f'--- process {i} (rc {procs[i].returncode}) ---\n'
-                      f'{outs[i][-4000:]}' for i in range(num_processes))
+                      f'{_tail(outs[i])}' for i in range(num_processes))
     why = f'timed out after {timeout:.0f}s' if timed_out else 'failed'
     raise WorkerError(f'{script}: processes {failed} {why}\n{tails}')
   return outs
+
+
+def _tail(log: str, n: int = 6000) -> str:
+  """The log from its first Python traceback (else its end), <= n chars."""
+  lines = [l for l in log.splitlines() if not l.startswith(('W0000',
+                                                             'I0000',
+                                                             '[Gloo]'))]
+  log = '\n'.join(lines)
+  errors = [l for l in lines if l.startswith('WORKER ERROR')]
+  if errors:  # A worker's own summary line first.
+    return '\n'.join(errors)[:n // 3] + '\n' + _tail(log.replace(
+        'WORKER ERROR', 'worker error'), n - n // 3)
+  i = log.find('Traceback (most recent call last)')
+  if i < 0 or len(log) - i <= n:
+    return log[i:] if i >= 0 else log[-n:]
+  return log[i:i + n // 2] + '\n[...]\n' + log[-n // 2:]

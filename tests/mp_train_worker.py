@@ -6,9 +6,10 @@ that spans both processes and writes, from process 0, an .npz with the
 gathered params, the logged losses, and for every process and step the rows
 of the batch it loaded and the global rows its devices hold.
 
-  python tests/mp_train_worker.py fresh <root>   # runs 'full' (6 steps) and
-                                                 # 'part' (stopped after 3)
-  python tests/mp_train_worker.py resume <root>  # resumes 'part' to step 6
+  python tests/mp_train_worker.py fresh <root>   # 'full': 3 steps, a
+                                                 # checkpoint after each
+  python tests/mp_train_worker.py resume <root>  # 'resumed': continues from
+      # the checkpoint the test copied there (full's step 1) to step 3
 """
 import os
 import sys
@@ -25,11 +26,11 @@ def config(**kw):
   c.teacher.overrides = dict(TINY)
   c.student.overrides = dict(TINY)
   c.compute_dtype = 'float32'
-  c.num_steps = 6
+  c.num_steps = 3
   c.batch_size = 8
   c.num_sampling_steps = 2
   c.log_every = 1
-  c.checkpoint_every = 3
+  c.checkpoint_every = 1
   c.adam_eps = 1e-3  # As test_trainer's sharded-vs-single comparison.
   c.async_checkpoint = False
   c.loss.weights.feature_kd = 0.5
@@ -121,22 +122,17 @@ def main():
   pid, n = multiprocess.initialize()
   import jax  # pylint: disable=g-import-not-at-top
   import tempfile  # pylint: disable=g-import-not-at-top
-  # 'full' and 'part' compile the same programs: share them (per process).
+  # The resumed run compiles the same programs: share them (per process).
   jax.config.update('jax_compilation_cache_dir', os.path.join(
       tempfile.gettempdir(), 'nanoflux_jax_test_cache', f'mp{n}_{pid}'))
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
   assert (jax.process_count(), jax.device_count(),
           jax.local_device_count()) == (n, 8, 8 // n), jax.devices()
   mode, root = sys.argv[1], sys.argv[2]
-  results = {}
-  if mode == 'fresh':
-    results['full'] = run('full', root)
-    results['part'] = run('part', root, stop_after=3)
-  else:
-    results['resumed'] = run('part', root)
+  name = 'full' if mode == 'fresh' else 'resumed'
+  arrays = run(name, root)
   if pid == 0:
-    for name, arrays in results.items():
-      np.savez(os.path.join(root, f'{name}.npz'), **arrays)
+    np.savez(os.path.join(root, f'{name}.npz'), **arrays)
   print(f'process {pid}/{n}: {mode} done', flush=True)
 
 

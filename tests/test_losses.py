@@ -16,6 +16,13 @@ def test_mse_and_masked_mse():
   mask = jnp.array([[1, 0]])
   assert float(losses.mse(a, b, mask)) == pytest.approx(2.5)
   assert float(losses.output_kd(a, b)) == pytest.approx(2.25)
+  # Two examples: the mean runs over the batch (data) axis too; a sum over
+  # it (or over data shards) would double this.
+  a2, b2 = jnp.concatenate([a, a + 1.0]), jnp.concatenate([b, b])
+  # Second example's squared diffs 4, 9, 1, 9: (9 + 23) / 8 elements.
+  assert float(losses.mse(a2, b2)) == pytest.approx(4.0)
+  assert float(losses.mse(a2, b2, jnp.array([[1, 0], [1, 0]]))) == (
+      pytest.approx((5 + 13) / 4))
 
 
 def test_normalized_feature_loss():

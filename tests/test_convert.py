@@ -113,6 +113,7 @@ def test_pruned_widths_are_inferred(tmp_path):
 def test_dtype_and_sharding_on_load(tmp_path, tiny):
   cfg, params = tiny
   path = _bfl(tmp_path, cfg, params)
+  assert jax.device_count() == 8  # Sharding over 1 device would be trivial.
   mesh = jax.make_mesh((len(jax.devices()),), ('fsdp',))
   spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   row = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('fsdp'))

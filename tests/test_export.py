@@ -32,7 +32,7 @@ from nanoflux_jax.testing.tiny_flux import make_tiny_flux_pipeline
 
 H, W, T, STEPS = 32, 48, 16, 3   # tiny VAE factor 2: packed grid 8 x 12.
 PROMPTS = ['a red circle on the left', 'a photo of a blue dog']
-TOL = 1e-3
+TOL = 1e-5  # fp32 TFLite vs JAX: max relative error (~3e-6 measured).
 STATIC_TS = (1.0, 0.75, 0.5, 0.25)
 
 
@@ -213,6 +213,9 @@ def test_quantization_sizes(tmp_path, capsys):
                        quantize=q)
     assert tflite.non_builtin_ops(e['ops']) == [], (q, e['ops'])
     sizes[q] = e['bytes']
+    # Every quantized width divides by 32: int4 must not silently fall back
+    # from blockwise (32 weights per scale) to per-channel.
+    assert e['scheme'] == ('int4_block32' if q == 'int4' else q), e['scheme']
     errs[q] = max_rel_err(runner.TFLiteModel(str(tmp_path), e)(**x)
                           ['velocity'], want)
   with capsys.disabled():
@@ -225,7 +228,8 @@ def test_quantization_sizes(tmp_path, capsys):
   assert sizes['fp16'] <= 0.55 * sizes['none']
   assert sizes['int4'] < sizes['int8']
   # Random weights amplify quantization noise; these bound gross breakage.
-  assert errs['fp16'] < 0.05 and errs['int8'] < 0.1 and errs['int4'] < 0.5
+  # Measured: fp16 1.3e-2, int8 1.8e-2, int4 (block 32) 1.9e-1.
+  assert errs['fp16'] < 0.05 and errs['int8'] < 0.1 and errs['int4'] < 0.3
 
 
 def test_every_exported_file_is_builtin_only(fp32, int8):

@@ -19,6 +19,11 @@ jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
 CFG = FluxConfig.tiny(depth=1, depth_single_blocks=1, attention_impl='xla')
 
 
+def test_eight_fake_devices():
+  """conftest.py forces 8 fake CPU devices, whatever XLA_FLAGS held."""
+  assert jax.device_count() == 8, jax.devices()
+
+
 def test_mesh_shape_resolves_the_rest():
   assert parallel.mesh_shape({'data': -1}, 8) == (8, 1, 1)
   assert parallel.mesh_shape({'fsdp': 2, 'tensor': 2, 'data': -1}, 8) == (

@@ -59,12 +59,24 @@ def test_sharded_step_matches_single_device(tmp_path, shape):
   # A larger Adam eps: with eps=1e-8 Adam turns float-rounding-sized gradients
   # (e.g. of QK-norm scales) into +-lr steps, so a sharded reduction order
   # would flip them; the comparison is about sharding, not Adam's conditioning.
-  c = _config(stop_after=3, adam_eps=1e-3)
+  # No warmup and a large lr, so every step moves the params and the loss:
+  # a scale error in the sharded loss or gradient (a missing mean over data
+  # shards) shows in the loss and grad-norm histories, which Adam and
+  # clipping would otherwise hide from the params.
+  assert jax.device_count() == 8
+  c = _config(stop_after=3, adam_eps=1e-3, warmup_steps=0,
+              learning_rate=1e-2)
   mesh = parallel.create_mesh(shape)
   sharded, hist = trainer.train(c, str(tmp_path / 'a'), mesh=mesh)
-  single, _ = trainer.train(c, str(tmp_path / 'b'),
-                            mesh=_single_device_mesh())
+  single, hist1 = trainer.train(c, str(tmp_path / 'b'),
+                                mesh=_single_device_mesh())
   assert int(sharded.step) == 3 and len(hist) == 3
+  assert [h['step'] for h in hist] == [h['step'] for h in hist1] == [1, 2, 3]
+  for k in ('loss', 'output_kd', 'feature_kd', 'grad_norm'):
+    np.testing.assert_allclose([h[k] for h in hist], [h[k] for h in hist1],
+                               rtol=1e-5, err_msg=k)
+  losses = [h['loss'] for h in hist]
+  assert abs(losses[2] - losses[0]) > 1e-3 * losses[0], losses  # It moved.
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
                sharded.params, single.params)
   # Params and Adam moments really are sharded by the rules.
@@ -137,6 +149,35 @@ def _fit_quadratic(tmp_path, **kw):
                                                        np.uint8))
 
 
+class _StepTargets:
+  """Batches whose target depends on the step: a resume that reads the
+  wrong step's batch ends elsewhere."""
+
+  def batch(self, step, process_index=0, process_count=1):
+    return {'target': np.full((8, 2), float(step * step), np.float32)}
+
+
+def test_fit_resume_reads_the_step_it_stopped_at(tmp_path):
+  """The generic loop resumed from its checkpoint at step 2 takes the batch
+  of step 2 next and ends bit-identical to an uninterrupted run."""
+  mesh = _single_device_mesh()
+  rep = parallel.replicated(mesh)
+
+  def run(workdir, **kw):
+    c = _config(num_steps=4, checkpoint_every=2, learning_rate=0.1,
+                warmup_steps=0, **kw)
+    return trainer.fit(c, str(workdir), loss_fn=_quadratic_loss,
+                       params={'w': jnp.zeros((2,))}, param_sh={'w': rep},
+                       frozen={}, frozen_sh={}, data=_StepTargets(), mesh=mesh)
+  full, full_hist = run(tmp_path / 'full')
+  part, _ = run(tmp_path / 'resumed', stop_after=2)
+  assert int(part.step) == 2
+  resumed, hist = run(tmp_path / 'resumed')
+  assert [h['step'] for h in hist] == [3, 4]
+  assert [h['loss'] for h in hist] == [h['loss'] for h in full_hist][2:]
+  np.testing.assert_array_equal(resumed.params['w'], full.params['w'])
+
+
 def test_nan_fails_fast_naming_the_step(tmp_path):
   # A NaN learning rate is now refused by the config check; an absurd one
   # overflows the loss at step 2 instead.
@@ -169,22 +210,55 @@ def test_grad_accumulation_matches_one_big_batch():
                                 tx=tx, grad_accum=4)
   np.testing.assert_allclose(one.params['w'], four.params['w'], rtol=1e-6)
   np.testing.assert_allclose(m1['loss'], m4['loss'], rtol=1e-6)
+  # Adam's first step is scale-free: the gradient's scale shows only here.
+  np.testing.assert_allclose(m1['grad_norm'], m4['grad_norm'], rtol=1e-6)
   del mesh
 
 
 def test_from_scratch_rectified_flow_mode(tmp_path):
   c = _config(num_steps=2, checkpoint_every=100)
   c.teacher.preset = ''
+  # The default weights give rf 0: without a teacher the loss would be
+  # identically 0 and nothing would train.
+  c.loss.weights = {'output_kd': 0.0, 'feature_kd': 0.0, 'rf': 1.0}
+  c.loss.feature_pairs = ()
   cfg = trainer._flux_config(c.student)
   prompts = data_lib.load_prompts('builtin')[:4]
   lat = np.random.default_rng(0).standard_normal(
       (4, 8, cfg.in_channels)).astype(np.float32)
   data = data_lib.PromptData(prompts, data_lib.random_embedder(cfg, 4), cfg,
                              (2, 4), 8, latents=lat)
+  from nanoflux_jax import sampling  # pylint: disable=g-import-not-at-top
+  from nanoflux_jax.distill import losses  # pylint: disable=g-import-not-at-top
+  from nanoflux_jax.models import flux  # pylint: disable=g-import-not-at-top
+  params = flux.init_params(cfg, jax.random.PRNGKey(3))
   state, hist = trainer.train(c, str(tmp_path), data=data,
+                              # A copy: the step donates the state.
+                              student=(cfg, jax.tree.map(jnp.copy, params)),
                               mesh=_single_device_mesh())
   assert int(state.step) == 2
   assert set(hist[-1]) >= {'rf', 'loss'} and 'output_kd' not in hist[-1]
+  # Step 1's loss by hand: x_t = (1 - t) x0 + t noise at the t the step's
+  # rng draws, target noise - x0, the mean of the squared error.
+  batch = data.batch(0)
+  b = len(batch['noise'])
+  k_t, _ = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(c.seed), 0))
+  schedule = sampling.get_schedule(c.num_sampling_steps, 8, shift=False)
+  t = np.asarray(losses.sample_timesteps(
+      k_t, b, schedule, c.timesteps.mode, c.timesteps.logit_mean,
+      c.timesteps.logit_std, c.timesteps.schedule_prob)[0], np.float64)
+  x0, noise = batch['latents'].astype(np.float64), batch['noise']
+  x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
+  v = flux.Flux(cfg).apply(
+      {'params': params}, img=x_t.astype(np.float32),
+      img_ids=sampling.image_ids(b, 2, 4), txt=batch['txt'],
+      txt_ids=sampling.text_ids(b, batch['txt'].shape[1]),
+      timesteps=t.astype(np.float32), y=batch['y'],
+      guidance=(np.full((b,), trainer.DEFAULT_GUIDANCE, np.float32)
+                if cfg.guidance_embed else None))
+  want = np.mean(np.square(np.asarray(v, np.float64) - (noise - x0)))
+  np.testing.assert_allclose(hist[0]['rf'], want, rtol=1e-5)
+  np.testing.assert_allclose(hist[0]['loss'], want, rtol=1e-5)
 
 
 def test_prompt_sources_and_bad_files(tmp_path):
@@ -223,6 +297,22 @@ def test_teacher_cache_is_built_once_and_reused(tmp_path):
   assert b['traj_x'].shape == (2, 2, 8, cfg.in_channels)
   np.testing.assert_array_equal(b['noise'], d.batch(1)['noise'][2:])
   np.testing.assert_allclose(b['traj_x'][:, 0], b['noise'])
+  # Every cached point against the plain sampler: the state at t=0.5 is
+  # sampling.denoise over (1, 0.5), the last velocity steps to the sample.
+  from nanoflux_jax import sampling  # pylint: disable=g-import-not-at-top
+  guidance = (np.full((2,), 3.5, np.float32) if cfg.guidance_embed else None)
+  run = lambda ts: np.asarray(sampling.denoise(
+      cfg, params, b['noise'], sampling.image_ids(2, 2, 4), b['txt'],
+      sampling.text_ids(2, b['txt'].shape[1]), b['y'], jnp.asarray(ts),
+      guidance))
+  np.testing.assert_allclose(b['traj_x'][:, 1], run(sched[:2]), rtol=1e-5,
+                             atol=1e-5)
+  np.testing.assert_allclose(b['traj_x'][:, 0] - 0.5 * b['traj_v'][:, 0],
+                             run(sched[:2]), rtol=1e-5, atol=1e-5)
+  final = run(sched)
+  np.testing.assert_allclose(b['traj_x'][:, 1] - 0.5 * b['traj_v'][:, 1],
+                             final, rtol=1e-5, atol=1e-5)
+  assert not np.allclose(final, b['noise'], atol=0.1)
   mtime = os.path.getmtime(tmp_path / 'c' / 'shard-00000.npz')
   data_lib.build_cache(str(tmp_path / 'c'), d, cfg, params, sched, 2)
   assert os.path.getmtime(tmp_path / 'c' / 'shard-00000.npz') == mtime
@@ -244,3 +334,27 @@ def test_identity_feature_pairs():
     trainer.feature_pairs('identity', shallow, teacher)
   with pytest.raises(ValueError, match="'identity' needs a teacher"):
     trainer.feature_pairs('identity', teacher, None)
+
+
+def test_bf16_distillation_step_matches_fp32(tmp_path):
+  """compute_dtype='bfloat16' (the default): the first step's losses and
+  gradient norm are the fp32 ones within bf16 rounding, the params and Adam
+  moments stay fp32 (master weights), and bf16 really ran."""
+  got = {}
+  for dtype in ('float32', 'bfloat16'):
+    c = _config(num_steps=1, compute_dtype=dtype, checkpoint_every=100)
+    state, hist = trainer.train(c, str(tmp_path / dtype),
+                                mesh=_single_device_mesh())
+    for x in jax.tree.leaves((state.params, state.opt_state)):
+      if jnp.issubdtype(x.dtype, jnp.floating):
+        assert x.dtype == jnp.float32, x.dtype
+    got[dtype] = hist[0]
+  a, b = got['float32'], got['bfloat16']
+  rel = {k: abs(b[k] - a[k]) / abs(a[k])
+         for k in ('loss', 'output_kd', 'feature_kd', 'grad_norm')}
+  print('bf16 vs fp32 first-step relative differences:',
+        {k: f'{v:.2e}' for k, v in rel.items()})
+  # Measured: loss 3.3e-4, output KD 7.8e-5, feature KD 9.5e-4, grad norm
+  # 4.5e-4.
+  assert max(rel.values()) <= 1e-2, rel
+  assert rel['loss'] > 0, rel  # Not the fp32 program again.

@@ -73,11 +73,14 @@ def test_schnell_ladder_plan_on_64_devices_allocates_nothing():
   assert [p.name for p in plans] == ['0 prune', '1 depth',
                                      '2 static_modulation', '3 downsample',
                                      '4 text_encoder']
-  # The bf16 12B teacher, FSDP-split 64 ways (embed 3072 / 64 = 48).
-  dit = plans[0].teacher
-  assert abs(dit - 2 * SCHNELL_PARAMS / 64) < 0.01 * dit
+  # The bf16 12B teacher, FSDP-split 64 ways (embed 3072 / 64 = 48); the
+  # small vectors (norm scales, biases) stay whole: 1.4% over an even split.
+  even = 2 * SCHNELL_PARAMS / 64
+  assert even <= plans[0].teacher < 1.02 * even
   counts = [p.params_count for p in plans[:4]]
-  assert counts[0] < 0.75 * SCHNELL_PARAMS
+  # Half the heads, 75% of MLP channels; the 3.2B of AdaLN stay until
+  # static modulation.
+  assert 0.7 * SCHNELL_PARAMS < counts[0] < 0.8 * SCHNELL_PARAMS
   assert counts[0] > counts[1] > counts[2]       # depth, static-LN shrink.
   assert counts[3] > counts[2]                    # + the down-sampler.
   for p in plans:

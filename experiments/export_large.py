@@ -110,7 +110,6 @@ def main(argv):
                                        np.float32),
             'txt': rng.standard_normal((1, txt_len, cfg.context_in_dim),
                                        np.float32)}
-  inputs.update(components.denoiser_inputs(cfg, grid * grid, txt_len))
   if cfg.modulation == 'static':
     inputs['step'] = np.asarray([1], np.int32)
   else:

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from nanoflux_jax import compress
+from nanoflux_jax.models import flux
 
 from test_compress import _cfg, _params
 
@@ -28,12 +29,32 @@ def planted():
 
 
 def test_calibration_set_shapes(planted):
-  cfg, _, calib = planted
+  cfg, params, calib = planted
   assert calib['img'].shape == (4, 16, cfg.in_channels)
   assert calib['target'].shape == (4, 16, cfg.in_channels)
   np.testing.assert_allclose(calib['timesteps'], [1, 1, .5, .5])
   # Step 0 is the noise itself: x_1 - target = x_0 of the trajectory.
   assert not np.allclose(calib['img'][:2], calib['img'][2:])
+  # Against a hand-written Euler loop of the teacher (t: 1 -> 0.5 -> 0): the
+  # second rows are the state at t=0.5, the target is noise - x_0.
+  model = flux.Flux(cfg)
+  noise = np.asarray(calib['img'][:2])
+  x = noise.astype(np.float64)
+  states = []
+  for t, t_next in ((1.0, 0.5), (0.5, 0.0)):
+    states.append(x)
+    v = model.apply({'params': params}, img=x.astype(np.float32),
+                    img_ids=calib['img_ids'][:2], txt=calib['txt'][:2],
+                    txt_ids=calib['txt_ids'][:2],
+                    timesteps=np.full((2,), t, np.float32),
+                    y=calib['y'][:2] if 'y' in calib else None)
+    x = x + (t_next - t) * np.asarray(v, np.float64)
+  np.testing.assert_allclose(calib['img'][2:], states[1], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(calib['target'][:2], noise - x, rtol=1e-5,
+                             atol=1e-5)
+  np.testing.assert_allclose(calib['target'][2:], noise - x, rtol=1e-5,
+                             atol=1e-5)
+  assert np.abs(x).max() > 0.1 and not np.allclose(x, noise, atol=0.1)
 
 
 def _heads(scores):

@@ -215,8 +215,8 @@ def _ablations(rungs: list[dict]) -> tuple[list[str], dict]:
   An ablation rung is compared with the rung it stands in for: a
   `finetune` ablation (the student without the next rung's compression,
   trained as long) with the next rung, ablation or not; a text-encoder
-  ablation with the last main text-encoder rung; any other ablation with
-  the next main rung of its kind.
+  ablation with the text-encoder rung before it, ablation or not (else the
+  last main one); any other ablation with the next main rung of its kind.
   """
   out, figures = ['## Ablations', ''], {}
   gen = lambda r: r['eval']['geneval']
@@ -227,7 +227,8 @@ def _ablations(rungs: list[dict]) -> tuple[list[str], dict]:
     if r.get('kind') == 'finetune':
       return rungs[i + 1] if i + 1 < len(rungs) else None
     if r.get('kind') == 'text_encoder':
-      same = [m for m in main if m.get('kind') == 'text_encoder']
+      same = ([m for m in rungs[:i] if m.get('kind') == 'text_encoder'] or
+              [m for m in main if m.get('kind') == 'text_encoder'])
       return same[-1] if same else None
     same = [m for m in main[len([x for x in main if rungs.index(x) < i]):]
             if m.get('kind') == r.get('kind')]
@@ -256,6 +257,7 @@ def _ablations(rungs: list[dict]) -> tuple[list[str], dict]:
       # How far below the main rung its 95% interval reaches.
       figures['emb_only_ci_below'] = gen(m) - (
           m['eval'].get('geneval_ci') or [gen(m)])[0]
+      figures['emb_only_vs'] = m['name']
       out.append(
           f"- (b) Text encoder trained on embedding MSE only ({r['name']}): "
           f"toy-GenEval {_gen(r['eval'])} vs {_gen(m['eval'])} with the "
@@ -355,9 +357,10 @@ def _ablations_and_targets(report: dict) -> list[str]:
         f"more than {t['max_no_downsampler_gain']:g})"))
   if 'emb_only_change' in fig:
     change, width = fig['emb_only_change'], fig['emb_only_ci_below']
+    te = fig['emb_only_vs']
     out.append(_target(
         change < 0 and -change > width,
         f'(b) the embedding-MSE-only text encoder changes toy-GenEval by '
         f'{change:+.3f} (target: lower by more than the 95% interval, '
-        f'{width:.3f} below the main rung)'))
+        f'{width:.3f} below {te})'))
   return out

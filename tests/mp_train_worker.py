@@ -69,6 +69,7 @@ def run(name, root, **kw):
   from nanoflux_jax import parallel
   from nanoflux_jax.distill import data as data_lib
   from nanoflux_jax.distill import trainer
+  from nanoflux_jax.testing import multiprocess
 
   c = config(**kw)
   mesh = parallel.create_mesh(MESH)
@@ -89,6 +90,7 @@ def run(name, root, **kw):
     return out
 
   data_lib.to_global = recording_to_global
+  multiprocess.barrier(f'train_{name}')  # Before the first collective.
   try:
     state, hist = trainer.train(c, os.path.join(root, name), mesh=mesh,
                                 data=data)

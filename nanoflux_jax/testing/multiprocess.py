@@ -44,6 +44,19 @@ def initialize() -> tuple[int, int]:
   return pid, n
 
 
+def barrier(name: str, timeout_s: float = 600) -> None:
+  """Waits for every process at a coordination-service barrier.
+
+  Gloo sets up each group's connections at its first collective and gives
+  up after 30 s, so processes skewed by a busy machine (imports, compiles)
+  are lined up here, outside gloo, before their first collective.
+  """
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  client = distributed.global_state.client
+  if client is not None:
+    client.wait_at_barrier(name, int(timeout_s * 1000))
+
+
 class WorkerError(RuntimeError):
   pass
 

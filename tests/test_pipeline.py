@@ -11,11 +11,13 @@ PROMPTS = ['a red circle on the left', 'a photo of a blue dog on a square']
 LATENT_TOL = 1e-4     # max relative error of the final packed latents.
 PIXEL_TOL = 1         # uint8 units (rounding of diffusers' float images).
 # bf16 weights: latents after 3 steps, and images in uint8 levels.
-# Measured (schnell): latents 1.0e-3; images vs our fp32 mean 0.16 max 1,
-# vs diffusers bf16 mean 0.40 max 2.
+# Measured: latents 1.0e-3 (schnell) / 1.1e-3 (dev); images vs our fp32
+# mean 0.16 max 1 (both), vs diffusers bf16 mean 0.40 max 2 (schnell) / 0.88
+# max 5 (dev: diffusers rounds the guidance to bf16 before x1000, so its own
+# bf16 is further from fp32: our fp32 vs it, mean 0.90).
 BF16_LATENT_TOL = 1e-2
-BF16_MEAN_LEVELS = 1.0
-BF16_MAX_LEVELS = 8
+BF16_MEAN_LEVELS = 2.0
+BF16_MAX_LEVELS = 10
 
 
 @pytest.fixture(scope='module', params=[False, True], ids=['schnell', 'dev'])

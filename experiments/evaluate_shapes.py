@@ -44,7 +44,7 @@ def _settings() -> tuple[dict, dict]:
            resolution=_RES.value)
   if not _REPORT.value:
     return s, {}
-  report = jsonfile.read_object(_REPORT.value, 'ladder report')
+  report = jsonfile.read_object(_REPORT.value, ValueError, 'ladder report')
   ev = report.get('evaluation')
   if not ev:
     raise ValueError(f'{_REPORT.value}: no evaluation section (the ladder '

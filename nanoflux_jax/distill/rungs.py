@@ -84,7 +84,9 @@ class Context:
           t.shapes, os.path.join(self.workdir, 'teacher'), mesh=self.mesh)
     if t.get('pipeline'):
       from nanoflux_jax.pipeline import FluxPipeline
-      return FluxPipeline.from_pretrained(t.pipeline)
+      # The DiT and T5 stream tensor by tensor onto the mesh: no host holds
+      # a whole 12B teacher (every host of a pod runs this).
+      return FluxPipeline.from_pretrained(t.pipeline, mesh=self.mesh)
     return None
 
   def pipeline_for(self, student: Student, text_encoder: str | None = None):
@@ -315,7 +317,8 @@ def _distill_text_encoder(ctx: Context, student: Student, rung, rung_dir):
   if rung['teacher_t5']:
     # pylint: disable-next=g-import-not-at-top
     from nanoflux_jax.convert.text_encoders import load_t5_encoder
-    t5 = load_t5_encoder(rung['teacher_t5'])
+    t5 = load_t5_encoder(rung['teacher_t5'],
+                         shardings=parallel.t5_loading_shardings(ctx.mesh))
   elif ctx.pipeline is not None:
     t5 = (ctx.pipeline.t5_cfg, ctx.pipeline.t5_params)
     tokens = text_encoder.pipeline_tokens(

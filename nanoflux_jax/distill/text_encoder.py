@@ -470,7 +470,7 @@ def _resolve_models(c, teacher_t5, denoiser, mesh):
   pipe = None
   if (teacher_t5 is None or denoiser is None) and c.get('pipeline'):
     from nanoflux_jax.pipeline import FluxPipeline  # pylint: disable=g-import-not-at-top
-    pipe = FluxPipeline.from_pretrained(c.pipeline)
+    pipe = FluxPipeline.from_pretrained(c.pipeline, mesh=mesh)
     teacher_t5 = teacher_t5 or (pipe.t5_cfg, pipe.t5_params)
     denoiser = denoiser or (pipe.flux_cfg, pipe.flux_params)
   if teacher_t5 is None:  # Random teacher: toy runs and tests.

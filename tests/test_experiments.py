@@ -92,6 +92,10 @@ def test_shapes_ladder_micro_end_to_end(tmp_path):
   assert rungs['rung_6_downsample']['params'] > rungs['rung_4_prune']['params']
   assert rungs['rung_7_prune']['params'] < rungs['rung_4_prune']['params']
   rows = [report['teacher']] + report['rungs']
+  # Every student differs from the teacher, and is not noise: its images
+  # are far closer to the teacher's than uniform noise is (<= 11 dB).
+  for r in report['rungs']:
+    assert r['sample_mse'] > 0 and r['eval']['psnr'] > 15, r['name']
   for r in rows:
     ev = r['eval']
     assert 0.0 <= ev['geneval'] <= 1.0 and np.isfinite(ev['fid'])

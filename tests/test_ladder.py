@@ -130,9 +130,11 @@ def test_interrupted_rung_resumes_at_its_step_to_the_same_student(
 @pytest.mark.parametrize('rungs, match', [
     ([{'kind': 'prune'}, {'kind': 'quantize'}],
      r"rung 1: unknown kind 'quantize'; known kinds: \['depth', "
-     r"'downsample', 'export', 'prune', 'static_modulation', "
+     r"'downsample', 'export', 'finetune', 'prune', 'static_modulation', "
      r"'text_encoder'\]"),
     ([{'kind': 'prune', 'keep_head': 0.5}], r"unknown options \['keep_head'\]"),
+    ([{'kind': 'finetune', 'ablation': 'yes'}],
+     r"rung 0 \('finetune'\): ablation must be True or False, got 'yes'"),
     ([{'kind': 'static_modulation', 'distill': {'num_step': 3}}],
      r"unknown distill option 'num_step'"),
     ([{'kind': 'depth'}], 'exactly one of keep'),

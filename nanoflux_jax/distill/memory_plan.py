@@ -523,19 +523,7 @@ def lower_train_step(c, s_cfg: FluxConfig, s_params, t_cfg: FluxConfig | None,
   (with c.data.cache_dir empty: the teacher trajectory runs in the step).
   """
   s_cfg = s_cfg.replace(remat=c.remat)
-  grid = tuple(c.data.grid)
-  schedule = tuple(sampling.get_schedule(c.num_sampling_steps,
-                                         grid[0] * grid[1], shift=False))
-  pairs = trainer.feature_pairs(c.loss.feature_pairs, s_cfg, t_cfg)
-  spec = trainer.DistillSpec(
-      student=s_cfg.replace(dtype=c.compute_dtype),
-      teacher=None if t_cfg is None else t_cfg.replace(dtype=c.compute_dtype),
-      schedule=schedule, grid=grid,
-      weights=tuple(sorted(dict(c.loss.weights).items())), pairs=pairs,
-      t_mode=c.timesteps.mode, logit_mean=c.timesteps.logit_mean,
-      logit_std=c.timesteps.logit_std,
-      schedule_prob=c.timesteps.schedule_prob,
-      guidance=float(c.get('guidance') or trainer.DEFAULT_GUIDANCE))
+  spec = trainer.distill_spec(c, s_cfg, t_cfg)
   loss_fn = lambda *a: trainer.distill_loss(*a, spec=spec)
   tx = trainer.make_optimizer(c)
   params = {'student': s_params}
@@ -548,7 +536,7 @@ def lower_train_step(c, s_cfg: FluxConfig, s_params, t_cfg: FluxConfig | None,
   if t_cfg is not None:
     frozen = {'teacher': t_params}
     frozen_sh = {'teacher': parallel.param_shardings(t_cfg, mesh)}
-  b, li, lt = c.batch_size, grid[0] * grid[1], c.data.txt_len
+  b, li, lt = c.batch_size, spec.grid[0] * spec.grid[1], c.data.txt_len
   batch = {'txt': jax.ShapeDtypeStruct((b, lt, s_cfg.context_in_dim),
                                        jnp.float32),
            'y': jax.ShapeDtypeStruct((b, s_cfg.vec_in_dim), jnp.float32),

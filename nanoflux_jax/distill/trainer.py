@@ -583,6 +583,25 @@ def feature_pairs(spec, student: FluxConfig, teacher: FluxConfig | None
   return tuple((i, i) for i in range(student.num_blocks))
 
 
+def distill_spec(c: ml_collections.ConfigDict, s_cfg: FluxConfig,
+                 t_cfg: FluxConfig | None) -> 'DistillSpec':
+  """The loss's static settings from the config: compute dtype, the fixed
+  sampling schedule over c.data.grid, loss weights, feature pairs,
+  timestep sampling and guidance."""
+  grid = tuple(c.data.grid)
+  return DistillSpec(
+      student=s_cfg.replace(dtype=c.compute_dtype),
+      teacher=None if t_cfg is None else t_cfg.replace(dtype=c.compute_dtype),
+      schedule=tuple(sampling.get_schedule(c.num_sampling_steps,
+                                           grid[0] * grid[1], shift=False)),
+      grid=grid, weights=tuple(sorted(dict(c.loss.weights).items())),
+      pairs=feature_pairs(c.loss.feature_pairs, s_cfg, t_cfg),
+      t_mode=c.timesteps.mode, logit_mean=c.timesteps.logit_mean,
+      logit_std=c.timesteps.logit_std,
+      schedule_prob=c.timesteps.schedule_prob,
+      guidance=float(c.get('guidance') or DEFAULT_GUIDANCE))
+
+
 def train(c: ml_collections.ConfigDict, workdir: str, *, teacher=None,
           student=None, data=None, embed_fn=None, latents_fn=None,
           sample_fn=None, mesh=None):
@@ -632,10 +651,8 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, teacher=None,
     s_params = nf_checkpoint.load(c.init, shardings=s_sh)[1]
   else:
     s_params = parallel.init_flux(s_cfg, mesh, jax.random.PRNGKey(c.seed))[0]
-  grid = tuple(c.data.grid)
-  schedule = tuple(sampling.get_schedule(c.num_sampling_steps,
-                                         grid[0] * grid[1], shift=False))
-  pairs = feature_pairs(c.loss.feature_pairs, s_cfg, t_cfg)
+  spec = distill_spec(c, s_cfg, t_cfg)
+  grid, schedule, pairs = spec.grid, spec.schedule, spec.pairs
   params, sh = {'student': s_params}, {'student': s_sh}
   if t_cfg is not None and pairs and t_cfg.hidden_size != s_cfg.hidden_size:
     proj = losses.FeatureProjection(pairs, s_cfg.hidden_size,
@@ -644,15 +661,6 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, teacher=None,
     v, v_sh = parallel.sharded_init(proj, mesh, None,
                                     jax.random.PRNGKey(c.seed + 1), dummy)
     params['proj'], sh['proj'] = v['params'], v_sh['params']
-  spec = DistillSpec(
-      student=s_cfg.replace(dtype=c.compute_dtype),
-      teacher=None if t_cfg is None else t_cfg.replace(dtype=c.compute_dtype),
-      schedule=schedule, grid=grid,
-      weights=tuple(sorted(dict(c.loss.weights).items())), pairs=pairs,
-      t_mode=c.timesteps.mode, logit_mean=c.timesteps.logit_mean,
-      logit_std=c.timesteps.logit_std,
-      schedule_prob=c.timesteps.schedule_prob,
-      guidance=float(c.get('guidance') or DEFAULT_GUIDANCE))
   if data is None:
     ref = t_cfg or s_cfg
     data = data_lib.PromptData(

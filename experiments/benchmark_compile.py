@@ -31,6 +31,7 @@ import jax.numpy as jnp
 
 from nanoflux_jax import sampling
 from nanoflux_jax.configs import FluxConfig
+from nanoflux_jax.distill import loop
 from nanoflux_jax.distill import trainer
 from nanoflux_jax.models import flux
 from nanoflux_jax.models import layers
@@ -67,29 +68,30 @@ def _inputs(cfg: FluxConfig, grid: int, txt_len: int) -> dict:
 def forward_compile(cfg: FluxConfig, grid: int, txt_len: int, device):
   """The denoiser forward (an inference step): bf16 params and compute."""
   cfg = cfg.replace(dtype='bfloat16', param_dtype='bfloat16')
-  fn = jax.jit(lambda p, x: flux.Flux(cfg).apply({'params': p}, **x))
+  fn = jax.jit(
+      lambda p, x: flux.Flux(cfg).apply({'params': p}, **x).velocity)
   return _timed_compile(fn, _abstract(flux.param_shapes(cfg), device),
                         _abstract(_inputs(cfg, grid, txt_len), device))
 
 
 def train_compile(cfg: FluxConfig, grid: int, txt_len: int, device):
-  """One rectified-flow training step (trainer.train_step, donated state)."""
+  """One rectified-flow training step (loop.train_step, donated state)."""
   cfg = cfg.replace(dtype='bfloat16', param_dtype='float32', remat=True)
   c = trainer.default_config()
-  tx = trainer.make_optimizer(c)
+  tx = loop.make_optimizer(c)
   spec = trainer.DistillSpec(
       student=cfg, teacher=None, grid=(grid, grid),
       schedule=tuple(sampling.get_schedule(4, grid * grid, shift=False)),
       weights=(('rf', 1.0),))
   params = {'student': flux.param_shapes(cfg)}
-  state = jax.eval_shape(lambda p: trainer.TrainState(
+  state = jax.eval_shape(lambda p: loop.TrainState(
       step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p),
       rng=jax.random.PRNGKey(0)), params)
   x = _inputs(cfg, grid, txt_len)
   batch = {'noise': x['img'], 'latents': x['img'], 'txt': x['txt'],
            'y': x['y']}
   fn = jax.jit(functools.partial(
-      trainer.train_step, loss_fn=functools.partial(trainer.distill_loss,
+      loop.train_step, loss_fn=functools.partial(trainer.distill_loss,
                                                     spec=spec), tx=tx),
                donate_argnums=0)
   return _timed_compile(fn, _abstract(state, device), _abstract(batch, device),

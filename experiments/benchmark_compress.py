@@ -49,7 +49,7 @@ def _time(cfg, params, inputs):
   grid = ((_GRID.value, _GRID.value) if cfg.downsample_start is not None
           else None)
   fwd = jax.jit(lambda p, x: flux.Flux(cfg).apply({'params': p}, **x,
-                                                  img_grid=grid))
+                                                  img_grid=grid).velocity)
   fwd(params, x).block_until_ready()
   times = []
   for _ in range(_REPEATS.value):

@@ -23,7 +23,9 @@ from nanoflux_jax.compress import count_flops
 from nanoflux_jax import sampling
 from nanoflux_jax.configs import FluxConfig
 from nanoflux_jax.distill import data as data_lib
+from nanoflux_jax.distill import loop
 from nanoflux_jax.distill import trainer
+from nanoflux_jax.models import sharding
 
 _BATCH = flags.DEFINE_integer('batch_size', 4, 'Global batch.')
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps (after warm-up).')
@@ -61,14 +63,14 @@ def main(argv):
   student, how = student_config(teacher)
   print('student:', how)
   mesh = parallel.create_mesh((1, 1, 1), jax.devices()[:1])
-  t_params, t_sh = parallel.init_flux(teacher, mesh, jax.random.PRNGKey(1))
-  s_params, s_sh = parallel.init_flux(student, mesh, jax.random.PRNGKey(0))
+  t_params, t_sh = sharding.init_flux(teacher, mesh, jax.random.PRNGKey(1))
+  s_params, s_sh = sharding.init_flux(student, mesh, jax.random.PRNGKey(0))
   c = trainer.default_config()
   c.num_steps = 1000
-  tx = trainer.make_optimizer(c)
+  tx = loop.make_optimizer(c)
   params, p_sh = {'student': s_params}, {'student': s_sh}
-  state_sh = trainer.state_shardings(tx, params, p_sh, mesh)
-  state = jax.jit(lambda p: trainer.TrainState(
+  state_sh = loop.state_shardings(tx, params, p_sh, mesh)
+  state = jax.jit(lambda p: loop.TrainState(
       step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p),
       rng=jax.random.PRNGKey(0)), out_shardings=state_sh)(params)
   schedule = tuple(sampling.get_schedule(4, _GRID[0] * _GRID[1], shift=False))
@@ -81,7 +83,7 @@ def main(argv):
   batch = data_lib.to_global(data.batch(0), mesh)
   batch_sh = {k: parallel.batch_sharding(mesh, v.ndim) for k, v in
               batch.items()}
-  step = trainer.compile_train_step(
+  step = loop.compile_train_step(
       functools.partial(trainer.distill_loss, spec=spec), tx, 1, state_sh,
       batch_sh, {'teacher': t_sh}, mesh)
   compiled = step.lower(state, batch, {'teacher': t_params}).compile()

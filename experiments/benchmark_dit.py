@@ -260,7 +260,8 @@ def run_cpu():
     cfg, params = convert_flux.load_flux_transformer(
         os.path.join(tmp, 'transformer'), attention_impl=_ATTENTION.value)
   inp = _inputs(cfg, grid, txt_len)
-  fwd = jax.jit(lambda p, x: flux.Flux(cfg).apply({'params': p}, **x))
+  fwd = jax.jit(lambda p, x: flux.Flux(cfg).apply({'params': p},
+                                                  **x).velocity)
   x = {k: jnp.asarray(v) for k, v in inp.items()}
   ours_fn = _jax_call(fwd, params, x)
   ref_fn = _torch_forward(ref, inp, torch)
@@ -402,7 +403,8 @@ def run_schnell_gpu(smoke: bool = False):
              y=rng.standard_normal((1, cfg.vec_in_dim), np.float32))
   x = {k: jnp.asarray(v) for k, v in inp.items()}
   def compile_ours(c):
-    fwd = jax.jit(lambda p, x: flux.Flux(c).apply({'params': p}, **x))
+    fwd = jax.jit(lambda p, x: flux.Flux(c).apply({'params': p},
+                                                    **x).velocity)
     return _jax_call(fwd, params, x)
   ours_fn = compile_ours(cfg)
   try:

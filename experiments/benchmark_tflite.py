@@ -98,7 +98,7 @@ def main(argv):
       {'params': p}, img=x['img'], img_ids=nf.sampling.image_ids(1, g, g),
       txt=x['txt'], txt_ids=nf.sampling.text_ids(1, t),
       timesteps=jax.numpy.take(jax.numpy.asarray(STATIC_TS), x['step']),
-      img_grid=(g, g)))
+      img_grid=(g, g)).velocity)
   want = np.asarray(jfn(params, x))
   err = {q: float(np.abs(m(**x)['velocity'] - want).max() /
                   np.abs(want).max()) for q, m in models.items()}

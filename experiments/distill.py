@@ -20,12 +20,15 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints and samples.',
 _INIT = flags.DEFINE_string('init', '', 'Student checkpoint to start from '
                             '(used only when workdir has no checkpoint).')
 _CONFIG = config_flag.define_config_file('config', 'Config file.')
+_PROFILE = config_flag.profile_steps_flag()
 
 def main(argv):
   del argv
   c = _CONFIG.value
   if _INIT.value:
     c.init = _INIT.value
+  if _PROFILE.value:
+    c.profile_steps = config_flag.profile_steps(_PROFILE)
   try:  # Before touching devices, the teacher or the workdir.
     trainer.check_config(c)
   except ValueError as e:

@@ -13,18 +13,21 @@ import jax
 
 import config_flag  # experiments/config_flag.py, beside this binary.
 from nanoflux_jax import parallel
+from nanoflux_jax.distill import loop
 from nanoflux_jax.distill import text_encoder
-from nanoflux_jax.distill import trainer
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints and the student.',
                                required=True)
 _CONFIG = config_flag.define_config_file('config', 'Config file.')
+_PROFILE = config_flag.profile_steps_flag()
 
 
 def main(argv):
   del argv
+  if _PROFILE.value:
+    _CONFIG.value.profile_steps = config_flag.profile_steps(_PROFILE)
   try:  # The loop's fields, before loading the teacher T5 or denoiser.
-    trainer.check_loop_config(_CONFIG.value)
+    loop.check_loop_config(_CONFIG.value)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   parallel.maybe_initialize_distributed()

@@ -19,9 +19,12 @@ from nanoflux_jax.distill import ladder
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Ladder outputs; resumed.',
                                required=True)
 _CONFIG = config_flag.define_config_file('config', 'Config file.')
+_PROFILE = config_flag.profile_steps_flag()
 
 def main(argv):
   del argv
+  if _PROFILE.value:  # Every rung's trainer traces those steps.
+    _CONFIG.value.distill.profile_steps = config_flag.profile_steps(_PROFILE)
   # Validate before touching devices or the teacher.
   ladder.check_config(_CONFIG.value)
   parallel.maybe_initialize_distributed()

@@ -17,6 +17,7 @@ from absl import app
 from absl import flags
 
 import config_flag  # experiments/config_flag.py, beside this binary.
+from nanoflux_jax.distill import memory_bytes
 from nanoflux_jax.distill import memory_plan
 
 _CONFIG = config_flag.define_config_file('config', 'Ladder config file.')
@@ -49,7 +50,7 @@ def _mesh_spec(text: str, default):
 def main(argv):
   del argv
   c = _CONFIG.value
-  mesh = memory_plan.abstract_mesh(_mesh_spec(_MESH.value, c.mesh),
+  mesh = memory_bytes.abstract_mesh(_mesh_spec(_MESH.value, c.mesh),
                                    _DEVICES.value)
   budget = int(_HBM_GB.value * 1e9)
   plans = memory_plan.plan_ladder(

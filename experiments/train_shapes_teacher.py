@@ -23,8 +23,8 @@ from absl import app
 from absl import flags
 from absl import logging
 import jax
-from ml_collections import config_flags
 
+import config_flag  # experiments/config_flag.py, beside this binary.
 from nanoflux_jax import atomic
 from nanoflux_jax import images
 from nanoflux_jax.data import shapes
@@ -33,7 +33,7 @@ from nanoflux_jax.evaluate import classifier
 from nanoflux_jax.evaluate import toy
 from nanoflux_jax.pipeline import PIPELINE_FILE
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.')
+_CONFIG = config_flag.define_config_file('config', 'Config file.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training folder; resumed.',
                                required=True)
 _OUT = flags.DEFINE_string('out', '', 'Where to write the finished teacher '

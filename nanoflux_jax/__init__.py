@@ -3,14 +3,15 @@ from nanoflux_jax import compress
 from nanoflux_jax import convert
 from nanoflux_jax import export
 from nanoflux_jax import sampling
-from nanoflux_jax.atomic import OverwriteError
 from nanoflux_jax.configs import ClipConfig
 from nanoflux_jax.configs import FluxConfig
 from nanoflux_jax.configs import T5Config
 from nanoflux_jax.configs import VAEConfig
-from nanoflux_jax.convert.safetensors_io import CheckpointError
+from nanoflux_jax.errors import CheckpointError
+from nanoflux_jax.errors import OverwriteError
 from nanoflux_jax.models.clip import ClipTextModel
 from nanoflux_jax.models.flux import Flux
+from nanoflux_jax.models.flux import FluxOutput
 from nanoflux_jax.models.t5 import T5Encoder
 from nanoflux_jax.models.vae import AutoencoderKL
 from nanoflux_jax.pipeline import FluxPipeline

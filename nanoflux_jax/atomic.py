@@ -23,12 +23,10 @@ import time
 import uuid
 from typing import Callable
 
+from nanoflux_jax.errors import OverwriteError
+
 # Temporary siblings from before pids were recorded; removed once this old.
 _LEGACY_AGE_S = 3600.0
-
-
-class OverwriteError(FileExistsError):
-  """Writing would replace a file or folder that is not ours to replace."""
 
 
 def _host() -> str:

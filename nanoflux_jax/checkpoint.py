@@ -18,15 +18,18 @@ import os
 import shutil
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
 from nanoflux_jax import atomic
 from nanoflux_jax import configs
 from nanoflux_jax import jsonfile
-from nanoflux_jax.atomic import OverwriteError  # pylint: disable=unused-import
 from nanoflux_jax.atomic import replace_dir  # pylint: disable=unused-import
-from nanoflux_jax.convert.safetensors_io import CheckpointError
+from nanoflux_jax.errors import CheckpointError
+from nanoflux_jax.errors import OverwriteError  # pylint: disable=unused-import
+from nanoflux_jax.models import scan_blocks
+from nanoflux_jax.models import flux
 
 CONFIG_FILE = 'nanoflux_config.json'
 EMPTY_KEY = 'empty_params'  # In CONFIG_FILE: saved from an empty params tree.
@@ -93,7 +96,6 @@ def _shared_tmp_sibling(path: str) -> str:
   tmp = atomic.tmp_sibling(path)
   if jax.process_count() == 1:
     return tmp
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   raw = np.frombuffer(tmp.encode().ljust(4096, b'\0')[:4096], np.uint8)
   raw = np.asarray(multihost_utils.broadcast_one_to_all(raw), np.uint8)
   return raw.tobytes().rstrip(b'\0').decode()
@@ -101,7 +103,6 @@ def _shared_tmp_sibling(path: str) -> str:
 
 def _sync(name: str) -> None:
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices(name)
 
 
@@ -190,16 +191,15 @@ def load(path: str, *, dtype=None, shardings=None, **config_overrides):
 def _load_relayout(path: str, stored, config, dtype, shardings):
   """A Flux checkpoint saved with the other `scan_blocks` layout: restored
   as saved, then its runs stacked (or split) into `config`'s layout."""
-  from nanoflux_jax.models import flux  # pylint: disable=g-import-not-at-top
   if shardings is not None and not callable(shardings):
     raise ValueError(
         f'{path}: saved with scan_blocks={stored.scan_blocks}; loading it '
         f'with scan_blocks={config.scan_blocks} needs shardings as a '
         'callable (config, param_shapes) -> shardings, e.g. '
-        'parallel.loading_shardings(mesh)')
+        'models.sharding.loading_shardings(mesh)')
   _, params = load(path, dtype=dtype, shardings=shardings)
-  params = (flux.scan_params(config, params) if config.scan_blocks else
-            flux.unscan_params(stored, params))
+  params = (scan_blocks.scan_params(config, params) if config.scan_blocks else
+            scan_blocks.unscan_params(stored, params))
   if shardings is not None:
     params = jax.device_put(params, shardings(config,
                                               flux.param_shapes(config)))

@@ -115,7 +115,7 @@ class FluxConfig(_Serializable):
   remat_policy: str = 'nothing_saveable'
   # Scan (lax.scan) over each run of identical blocks instead of unrolling
   # them: one block body to compile per run. Params of a run are stacked on a
-  # leading 'layers' axis (models.flux.scan_params / unscan_params convert).
+  # leading 'layers' axis (models.scan_blocks.scan_params / unscan_params convert).
   scan_blocks: bool = False
 
   def __post_init__(self):

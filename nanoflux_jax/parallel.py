@@ -11,21 +11,23 @@ the only place that maps those names onto the mesh axes:
 
 Sharded init follows MaxText: eval_shape -> partition specs ->
 jit(init, out_shardings), so a full model never sits on one device first.
+This module knows no model: it shards any linen module from its example
+inputs. The Flux / T5 helpers (`init_flux`, `param_shardings`, ...) live in
+`models/sharding.py`.
 """
 from __future__ import annotations
 
 import math
 import os
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-
-from nanoflux_jax.configs import FluxConfig
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
 
@@ -49,6 +51,31 @@ RULES: tuple[tuple[str, Any], ...] = (
     # every device holds every layer's slice of its shard.
     ('layers', None),
 )
+
+
+
+
+def rules_from(overrides) -> tuple[tuple[str, Any], ...]:
+  """RULES with some logical axes mapped elsewhere (a config's
+  `sharding_rules`: {logical axis: mesh axis, tuple of them, or None}).
+
+  Raises:
+    ValueError: naming an unknown logical axis or mesh axis.
+  """
+  overrides = dict(overrides or {})
+  known = [name for name, _ in RULES]
+  for name, target in overrides.items():
+    if name not in known:
+      raise ValueError(f'sharding_rules: unknown logical axis {name!r}; '
+                       f'known: {known}')
+    targets = target if isinstance(target, (tuple, list)) else (target,)
+    bad = [t for t in targets if t is not None and t not in MESH_AXES]
+    if bad:
+      raise ValueError(f'sharding_rules.{name}={target!r}: unknown mesh axes '
+                       f'{bad}; expected {MESH_AXES} or None')
+  norm = lambda t: tuple(t) if isinstance(t, list) else t
+  return tuple((name, norm(overrides.get(name, target)))
+               for name, target in RULES)
 
 
 # ---------------------------------------------------------------------------
@@ -98,7 +125,6 @@ def create_mesh(spec: Mapping[str, int] | Sequence[int] = (-1, 1, 1),
   devices = list(jax.devices() if devices is None else devices)
   shape = mesh_shape(spec, len(devices))
   try:  # Topology-aware ordering on TPU/GPU; plain reshape elsewhere.
-    from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
     grid = mesh_utils.create_device_mesh(shape, devices)
   except Exception:  # pylint: disable=broad-except
     grid = np.asarray(devices).reshape(shape)
@@ -208,57 +234,6 @@ def sharded_init(module: nn.Module, mesh: Mesh, rules, rng, *inputs, **kw):
   return init(rng), shardings
 
 
-# ---------------------------------------------------------------------------
-# Flux helpers.
-# ---------------------------------------------------------------------------
-def _flux_module_and_inputs(cfg_or_module):
-  from nanoflux_jax.models import flux  # pylint: disable=g-import-not-at-top
-  module = (cfg_or_module if isinstance(cfg_or_module, nn.Module)
-            else flux.Flux(cfg_or_module))
-  return module, flux.dummy_inputs(module.config)
-
-
-def param_shardings(cfg_or_module: FluxConfig | nn.Module, mesh: Mesh,
-                    rules=RULES):
-  """NamedShardings of a Flux model's params (unboxed tree), no allocation.
-
-  The tree matches `load_flux_transformer`'s params, so it can be passed as
-  `load_flux_transformer(path, shardings=param_shardings(cfg, mesh))` when
-  the config is known, or use `loading_shardings(mesh)` when it is not.
-  """
-  module, inputs = _flux_module_and_inputs(cfg_or_module)
-  return variable_shardings(module, mesh, rules, **inputs)['params']
-
-
-def loading_shardings(mesh: Mesh, rules=RULES
-                      ) -> Callable[[FluxConfig, Any], Any]:
-  """A (config, param_shapes) -> shardings callable for checkpoint loaders.
-
-  `load_flux_transformer(path, shardings=loading_shardings(mesh))` places
-  each converted tensor straight onto its shard while streaming the file.
-  """
-  return lambda cfg, shapes: param_shardings(cfg, mesh, rules)
-
-
-def t5_loading_shardings(mesh: Mesh, rules=RULES
-                         ) -> Callable[[Any, Any], Any]:
-  """`load_t5_encoder(path, shardings=t5_loading_shardings(mesh))`: each
-  T5 tensor goes straight onto its shard (T5-XXL: FSDP over the mesh)."""
-  def shardings(cfg, shapes):
-    del shapes
-    from nanoflux_jax.models.t5 import T5Encoder  # pylint: disable=g-import-not-at-top
-    return variable_shardings(T5Encoder(cfg), mesh, rules,
-                              jnp.zeros((1, 4), jnp.int32))['params']
-  return shardings
-
-
-def init_flux(cfg: FluxConfig, mesh: Mesh, rng, rules=RULES):
-  """Sharded random Flux params; returns (params, shardings)."""
-  module, inputs = _flux_module_and_inputs(cfg)
-  variables, shardings = sharded_init(module, mesh, rules, rng, **inputs)
-  return variables['params'], shardings['params']
-
-
 def shard_like(tree, shardings):
   """device_put every leaf of `tree` onto the matching sharding."""
   return jax.tree.map(lambda x, s: jax.device_put(jnp.asarray(x), s), tree,
@@ -275,18 +250,6 @@ def mesh_of(tree) -> Mesh | None:
     if isinstance(sh, NamedSharding):
       return sh.mesh
   return None
-
-
-def place_flux(cfg: FluxConfig, params, mesh: Mesh | None):
-  """`params` of `cfg` laid out by the rules on `mesh` (None: unchanged).
-
-  Device-to-device only: leaves already on their sharding stay put, the
-  others are resharded by XLA, never gathered on a host. The compression
-  transforms call this on their output so a sharded student stays sharded.
-  """
-  if mesh is None:
-    return params
-  return jax.device_put(params, param_shardings(cfg, mesh))
 
 
 def describe(tree) -> dict[str, str]:

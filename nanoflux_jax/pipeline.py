@@ -26,9 +26,12 @@ import numpy as np
 
 from nanoflux_jax import atomic
 from nanoflux_jax import checkpoint
-from nanoflux_jax import parallel
 from nanoflux_jax import sampling
 from nanoflux_jax.configs import ClipConfig, FluxConfig, T5Config, VAEConfig
+from nanoflux_jax.convert import flux as convert_flux
+from nanoflux_jax.convert import text_encoders
+from nanoflux_jax.convert import vae as convert_vae
+from nanoflux_jax.models import sharding
 from nanoflux_jax.models.clip import ClipTextModel
 from nanoflux_jax.models.t5 import StudentTextEncoder, T5Encoder
 from nanoflux_jax.models.t5 import student_from_checkpoint
@@ -54,7 +57,8 @@ def _student_encode(cfg: T5Config, out_dim: int, params,
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _clip_pooled(cfg: ClipConfig, params, ids: jax.Array) -> jax.Array:
+def clip_pooled(cfg: ClipConfig, params, ids: jax.Array) -> jax.Array:
+  """CLIP's pooled text vector [B, vec] (fp32) of token ids [B, 77]."""
   return ClipTextModel(cfg).apply({'params': params}, ids)[1].astype(
       jnp.float32)
 
@@ -70,6 +74,7 @@ def _decode(cfg: VAEConfig, params, packed: jax.Array, h: int,
 
 
 def _load_tokenizer(path: str):
+  # Deferred: transformers (tokenizers only) is heavy to import.
   import transformers  # pylint: disable=g-import-not-at-top
   if not os.path.isdir(path):
     raise FileNotFoundError(f'{path}: tokenizer folder is missing')
@@ -136,7 +141,7 @@ class FluxPipeline:
                text_encoder_2: tuple,
                vae: tuple[VAEConfig, Any], tokenizer, tokenizer_2):
     """text_encoder_2 is (cfg, params) for T5, or (cfg, out_dim, params) for
-    a StudentTextEncoder, as distill.text_encoder.load_student returns."""
+    a StudentTextEncoder, as compress.text_encoder.load_student returns."""
     self.flux_cfg, self.flux_params = transformer
     self.clip_cfg, self.clip_params = text_encoder
     if len(text_encoder_2) == 3:
@@ -166,8 +171,6 @@ class FluxPipeline:
         whole 12B DiT or T5-XXL (multi-host pods). CLIP and the VAE are
         small and go to the default device.
     """
-    from nanoflux_jax.convert import flux as convert_flux  # pylint: disable=g-import-not-at-top
-    from nanoflux_jax.convert import text_encoders, vae  # pylint: disable=g-import-not-at-top
     folder = os.fspath(folder)
     if os.path.isfile(os.path.join(folder, PIPELINE_FILE)):
       return cls.load(folder, dtype=dtype, flux_overrides=flux_overrides,
@@ -177,8 +180,8 @@ class FluxPipeline:
     paths = {n: _component(folder, n) for n in _COMPONENTS + _TOKENIZERS}
     flux_sh = t5_sh = None
     if mesh is not None:
-      flux_sh = parallel.loading_shardings(mesh)
-      t5_sh = parallel.t5_loading_shardings(mesh)
+      flux_sh = sharding.loading_shardings(mesh)
+      t5_sh = sharding.t5_loading_shardings(mesh)
     return cls(
         convert_flux.load_flux_transformer(paths['transformer'], dtype,
                                            shardings=flux_sh,
@@ -186,7 +189,7 @@ class FluxPipeline:
         text_encoders.load_clip_text(paths['text_encoder'], dtype),
         text_encoders.load_t5_encoder(paths['text_encoder_2'], dtype,
                                       shardings=t5_sh),
-        vae.load_vae(paths['vae'], dtype),
+        convert_vae.load_vae(paths['vae'], dtype),
         _load_tokenizer(paths['tokenizer']),
         _load_tokenizer(paths['tokenizer_2']))
 
@@ -224,11 +227,11 @@ class FluxPipeline:
     paths = {n: _component(directory, n) for n in _COMPONENTS + _TOKENIZERS}
     shardings = {}
     if mesh is not None:
-      shardings['transformer'] = parallel.param_shardings(
+      shardings['transformer'] = sharding.param_shardings(
           checkpoint.load_config(paths['transformer']), mesh)
       t5_cfg = checkpoint.load_config(paths['text_encoder_2'])
       if isinstance(t5_cfg, T5Config):
-        shardings['text_encoder_2'] = parallel.t5_loading_shardings(mesh)(
+        shardings['text_encoder_2'] = sharding.t5_loading_shardings(mesh)(
             t5_cfg, None)
     parts = {n: checkpoint.load(paths[n], dtype=dtype,
                                 shardings=shardings.get(n))
@@ -252,7 +255,7 @@ class FluxPipeline:
     student reads tokenizer_2's ids.
 
     Args:
-      student: a folder written by distill.text_encoder.save_student, or
+      student: a folder written by compress.text_encoder.save_student, or
         (T5Config, out_dim, params) as load_student returns it (params: the
         StudentTextEncoder tree {'t5': ..., 'proj': ...}).
     Returns:
@@ -324,7 +327,7 @@ class FluxPipeline:
     else:
       txt = _student_encode(self.t5_cfg, self.t5_out_dim, self.t5_params,
                             t5_ids)
-    return txt, _clip_pooled(self.clip_cfg, self.clip_params, clip_ids)
+    return txt, clip_pooled(self.clip_cfg, self.clip_params, clip_ids)
 
   def decode_latents(self, packed: jax.Array, height: int,
                      width: int) -> jax.Array:

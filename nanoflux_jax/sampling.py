@@ -86,15 +86,66 @@ def schedule_for(config: FluxConfig, num_steps: int,
   return get_schedule(num_steps, image_seq_len, shift=config.guidance_embed)
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames='img_grid')
+@functools.partial(jax.jit, static_argnums=0,
+                   static_argnames=('img_grid', 'record'))
+def trajectory(config: FluxConfig, params, noise: Array, txt: Array,
+               y: Array | None, timesteps: Array, guidance: Array | None = None,
+               *, img_grid: tuple[int, int] | None = None,
+               img_ids: Array | None = None, txt_ids: Array | None = None,
+               record: bool = True
+               ) -> tuple[Array | None, Array | None, Array]:
+  """The Euler rollout: every sampler, teacher cache and calibration set.
+
+  One jitted lax.scan; the schedule is an argument, so a new schedule of the
+  same length does not recompile.
+
+  Args:
+    noise: [B, L, in_channels] packed x at timesteps[0].
+    txt: [B, T, context] text embeddings; y: [B, vec] pooled vector (None
+      for static-modulation models).
+    timesteps: [n + 1] decreasing timesteps.
+    guidance: [B] guidance scale, for guidance-embedded models.
+    img_grid: (h, w) packed token grid: the image ids when img_ids is not
+      given, and the grid token down-sampling models need.
+    img_ids, txt_ids: [B, L, 3] / [B, T, 3] position ids; default the
+      grid's image ids and zero text ids.
+    record: False keeps only the final sample (no [B, n, L, C] buffers).
+  Returns:
+    (xs [B, n, L, C] the state at timesteps[k], vs [B, n, L, C] the velocity
+    there, x_final [B, L, C] the sample at timesteps[-1]), float32; xs and
+    vs are None without `record`.
+  """
+  b = noise.shape[0]
+  if img_ids is None:
+    if img_grid is None:
+      raise ValueError('trajectory: pass img_grid or img_ids')
+    img_ids = image_ids(b, *img_grid)
+  if txt_ids is None:
+    txt_ids = text_ids(b, txt.shape[1])
+  model = Flux(config)
+  ts = jnp.asarray(timesteps, jnp.float32)
+
+  def step(x, k):
+    v = model.apply({'params': params}, img=x, img_ids=img_ids, txt=txt,
+                    txt_ids=txt_ids, timesteps=jnp.full((b,), ts[k]), y=y,
+                    guidance=guidance, img_grid=img_grid).velocity
+    v = v.astype(jnp.float32)
+    return x + (ts[k + 1] - ts[k]) * v, (x, v) if record else None
+
+  x_final, rec = jax.lax.scan(step, noise.astype(jnp.float32),
+                              jnp.arange(ts.shape[0] - 1))
+  if not record:
+    return None, None, x_final
+  xs, vs = rec
+  return jnp.swapaxes(xs, 0, 1), jnp.swapaxes(vs, 0, 1), x_final
+
+
 def denoise(config: FluxConfig, params, img: Array, img_ids: Array,
             txt: Array, txt_ids: Array, y: Array | None, timesteps: Array,
             guidance: Array | None = None,
             img_grid: tuple[int, int] | None = None) -> Array:
-  """Euler integration of the flow from timesteps[0] to timesteps[-1].
-
-  One jitted function: the steps run in a lax.fori_loop, and the schedule is
-  an argument, so a new schedule of the same length does not recompile.
+  """Euler integration of the flow from timesteps[0] to timesteps[-1]:
+  `trajectory` without the per-step records.
 
   Args:
     img: [B, L, in_channels] packed noise at timesteps[0].
@@ -104,16 +155,6 @@ def denoise(config: FluxConfig, params, img: Array, img_ids: Array,
   Returns:
     [B, L, in_channels] float32 packed latents at timesteps[-1].
   """
-  model = Flux(config)
-  batch = img.shape[0]
-  timesteps = jnp.asarray(timesteps, jnp.float32)
-
-  def step(i, x):
-    t, t_next = timesteps[i], timesteps[i + 1]
-    v = model.apply({'params': params}, img=x, img_ids=img_ids, txt=txt,
-                    txt_ids=txt_ids, timesteps=jnp.full((batch,), t), y=y,
-                    guidance=guidance, img_grid=img_grid)
-    return x + (t_next - t) * v.astype(jnp.float32)
-
-  return jax.lax.fori_loop(0, timesteps.shape[0] - 1, step,
-                           img.astype(jnp.float32))
+  return trajectory(config, params, img, txt, y, timesteps, guidance,
+                    img_grid=None if img_grid is None else tuple(img_grid),
+                    img_ids=img_ids, txt_ids=txt_ids, record=False)[2]

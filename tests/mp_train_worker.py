@@ -68,12 +68,13 @@ def run(name, root, **kw):
   from jax.experimental import multihost_utils
   from nanoflux_jax import parallel
   from nanoflux_jax.distill import data as data_lib
+  from nanoflux_jax.distill import teacher as teacher_lib
   from nanoflux_jax.distill import trainer
   from nanoflux_jax.testing import multiprocess
 
   c = config(**kw)
   mesh = parallel.create_mesh(MESH)
-  t_cfg = trainer._flux_config(c.teacher, 'teacher')  # pylint: disable=protected-access
+  t_cfg = teacher_lib.flux_config(c.teacher, 'teacher')
   data = RecordingData(data_lib.PromptData(
       data_lib.load_prompts(c.data.prompts),
       data_lib.random_embedder(t_cfg, c.data.txt_len, c.seed), t_cfg,

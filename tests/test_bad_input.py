@@ -28,6 +28,8 @@ from nanoflux_jax.convert import flux as convert_flux
 from nanoflux_jax.convert import text_encoders
 from nanoflux_jax.convert.safetensors_io import CheckpointError, save_file
 from nanoflux_jax.distill import data as data_lib
+from nanoflux_jax.distill import loop
+from nanoflux_jax.distill import teacher as teacher_lib
 from nanoflux_jax.distill import trainer
 from nanoflux_jax.export import bundle
 from nanoflux_jax.export import runner
@@ -607,13 +609,13 @@ class _SignalAt:
 
 def test_sigint_saves_and_a_corrupt_checkpoint_falls_back(tmp_path, caplog):
   c = _train_config(num_steps=6)
-  cfg = trainer._flux_config(c.teacher, 'teacher')
+  cfg = teacher_lib.flux_config(c.teacher, 'teacher')
   data = data_lib.PromptData(data_lib.load_prompts('builtin')[:4],
                              data_lib.random_embedder(cfg, 4), cfg, (2, 2), 4)
   wd = str(tmp_path / 'wd')
   # SIGINT while step 1 runs: it finishes, step 2 is saved (the config
   # would only have saved at step 6), then TrainingInterrupted.
-  with pytest.raises(trainer.TrainingInterrupted, match='SIGINT at step 2'):
+  with pytest.raises(loop.TrainingInterrupted, match='SIGINT at step 2'):
     trainer.train(c, wd, data=_SignalAt(data, 1), mesh=_mesh())
   ckdir = os.path.join(wd, 'checkpoints')
   assert sorted(os.listdir(ckdir)) == ['2']
@@ -649,7 +651,7 @@ def test_distils_a_guidance_embedded_teacher(tmp_path):
   assert np.isfinite(losses).all()
   assert np.mean(losses[-3:]) < np.mean(losses[:3])
   # The guidance reaches the teacher: another scale, another trajectory.
-  cfg = trainer._flux_config(c.teacher, 'teacher')
+  cfg = teacher_lib.flux_config(c.teacher, 'teacher')
   p = flux.init_params(cfg, jax.random.key(0))
   x = np.zeros((1, 4, cfg.in_channels), np.float32)
   txt = np.ones((1, 4, cfg.context_in_dim), np.float32)

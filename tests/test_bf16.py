@@ -50,18 +50,19 @@ def test_dit_bf16_matches_fp32_and_diffusers_bf16(tmp_path):
   inputs['guidance'] = np.array([2.048, 4.096], np.float32)
   want32 = run_diffusers(ref, inputs)
   want16 = _diffusers_bf16(ref, inputs)
-  ours32 = np.asarray(flux.Flux(cfg).apply({'params': params}, **inputs))
+  ours32 = np.asarray(
+      flux.Flux(cfg).apply({'params': params}, **inputs).velocity)
   assert max_rel_err(ours32, want32) < 1e-4  # The fp32 baseline.
 
   # All bf16 (params and compute), as a bf16 checkpoint runs.
   cfg16 = cfg.replace(dtype='bfloat16', param_dtype='bfloat16')
   p16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
-  ours16 = flux.Flux(cfg16).apply({'params': p16}, **inputs)
+  ours16 = flux.Flux(cfg16).apply({'params': p16}, **inputs).velocity
   assert ours16.dtype == jnp.bfloat16
   ours16 = np.asarray(ours16.astype(jnp.float32))
   # fp32 master params, bf16 compute: the trainer's compute_dtype path.
   mixed = np.asarray(flux.Flux(cfg.replace(dtype='bfloat16')).apply(
-      {'params': params}, **inputs).astype(jnp.float32))
+      {'params': params}, **inputs).velocity.astype(jnp.float32))
 
   ref_err = max_rel_err(want16, want32)
   for name, got in (('bf16', ours16), ('mixed', mixed)):

@@ -44,7 +44,8 @@ def _params(cfg, seed=0):
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
 def _apply(cfg, params, inputs, grid):
-  return flux.Flux(cfg).apply({'params': params}, **inputs, img_grid=grid)
+  return flux.Flux(cfg).apply({'params': params}, **inputs,
+                              img_grid=grid).velocity
 
 
 def _run(cfg, params, inputs):
@@ -147,9 +148,10 @@ def test_downsampler_shapes_identity_and_init_error():
   assert ds['down_res']['conv1']['kernel'].shape == (3, 3, 64, 16)
   assert ds['merge']['kernel'].shape == (128, 64)
   inputs = random_inputs(cfg, 2, H, W, TXT)
-  out, feats = jax.eval_shape(functools.partial(
+  out = jax.eval_shape(functools.partial(
       flux.Flux(cfg).apply, img_grid=(H, W), return_intermediates=True),
       {'params': dparams}, **inputs)
+  out, feats = out.velocity, out.intermediates
   assert out.shape == (2, H * W, cfg.in_channels)
   # Intermediates of blocks 1..2 are the coarse tokens.
   assert [f.shape[1] for f in feats['img']] == [16, 4, 4, 16]
@@ -200,7 +202,7 @@ def test_counts_match_eval_shape_and_xla(kw):
   inputs = flux.dummy_inputs(cfg, 2, 64, 12)
   grid = inputs.pop('img_grid', None)
   fwd = jax.jit(lambda p, x: flux.Flux(cfg).apply({'params': p}, **x,
-                                                  img_grid=grid))
+                                                  img_grid=grid).velocity)
   cost = fwd.lower(shapes, inputs).compile().cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   ours = compress.count_flops(cfg, 64, 12, batch=2)

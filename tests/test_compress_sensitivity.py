@@ -47,7 +47,7 @@ def test_calibration_set_shapes(planted):
                     img_ids=calib['img_ids'][:2], txt=calib['txt'][:2],
                     txt_ids=calib['txt_ids'][:2],
                     timesteps=np.full((2,), t, np.float32),
-                    y=calib['y'][:2] if 'y' in calib else None)
+                    y=calib['y'][:2] if 'y' in calib else None).velocity
     x = x + (t_next - t) * np.asarray(v, np.float64)
   np.testing.assert_allclose(calib['img'][2:], states[1], rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(calib['target'][:2], noise - x, rtol=1e-5,

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from nanoflux_jax.distill import ladder
+from nanoflux_jax.distill import loop
 from nanoflux_jax.distill import trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -18,7 +19,7 @@ CONFIGS = os.path.join(ROOT, 'experiments', 'configs')
 CHECKS = {
     'distill_tiny.py': (trainer.check_config, ('', 'runlocal')),
     'distill_schnell.py': (trainer.check_config, ('', 'runlocal')),
-    'distill_text_encoder_tiny.py': (trainer.check_loop_config,
+    'distill_text_encoder_tiny.py': (loop.check_loop_config,
                                      ('', 'runlocal', 'ablation')),
     'ladder_tiny.py': (ladder.check_config, ('', 'runlocal',
                                              'stop_after=2')),
@@ -83,3 +84,22 @@ def test_binaries_load_and_check_their_config(tmp_path):
   assert rc != 0 and "'int3'" in out, out[-2000:]
   assert 'no such pipeline folder' not in out, out[-2000:]  # Checked first.
   assert not (tmp_path / 'e').exists()
+
+
+def test_parse_arg_is_the_one_config_arg_parser():
+  from nanoflux_jax.config_arg import parse_arg  # pylint: disable=g-import-not-at-top
+  a = parse_arg('full,train_only,stop_after=2', variants=('quick', 'full'),
+                train_only=False, stop_after=None, lr=0.1)
+  assert (a.variant, a.train_only, a.stop_after, a.lr) == ('full', True, 2,
+                                                           0.1)
+  assert parse_arg('', variants=('quick', 'full')).variant == 'quick'
+  assert parse_arg('lr=0.5', lr=0.1).lr == 0.5
+  for arg, match in (('nope', r"unknown option 'nope'; known: \['lr'\]"),
+                     ('lr', 'lr needs a value'),
+                     ('lr=fast', r"lr='fast': expected a float")):
+    with pytest.raises(ValueError, match=match):
+      parse_arg(arg, lr=0.1)
+  with pytest.raises(ValueError, match="unknown variant 'huge'"):
+    parse_arg('huge', variants=('quick', 'full'))
+  with pytest.raises(ValueError, match="unknown option 'typo'"):
+    _load('shapes.py').get_config('full,typo')

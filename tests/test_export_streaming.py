@@ -53,7 +53,7 @@ def test_chunks_with_downsampler_match_flux(tiny_student):
       img_ids=nf.sampling.image_ids(1, GRID, GRID), txt=x['txt'],
       txt_ids=nf.sampling.text_ids(1, TXT),
       timesteps=np.asarray([cfg.static_timesteps[1]], np.float32),
-      img_grid=(GRID, GRID))
+      img_grid=(GRID, GRID)).velocity
   chunks = components.plan_chunks(cfg, shapes, 1.0)  # one block per chunk.
   assert [components.DOWN_KEY, 'double_blocks_1'] in chunks
   assert ['single_blocks_1', components.UP_KEY] in chunks

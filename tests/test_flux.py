@@ -33,7 +33,7 @@ def test_forward_matches_diffusers(tmp_path, kw, batch, h, w):
   assert cfg.guidance_embed == kw.get('guidance', False)
   assert cfg.depth == kw.get('layers', 2)
   inputs = random_inputs(cfg, batch, h, w, txt_len=7)
-  ours = flux.Flux(cfg).apply({'params': params}, **inputs)
+  ours = flux.Flux(cfg).apply({'params': params}, **inputs).velocity
   err = max_rel_err(ours, run_diffusers(ref, inputs))
   assert err < END_TO_END_TOL, err
 
@@ -46,8 +46,8 @@ def test_bfl_import_matches_diffusers_import(tmp_path):
       str(tmp_path / 'flux.safetensors'))
   assert cfg_bfl == cfg
   inputs = random_inputs(cfg, 2, 4, 4, txt_len=5)
-  a = flux.Flux(cfg).apply({'params': params}, **inputs)
-  b = flux.Flux(cfg_bfl).apply({'params': params_bfl}, **inputs)
+  a = flux.Flux(cfg).apply({'params': params}, **inputs).velocity
+  b = flux.Flux(cfg_bfl).apply({'params': params_bfl}, **inputs).velocity
   np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
@@ -228,3 +228,22 @@ def test_rope_matches_diffusers(axes):
                              (ref_cos, ref_sin), use_real=True,
                              use_real_unbind_dim=-1)
   assert max_rel_err(ours, to_numpy(ref).transpose(0, 2, 1, 3)) < LAYER_TOL
+
+
+def test_flux_always_returns_a_flux_output():
+  """One output contract: velocity always, intermediates only when asked."""
+  cfg = nf.FluxConfig.tiny(attention_impl='xla')
+  params = flux.init_params(cfg, jax.random.key(0))
+  inputs = random_inputs(cfg, 2, 2, 4, txt_len=3)
+  plain = flux.Flux(cfg).apply({'params': params}, **inputs)
+  full = flux.Flux(cfg).apply({'params': params}, **inputs,
+                              return_intermediates=True)
+  assert isinstance(plain, nf.FluxOutput) and isinstance(full, nf.FluxOutput)
+  assert plain.intermediates == {}
+  assert plain.velocity.shape == (2, 8, cfg.out_dim)
+  np.testing.assert_array_equal(plain.velocity, full.velocity)
+  assert len(full.intermediates['img']) == cfg.num_blocks
+  assert full.intermediates['img'][0].shape == (2, 8, cfg.hidden_size)
+  # A pytree: it passes through jit as it is.
+  jitted = jax.jit(lambda p: flux.Flux(cfg).apply({'params': p}, **inputs))
+  assert isinstance(jitted(params), nf.FluxOutput)

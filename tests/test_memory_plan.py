@@ -8,6 +8,7 @@ import pytest
 
 from nanoflux_jax import parallel
 from nanoflux_jax.configs import FluxConfig
+from nanoflux_jax.distill import memory_bytes as mb
 from nanoflux_jax.distill import memory_plan as mp
 from nanoflux_jax.distill import trainer
 
@@ -36,8 +37,8 @@ def _scaled_step_config():
 def test_plan_matches_compiled_memory_analysis():
   mesh = parallel.create_mesh({'data': 2, 'fsdp': 2, 'tensor': 2})
   t_cfg = FluxConfig.schnell(**SCALED)
-  t_params = mp._abstract_params(t_cfg, None)  # pylint: disable=protected-access
-  s_cfg, s_params = mp.transform_shapes(
+  t_params = mb.abstract_params(t_cfg, None)  # pylint: disable=protected-access
+  s_cfg, s_params = mb.transform_shapes(
       'prune', t_cfg, t_params, dict(keep_heads=0.5, keep_mlp=0.75),
       (1.0, 0.75, 0.5, 0.25, 0.0), t_cfg.vec_in_dim)
   assert s_cfg.single_heads == (1, 1) and s_cfg.single_mlp == (768, 768)
@@ -67,7 +68,7 @@ def test_schnell_ladder_plan_on_64_devices_allocates_nothing():
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config()
-  mesh = mp.abstract_mesh(dict(config.mesh), 64)
+  mesh = mb.abstract_mesh(dict(config.mesh), 64)
   assert dict(mesh.shape) == {'data': 1, 'fsdp': 64, 'tensor': 1}
   plans = mp.plan_ladder(config, mesh, int(95e9))
   assert [p.name for p in plans] == ['0 prune', '1 depth',

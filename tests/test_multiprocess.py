@@ -20,6 +20,7 @@ import pytest
 import mp_train_worker as worker
 from nanoflux_jax import parallel
 from nanoflux_jax.distill import data as data_lib
+from nanoflux_jax.distill import teacher as teacher_lib
 from nanoflux_jax.distill import trainer
 from nanoflux_jax.testing import multiprocess
 
@@ -77,7 +78,7 @@ def test_checkpoint_of_two_processes_resumes_bit_for_bit(runs):
 
 def test_each_process_fed_only_its_half_of_the_batch(runs):
   c = worker.config()
-  t_cfg = trainer._flux_config(c.teacher, 'teacher')  # pylint: disable=protected-access
+  t_cfg = teacher_lib.flux_config(c.teacher, 'teacher')
   source = data_lib.PromptData(
       data_lib.load_prompts(c.data.prompts),
       data_lib.random_embedder(t_cfg, c.data.txt_len, c.seed), t_cfg,

@@ -76,3 +76,39 @@ def test_denoise_matches_diffusers_loop(tmp_path, guidance):
                             'timesteps': np.full((2,), t, np.float32)})
     x = (torch.from_numpy(x) + (t_next - t) * torch.from_numpy(v)).numpy()
   assert max_rel_err(ours, x) < 1e-4
+
+
+def test_trajectory_records_the_sampler_it_runs():
+  """The one rollout: its states and velocities are the Euler steps, its
+  final sample is `denoise`'s, and record=False keeps only that."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from nanoflux_jax.models import flux  # pylint: disable=g-import-not-at-top
+  cfg = flux.FluxConfig.tiny(attention_impl='xla')
+  params = flux.init_params(cfg, jax.random.key(0))
+  rng = np.random.default_rng(0)
+  noise = rng.standard_normal((2, 8, cfg.in_channels)).astype(np.float32)
+  txt = rng.standard_normal((2, 3, cfg.context_in_dim)).astype(np.float32)
+  y = rng.standard_normal((2, cfg.vec_in_dim)).astype(np.float32)
+  ts = jnp.asarray([1.0, 0.6, 0.0])
+  xs, vs, final = sampling.trajectory(cfg, params, noise, txt, y, ts,
+                                      img_grid=(2, 4))
+  assert xs.shape == vs.shape == (2, 2, 8, cfg.in_channels)
+  np.testing.assert_array_equal(xs[:, 0], noise)
+  np.testing.assert_allclose(xs[:, 1], noise - 0.4 * vs[:, 0], rtol=1e-6,
+                             atol=1e-6)
+  np.testing.assert_allclose(final, xs[:, 1] - 0.6 * vs[:, 1], rtol=1e-6,
+                             atol=1e-6)
+  v0 = flux.Flux(cfg).apply(
+      {'params': params}, img=noise, img_ids=sampling.image_ids(2, 2, 4),
+      txt=txt, txt_ids=sampling.text_ids(2, 3), timesteps=jnp.ones((2,)),
+      y=y).velocity
+  np.testing.assert_allclose(vs[:, 0], v0, rtol=1e-5, atol=1e-6)
+  none = sampling.trajectory(cfg, params, noise, txt, y, ts, img_grid=(2, 4),
+                             record=False)
+  assert none[0] is None and none[1] is None
+  np.testing.assert_array_equal(none[2], final)
+  np.testing.assert_array_equal(final, sampling.denoise(
+      cfg, params, noise, sampling.image_ids(2, 2, 4), txt,
+      sampling.text_ids(2, 3), y, ts))
+  with pytest.raises(ValueError, match='img_grid or img_ids'):
+    sampling.trajectory(cfg, params, noise, txt, y, ts)

@@ -10,7 +10,9 @@ from nanoflux_jax import checkpoint
 from nanoflux_jax import parallel
 from nanoflux_jax.configs import FluxConfig
 from nanoflux_jax.convert import flux as convert_flux
+from nanoflux_jax.models import scan_blocks
 from nanoflux_jax.models import flux
+from nanoflux_jax.models import sharding
 
 from flux_utils import make_diffusers_flux
 
@@ -29,27 +31,27 @@ def _rel(a, ref):
 
 def test_block_runs():
   s = dict(scan_blocks=True)
-  assert flux.block_runs(FluxConfig.schnell(**s)) == [
+  assert scan_blocks.block_runs(FluxConfig.schnell(**s)) == [
       ('double', 0, 19), ('single', 0, 38)]
-  assert flux.block_runs(UNIFORM) == [  # scan_blocks off.
+  assert scan_blocks.block_runs(UNIFORM) == [  # scan_blocks off.
       ('double', 0, 1), ('double', 1, 2), ('single', 0, 1), ('single', 1, 2)]
   # Per-block widths and the down-sampler's range [2, 2] break runs; a run
   # of one stays unrolled.
-  assert flux.block_runs(STUDENT.replace(**s)) == [
+  assert scan_blocks.block_runs(STUDENT.replace(**s)) == [
       ('double', 0, 2), ('single', 0, 1), ('single', 1, 2), ('single', 2, 4)]
   pruned = FluxConfig.tiny(depth=5, single_heads=(4, 2),
                            double_mlp_txt=(128, 128, 96, 128, 128),
                            scan_blocks=True)
-  assert flux.block_runs(pruned) == [
+  assert scan_blocks.block_runs(pruned) == [
       ('double', 0, 2), ('double', 2, 3), ('double', 3, 5), ('single', 0, 1),
       ('single', 1, 2)]
   ds = FluxConfig.tiny(depth=4, depth_single_blocks=4, downsample_start=1,
                        downsample_end=5, scan_blocks=True)
-  assert flux.block_runs(ds) == [
+  assert scan_blocks.block_runs(ds) == [
       ('double', 0, 1), ('double', 1, 2), ('double', 2, 3), ('double', 3, 4),
       ('single', 0, 1), ('single', 1, 2), ('single', 2, 4)]
-  assert flux.run_name('double', 0, 19) == 'double_blocks_0_to_18'
-  assert flux.run_name('single', 7, 8) == 'single_blocks_7'
+  assert scan_blocks.run_name('double', 0, 19) == 'double_blocks_0_to_18'
+  assert scan_blocks.run_name('single', 7, 8) == 'single_blocks_7'
 
 
 def _params(cfg):
@@ -73,14 +75,15 @@ def test_scanned_equals_unrolled():
   cfg = STUDENT
   params = _params(cfg)
   scfg = cfg.replace(scan_blocks=True)
-  sparams = flux.scan_params(scfg, params)
+  sparams = scan_blocks.scan_params(scfg, params)
   assert (jax.tree.map(np.shape, sparams) ==
           jax.tree.map(np.shape, flux.param_shapes(scfg)))
   x = _inputs(cfg)
 
   def fwd(c, p):
-    return jax.jit(lambda p: flux.Flux(c).apply(
+    out = jax.jit(lambda p: flux.Flux(c).apply(
         {'params': p}, **x, return_intermediates=True))(p)
+    return out.velocity, out.intermediates
 
   (a, fa), (b, fb) = fwd(cfg, params), fwd(scfg, sparams)
   assert _rel(b, a) <= 1e-6
@@ -96,10 +99,10 @@ def test_scanned_remat_gradients_equal_unrolled():
                      remat_policy='dots_saveable')
   x = _inputs(cfg)
   loss = lambda c: lambda p: jnp.sum(jnp.sin(flux.Flux(c).apply(
-      {'params': p}, **x)))
+      {'params': p}, **x).velocity))
   ga = jax.jit(jax.grad(loss(cfg)))(params)
-  gb = flux.unscan_params(scfg, jax.jit(jax.grad(loss(scfg)))(
-      flux.scan_params(scfg, params)))
+  gb = scan_blocks.unscan_params(scfg, jax.jit(jax.grad(loss(scfg)))(
+      scan_blocks.scan_params(scfg, params)))
   jax.tree.map(lambda u, v: np.testing.assert_allclose(
       v, u, atol=1e-5 * float(np.abs(u).max()) + 1e-7), ga, gb)
 
@@ -121,9 +124,9 @@ def test_params_convert_both_ways(tmp_path):
   assert set(sparams) - set(params) == {'double_blocks_0_to_2',
                                         'single_blocks_0_to_1'}
   jax.tree.map(np.testing.assert_array_equal,
-               flux.scan_params(scfg, params), sparams)
+               scan_blocks.scan_params(scfg, params), sparams)
   jax.tree.map(np.testing.assert_array_equal,
-               flux.unscan_params(scfg, sparams), params)
+               scan_blocks.unscan_params(scfg, sparams), params)
   # save_bfl writes the same file from either layout ...
   want = convert_flux.to_bfl_state_dict(cfg, params)
   got = convert_flux.to_bfl_state_dict(scfg, sparams)
@@ -140,7 +143,7 @@ def test_params_convert_both_ways(tmp_path):
   checkpoint.save(str(tmp_path / 'ckpt'), cfg, params)
   mesh = parallel.create_mesh({'data': 2, 'fsdp': 2, 'tensor': 2})
   ccfg, cparams = checkpoint.load(
-      str(tmp_path / 'ckpt'), shardings=parallel.loading_shardings(mesh),
+      str(tmp_path / 'ckpt'), shardings=sharding.loading_shardings(mesh),
       scan_blocks=True)
   assert ccfg == scfg
   jax.tree.map(np.testing.assert_array_equal, cparams, sparams)
@@ -151,7 +154,7 @@ def test_params_convert_both_ways(tmp_path):
 def test_scanned_param_shardings():
   """Stacked params keep their rules; the 'layers' axis is replicated."""
   mesh = parallel.create_mesh({'data': 2, 'fsdp': 2, 'tensor': 2})
-  sh = parallel.param_shardings(UNIFORM.replace(scan_blocks=True), mesh)
+  sh = sharding.param_shardings(UNIFORM.replace(scan_blocks=True), mesh)
   assert sh['double_blocks_0_to_1']['img_attn']['qkv']['kernel'].spec == P(
       None, 'fsdp', None, 'tensor', None)
   assert sh['single_blocks_0_to_1']['mlp_in']['kernel'].spec == P(

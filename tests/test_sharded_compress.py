@@ -19,6 +19,7 @@ from nanoflux_jax import parallel
 from nanoflux_jax import sampling
 from nanoflux_jax.configs import FluxConfig
 from nanoflux_jax.distill import rungs
+from nanoflux_jax.models import sharding
 
 SCALED_SCHNELL = dict(hidden_size=256, num_heads=2, head_dim=128,
                       depth=2, depth_single_blocks=4, context_in_dim=64,
@@ -58,7 +59,7 @@ class _CountingDeviceGet:
 
 
 def _assert_laid_out(cfg, params, mesh):
-  want = parallel.param_shardings(cfg, mesh)
+  want = sharding.param_shardings(cfg, mesh)
   got = jax.tree.map(lambda x: x.sharding, params)
   assert jax.tree.structure(got) == jax.tree.structure(want)
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
@@ -120,7 +121,7 @@ def _keep_n(rng, n, k):
 def test_sharded_transforms_equal_host_transforms():
   mesh = parallel.create_mesh({'data': 2, 'fsdp': 2, 'tensor': 2})
   cfg = FluxConfig.schnell(**SCALED_SCHNELL)
-  params = parallel.init_flux(cfg, mesh, jax.random.PRNGKey(0))[0]
+  params = sharding.init_flux(cfg, mesh, jax.random.PRNGKey(0))[0]
   host = jax.device_get(params)
   rng = np.random.default_rng(0)
   mask = compress.PruneMask.ones(cfg)
@@ -159,7 +160,7 @@ def test_pipeline_loads_dit_and_t5_straight_onto_the_mesh(tmp_path):
     sharded = FluxPipeline.from_pretrained(str(tmp_path / 'pipe'), mesh=mesh)
   host = FluxPipeline.from_pretrained(str(tmp_path / 'pipe'))
   _assert_laid_out(sharded.flux_cfg, sharded.flux_params, mesh)
-  t5_want = parallel.t5_loading_shardings(mesh)(sharded.t5_cfg, None)
+  t5_want = sharding.t5_loading_shardings(mesh)(sharded.t5_cfg, None)
   for x, w in zip(jax.tree.leaves(sharded.t5_params), jax.tree.leaves(t5_want)):
     assert x.sharding.mesh == mesh and x.sharding.spec == w.spec
   # T5's FFN kernels really are split (embed over fsdp, mlp over tensor).

@@ -18,9 +18,11 @@ from jax.sharding import PartitionSpec as P
 
 from nanoflux_jax import parallel
 from nanoflux_jax.configs import FluxConfig
+from nanoflux_jax.distill import loop
 from nanoflux_jax.distill import trainer
 from nanoflux_jax.models import flux
 from nanoflux_jax.models import layers
+from nanoflux_jax.models import sharding
 from nanoflux_jax.models import splash
 
 jax.config.update('jax_compilation_cache_dir', os.path.join(
@@ -176,19 +178,21 @@ def test_flux_forward_splash_equals_per_head_on_mesh():
   inputs = {k: jnp.asarray(rng.standard_normal(v.shape), jnp.float32)
             for k, v in flux.dummy_inputs(TINY, 4, 64, 24).items()}
   want = jax.jit(lambda p, x: flux.Flux(TINY.replace(
-      attention_impl='per_head')).apply({'params': p}, **x))(params, inputs)
+      attention_impl='per_head')).apply({'params': p}, **x).velocity)(
+          params, inputs)
   mesh = _mesh8()
   cfg = TINY.replace(attention_impl='splash')
-  p = parallel.shard_like(params, parallel.param_shardings(cfg, mesh))
+  p = parallel.shard_like(params, sharding.param_shardings(cfg, mesh))
   x = {k: jax.device_put(v, parallel.batch_sharding(mesh, v.ndim))
        for k, v in inputs.items()}
   with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.RULES):
-    got = jax.jit(lambda p, x: flux.Flux(cfg).apply({'params': p}, **x))(p, x)
+    got = jax.jit(lambda p, x: flux.Flux(cfg).apply(
+        {'params': p}, **x).velocity)(p, x)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_distill_step_splash_equals_per_head_on_mesh():
-  """One distillation step (`trainer.train_step`: teacher trajectory,
+  """One distillation step (`loop.train_step`: teacher trajectory,
   student forward and backward through the splash VJP, AdamW), sharded over
   (2, 2, 2), gives the params of a one-device per_head step. 5 text + 8
   image tokens: padded to 128."""
@@ -203,24 +207,24 @@ def test_distill_step_splash_equals_per_head_on_mesh():
            'y': rng.standard_normal((4, tiny.vec_in_dim))}
   c = trainer.default_config()
   c.adam_eps = 1e-3  # Rounding-sized grads must not become +-lr steps.
-  tx = trainer.make_optimizer(c)
+  tx = loop.make_optimizer(c)
 
   def step(impl, mesh):
     cfg = tiny.replace(attention_impl=impl)
     spec = trainer.DistillSpec(
         student=cfg, teacher=cfg, schedule=(1.0, 0.0), grid=(2, 4),
         weights=(('output_kd', 1.0),))
-    p_sh = parallel.param_shardings(cfg, mesh)
+    p_sh = sharding.param_shardings(cfg, mesh)
     params = {'student': parallel.shard_like(student, p_sh)}
-    state_sh = trainer.state_shardings(tx, params, {'student': p_sh}, mesh)
-    state = jax.device_put(trainer.TrainState(
+    state_sh = loop.state_shardings(tx, params, {'student': p_sh}, mesh)
+    state = jax.device_put(loop.TrainState(
         step=jnp.zeros((), jnp.int32), params=params,
         opt_state=tx.init(params), rng=jax.random.PRNGKey(0)), state_sh)
     frozen = {'teacher': parallel.shard_like(teacher, p_sh)}
     x = {k: jax.device_put(jnp.asarray(v, jnp.float32),
                            parallel.batch_sharding(mesh, v.ndim))
          for k, v in batch.items()}
-    fn = trainer.compile_train_step(
+    fn = loop.compile_train_step(
         functools.partial(trainer.distill_loss, spec=spec), tx, 1, state_sh,
         jax.tree.map(lambda a: a.sharding, x), {'teacher': p_sh}, mesh)
     return fn(state, x, frozen)

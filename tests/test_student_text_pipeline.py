@@ -5,7 +5,7 @@ import pytest
 
 import nanoflux_jax as nf
 from nanoflux_jax import checkpoint
-from nanoflux_jax.distill import text_encoder as te
+from nanoflux_jax.compress import text_encoder as te_student
 from nanoflux_jax.export import bundle
 from nanoflux_jax.models.t5 import StudentTextEncoder
 
@@ -25,8 +25,8 @@ def pipes(tmp_path_factory):
   make_tiny_flux_pipeline(path)
   pipe = nf.FluxPipeline.from_pretrained(str(path))
   out_dim = pipe.flux_cfg.context_in_dim
-  cfg = te.student_t5_config(pipe.t5_cfg, num_layers=1)
-  student = (cfg, out_dim, te.init_student(cfg, out_dim,
+  cfg = te_student.student_t5_config(pipe.t5_cfg, num_layers=1)
+  student = (cfg, out_dim, te_student.init_student(cfg, out_dim,
                                            jax.random.PRNGKey(0)))
   return pipe, student, pipe.with_text_encoder(student)
 
@@ -69,7 +69,7 @@ def test_save_load_round_trip(pipes, tmp_path):
 
 def test_student_folder_and_mismatches(pipes, tmp_path):
   pipe, (cfg, out_dim, params), spipe = pipes
-  te.save_student(str(tmp_path / 'student'), cfg, out_dim, params)
+  te_student.save_student(str(tmp_path / 'student'), cfg, out_dim, params)
   from_dir = pipe.with_text_encoder(tmp_path / 'student')
   np.testing.assert_array_equal(from_dir.encode_prompt(PROMPTS, T)[0],
                                 spipe.encode_prompt(PROMPTS, T)[0])

@@ -14,6 +14,8 @@ from nanoflux_jax import checkpoint
 from nanoflux_jax import parallel
 from nanoflux_jax import sampling
 from nanoflux_jax.configs import FluxConfig, T5Config
+from nanoflux_jax.compress import text_encoder as te_student
+from nanoflux_jax.distill import data as data_lib
 from nanoflux_jax.distill import text_encoder as te
 from nanoflux_jax.models import flux as flux_lib
 from nanoflux_jax.models.t5 import T5Encoder
@@ -46,7 +48,7 @@ def models():
 
 
 def _ids(n=4, seed=0):
-  return te.random_tokens(n, T, T5Config.tiny().vocab_size, seed)
+  return data_lib.random_tokens(n, T, T5Config.tiny().vocab_size, seed)
 
 
 def _encode(cfg, params, ids):
@@ -58,26 +60,26 @@ def _encode(cfg, params, ids):
 # ---------------------------------------------------------------------------
 def test_student_config_derives_narrow_sizes():
   xxl = T5Config.xxl()
-  s = te.student_t5_config(xxl, num_layers=6, d_model=1024)
+  s = te_student.student_t5_config(xxl, num_layers=6, d_model=1024)
   assert (s.num_layers, s.d_model, s.d_kv, s.num_heads, s.d_ff) == (
       6, 1024, 64, 16, 2560)
-  assert te.student_t5_config(xxl) == xxl
+  assert te_student.student_t5_config(xxl) == xxl
   with pytest.raises(ValueError, match='multiple of d_kv'):
-    te.student_t5_config(xxl, d_model=1000)
+    te_student.student_t5_config(xxl, d_model=1000)
   with pytest.raises(ValueError, match='num_layers'):
-    te.student_t5_config(xxl, num_layers=0)
+    te_student.student_t5_config(xxl, num_layers=0)
 
 
 def test_default_layer_map_is_evenly_spaced():
-  assert te.default_layer_map(24, 6) == (0, 5, 9, 14, 18, 23)
-  assert te.default_layer_map(4, 4) == (0, 1, 2, 3)
-  assert te.default_layer_map(4, 1) == (0,)
+  assert te_student.default_layer_map(24, 6) == (0, 5, 9, 14, 18, 23)
+  assert te_student.default_layer_map(4, 4) == (0, 1, 2, 3)
+  assert te_student.default_layer_map(4, 1) == (0,)
 
 
 def test_full_student_reproduces_teacher():
   t_cfg, t_params = _teacher(num_layers=3)
-  s_cfg = te.student_t5_config(t_cfg)
-  params = te.init_from_teacher(t_cfg, t_params, s_cfg)
+  s_cfg = te_student.student_t5_config(t_cfg)
+  params = te_student.init_from_teacher(t_cfg, t_params, s_cfg)
   ids, _ = _ids()
   want = _encode(t_cfg, t_params, ids)
   got = te.StudentTextEncoder(s_cfg, t_cfg.d_model).apply({'params': params},
@@ -92,9 +94,9 @@ def test_full_student_reproduces_teacher():
 
 def test_init_copies_the_mapped_layers():
   t_cfg, t_params = _teacher(num_layers=4)
-  s_cfg = te.student_t5_config(t_cfg, num_layers=2)
+  s_cfg = te_student.student_t5_config(t_cfg, num_layers=2)
   for layer_map, want in ((None, (0, 3)), ((2, 1), (2, 1))):
-    params = te.init_from_teacher(t_cfg, t_params, s_cfg, layer_map)
+    params = te_student.init_from_teacher(t_cfg, t_params, s_cfg, layer_map)
     assert sorted(params['t5']) == ['final_norm', 'layers_0', 'layers_1',
                                     'relative_attention_bias', 'token_embed']
     for i, j in enumerate(want):
@@ -103,7 +105,7 @@ def test_init_copies_the_mapped_layers():
     for k in ('token_embed', 'relative_attention_bias', 'final_norm'):
       jax.tree.map(np.testing.assert_array_equal, params['t5'][k], t_params[k])
   # Teacher layers 0 and 3 only: equal to the teacher with layers 1, 2 cut.
-  params = te.init_from_teacher(t_cfg, t_params, s_cfg)
+  params = te_student.init_from_teacher(t_cfg, t_params, s_cfg)
   cut = dict(t_params)
   cut['layers_1'] = cut.pop('layers_3')
   del cut['layers_2']
@@ -116,19 +118,19 @@ def test_init_copies_the_mapped_layers():
 
 def test_init_rejects_bad_input():
   t_cfg, t_params = _teacher(num_layers=2)
-  narrow = te.student_t5_config(t_cfg, num_layers=1, d_model=16)
+  narrow = te_student.student_t5_config(t_cfg, num_layers=1, d_model=16)
   with pytest.raises(ValueError, match=r"different width.*'d_model': \(32, 16"):
-    te.init_from_teacher(t_cfg, t_params, narrow)
-  s_cfg = te.student_t5_config(t_cfg, num_layers=2)
+    te_student.init_from_teacher(t_cfg, t_params, narrow)
+  s_cfg = te_student.student_t5_config(t_cfg, num_layers=2)
   with pytest.raises(ValueError, match=r'indices \[2\] outside .*\[0, 1\]'):
-    te.init_from_teacher(t_cfg, t_params, s_cfg, layer_map=(0, 2))
+    te_student.init_from_teacher(t_cfg, t_params, s_cfg, layer_map=(0, 2))
   with pytest.raises(ValueError, match=r'indices \[-1\]'):
-    te.init_from_teacher(t_cfg, t_params, s_cfg, layer_map=(-1, 0))
+    te_student.init_from_teacher(t_cfg, t_params, s_cfg, layer_map=(-1, 0))
   with pytest.raises(ValueError, match='has 1 entries but the student has 2'):
-    te.init_from_teacher(t_cfg, t_params, s_cfg, layer_map=(0,))
+    te_student.init_from_teacher(t_cfg, t_params, s_cfg, layer_map=(0,))
   broken = {k: v for k, v in t_params.items() if k != 'final_norm'}
   with pytest.raises(KeyError, match='final_norm'):
-    te.init_from_teacher(t_cfg, broken, s_cfg)
+    te_student.init_from_teacher(t_cfg, broken, s_cfg)
 
 
 def test_spec_rejects_bad_blocks_and_widths(models):
@@ -146,13 +148,13 @@ def test_spec_rejects_bad_blocks_and_widths(models):
 # ---------------------------------------------------------------------------
 def test_gradient_reaches_only_the_student(models):
   (t_cfg, t_params), (f_cfg, f_params) = models
-  s_cfg = te.student_t5_config(t_cfg, num_layers=1, d_model=16)
-  params = te.init_student(s_cfg, t_cfg.d_model, jax.random.PRNGKey(3))
+  s_cfg = te_student.student_t5_config(t_cfg, num_layers=1, d_model=16)
+  params = te_student.init_student(s_cfg, t_cfg.d_model, jax.random.PRNGKey(3))
   ids, mask = _ids()
   # A cached trajectory (random states) skips compiling the teacher sampler;
   # the training test below runs the uncached path.
   batch = {'ids': ids, 'mask': mask,
-           'y': te.random_pooled(4, f_cfg.vec_in_dim),
+           'y': data_lib.random_pooled(4, f_cfg.vec_in_dim),
            'noise': np.zeros((4, 8, f_cfg.in_channels), np.float32),
            'traj_x': np.random.default_rng(0).standard_normal(
                (4, 2, 8, f_cfg.in_channels)).astype(np.float32)}
@@ -228,7 +230,7 @@ def test_distillation_reduces_both_terms(tmp_path, models):
   jax.tree.map(np.testing.assert_array_equal, (t_params, f_params),
                frozen_before)
   # The student checkpoint round-trips.
-  cfg, out_dim, params = te.load_student(str(tmp_path / te.STUDENT_DIR))
+  cfg, out_dim, params = te_student.load_student(str(tmp_path / te.STUDENT_DIR))
   assert (cfg.num_layers, cfg.d_model, out_dim) == (1, 32, 32)
   jax.tree.map(np.testing.assert_array_equal, params, state.params)
 
@@ -254,6 +256,6 @@ def test_binary_writes_student_checkpoint(tmp_path):
   assert all(m['loss'] == m['emb'] and float(m['vis']) > 0 for m in logged)
   path = str(tmp_path / te.STUDENT_DIR)
   assert checkpoint.is_checkpoint(path)
-  cfg, out_dim, params = te.load_student(path)
+  cfg, out_dim, params = te_student.load_student(path)
   assert (cfg.num_layers, cfg.d_model, out_dim) == (1, 16, 32)
   assert params['proj']['kernel'].shape == (16, 32)

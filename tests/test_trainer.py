@@ -11,6 +11,8 @@ from jax.sharding import PartitionSpec as P
 from nanoflux_jax import checkpoint
 from nanoflux_jax import parallel
 from nanoflux_jax.distill import data as data_lib
+from nanoflux_jax.distill import loop
+from nanoflux_jax.distill import teacher as teacher_lib
 from nanoflux_jax.distill import trainer
 
 # Several train() calls compile identical programs; the persistent cache
@@ -103,11 +105,47 @@ def test_resume_equals_uninterrupted_run_bit_for_bit(tmp_path):
   assert [h['step'] for h in hist] == [4, 5, 6]  # log_every=1.
   for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # metrics.jsonl: every logged step once, across the kill, as uninterrupted.
+  want = loop.read_metrics(str(tmp_path / 'full'))
+  got = loop.read_metrics(str(tmp_path / 'resumed'))
+  assert [m['step'] for m in got] == [m['step'] for m in want] == list(
+      range(1, 7))
+  np.testing.assert_allclose([m['loss'] for m in got],
+                             [m['loss'] for m in want], rtol=1e-6)
+  assert all(m['eta_s'] >= 0 and m['steps_per_s'] > 0 for m in got)
   # The finished run leaves a loadable student checkpoint.
   cfg, params = checkpoint.load(str(tmp_path / 'resumed' / 'student'))
   assert cfg.depth == 1
   jax.tree.map(np.testing.assert_array_equal, params,
                resumed.params['student'])
+
+
+def test_sharding_rules_from_config_and_a_profiled_step(tmp_path):
+  c = _config(stop_after=2, profile_steps=(2, 2))
+  c.sharding_rules.heads = None  # Heads replicated instead of 'tensor'.
+  state, _ = trainer.train(c, str(tmp_path), mesh=_mesh8())
+  qkv = state.params['student']['double_blocks_0']['img_attn']['qkv']
+  assert qkv['kernel'].sharding.spec == P('fsdp', None, None, None)
+  traces = [f for _, _, files in os.walk(tmp_path / 'profile') for f in files]
+  assert any(f.endswith('.xplane.pb') for f in traces), traces
+  # Lines logged after the restored step are dropped on resume.
+  with open(tmp_path / loop.METRICS_FILE, 'a') as f:
+    f.write('{"step": 5, "loss": 1.0}\n')
+  c.stop_after = 3
+  trainer.train(c, str(tmp_path), mesh=_mesh8())
+  assert [m['step'] for m in loop.read_metrics(str(tmp_path))] == [1, 2, 3]
+
+
+@pytest.mark.parametrize('field, value, match', [
+    ('profile_steps', (3, 2), 'profile_steps'),
+    ('sharding_rules', {'mlpx': None}, "unknown logical axis 'mlpx'"),
+    ('sharding_rules', {'mlp': 'model'}, r"unknown mesh axes \['model'\]")])
+def test_bad_loop_fields_are_named(field, value, match):
+  c = _config()
+  with c.ignore_type():
+    setattr(c, field, value)
+  with pytest.raises(ValueError, match=match):
+    trainer.check_config(c)
 
 
 def test_distillation_reduces_output_kd_10x(tmp_path):
@@ -142,7 +180,7 @@ def _fit_quadratic(tmp_path, **kw):
   mesh = _single_device_mesh()
   rep = parallel.replicated(mesh)
   params = {'w': jnp.zeros((2,))}
-  return trainer.fit(c, str(tmp_path), loss_fn=_quadratic_loss, params=params,
+  return loop.fit(c, str(tmp_path), loss_fn=_quadratic_loss, params=params,
                      param_sh={'w': rep}, frozen={}, frozen_sh={},
                      data=_Quadratic(), mesh=mesh,
                      sample_fn=lambda step, p: np.full((3, 4, 4, 3), step,
@@ -166,7 +204,7 @@ def test_fit_resume_reads_the_step_it_stopped_at(tmp_path):
   def run(workdir, **kw):
     c = _config(num_steps=4, checkpoint_every=2, learning_rate=0.1,
                 warmup_steps=0, **kw)
-    return trainer.fit(c, str(workdir), loss_fn=_quadratic_loss,
+    return loop.fit(c, str(workdir), loss_fn=_quadratic_loss,
                        params={'w': jnp.zeros((2,))}, param_sh={'w': rep},
                        frozen={}, frozen_sh={}, data=_StepTargets(), mesh=mesh)
   full, full_hist = run(tmp_path / 'full')
@@ -198,15 +236,15 @@ def test_sample_hook_writes_png_grids(tmp_path):
 def test_grad_accumulation_matches_one_big_batch():
   mesh = _single_device_mesh()
   c = _config(learning_rate=0.1, warmup_steps=0)
-  tx = trainer.make_optimizer(c)
+  tx = loop.make_optimizer(c)
   params = {'w': jnp.zeros((2,))}
-  state = trainer.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+  state = loop.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                              opt_state=tx.init(params),
                              rng=jax.random.PRNGKey(0))
   batch = {'target': jnp.arange(16.0).reshape(8, 2)}
-  one, m1 = trainer.train_step(state, batch, {}, loss_fn=_quadratic_loss,
+  one, m1 = loop.train_step(state, batch, {}, loss_fn=_quadratic_loss,
                                tx=tx, grad_accum=1)
-  four, m4 = trainer.train_step(state, batch, {}, loss_fn=_quadratic_loss,
+  four, m4 = loop.train_step(state, batch, {}, loss_fn=_quadratic_loss,
                                 tx=tx, grad_accum=4)
   np.testing.assert_allclose(one.params['w'], four.params['w'], rtol=1e-6)
   np.testing.assert_allclose(m1['loss'], m4['loss'], rtol=1e-6)
@@ -222,7 +260,7 @@ def test_from_scratch_rectified_flow_mode(tmp_path):
   # identically 0 and nothing would train.
   c.loss.weights = {'output_kd': 0.0, 'feature_kd': 0.0, 'rf': 1.0}
   c.loss.feature_pairs = ()
-  cfg = trainer._flux_config(c.student)
+  cfg = teacher_lib.flux_config(c.student)
   prompts = data_lib.load_prompts('builtin')[:4]
   lat = np.random.default_rng(0).standard_normal(
       (4, 8, cfg.in_channels)).astype(np.float32)
@@ -255,7 +293,7 @@ def test_from_scratch_rectified_flow_mode(tmp_path):
       txt_ids=sampling.text_ids(b, batch['txt'].shape[1]),
       timesteps=t.astype(np.float32), y=batch['y'],
       guidance=(np.full((b,), trainer.DEFAULT_GUIDANCE, np.float32)
-                if cfg.guidance_embed else None))
+                if cfg.guidance_embed else None)).velocity
   want = np.mean(np.square(np.asarray(v, np.float64) - (noise - x0)))
   np.testing.assert_allclose(hist[0]['rf'], want, rtol=1e-5)
   np.testing.assert_allclose(hist[0]['loss'], want, rtol=1e-5)
@@ -286,7 +324,7 @@ def test_prompt_sources_and_bad_files(tmp_path):
 
 
 def test_teacher_cache_is_built_once_and_reused(tmp_path):
-  cfg = trainer._flux_config(_config().teacher)
+  cfg = teacher_lib.flux_config(_config().teacher)
   from nanoflux_jax.models import flux
   params = flux.init_params(cfg, jax.random.PRNGKey(0))
   d = data_lib.PromptData(data_lib.load_prompts('builtin'),

@@ -5,10 +5,12 @@
 Student: schnell's shapes with half the heads / MLP channels per block and
 static modulation, unless --config.init points at a pruned checkpoint.
 """
+from nanoflux_jax.config_arg import parse_arg
 from nanoflux_jax.distill import trainer
 
 
 def get_config(arg: str = ''):
+  a = parse_arg(arg, runlocal=False)
   c = trainer.default_config()
   c.teacher = {'path': '', 'preset': '', 'overrides': {}, 'seed': 1}
   c.student = {'preset': 'schnell', 'overrides': {
@@ -30,7 +32,7 @@ def get_config(arg: str = ''):
             'cache_dir': '', 'cache_shards': 64}
   c.log_every = 50
   c.checkpoint_every = 1000
-  if arg == 'runlocal':
+  if a.runlocal:
     c.num_steps = 5
     c.batch_size = 2
   return c

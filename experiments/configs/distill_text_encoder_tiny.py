@@ -8,11 +8,12 @@ With a pipeline folder (nanoflux `FluxPipeline.save` or diffusers FLUX):
 `:runlocal` runs a few steps; `:ablation` drops the feature term
 (lambda_vis=0, the embedding-MSE-only baseline; vis is still logged).
 """
+from nanoflux_jax.config_arg import parse_arg
 from nanoflux_jax.distill import text_encoder
 
 
 def get_config(arg: str = ''):
-  args = set(filter(None, arg.split(',')))
+  a = parse_arg(arg, runlocal=False, ablation=False)
   c = text_encoder.default_config()
   c.num_steps = 200
   c.compute_dtype = 'float32'
@@ -25,11 +26,11 @@ def get_config(arg: str = ''):
   c.num_sampling_steps = 2
   c.log_every = 20
   c.checkpoint_every = 100
-  if 'runlocal' in args:
+  if a.runlocal:
     c.num_steps = 4
     c.log_every = 1
     c.checkpoint_every = 2
     c.async_checkpoint = False
-  if 'ablation' in args:
+  if a.ablation:
     c.loss.lambda_vis = 0.0
   return c

@@ -17,6 +17,7 @@ text-encoder and export rungs cannot run. Rungs follow the paper's order:
   5 export     int8 TFLite files of the student pipeline, 512 x 512
 Each rung is distilled from the original schnell teacher.
 """
+from nanoflux_jax.config_arg import parse_arg
 from nanoflux_jax.distill import text_encoder
 from nanoflux_jax.distill import trainer
 
@@ -28,6 +29,7 @@ def _distill(steps: int) -> dict:
 
 
 def get_config(arg: str = ''):
+  a = parse_arg(arg, runlocal=False)
   c = ml_collections.ConfigDict()
   # 12B teacher + student + Adam state: FSDP over the whole pod slice.
   c.mesh = {'data': 1, 'fsdp': -1, 'tensor': 1}
@@ -73,7 +75,7 @@ def get_config(arg: str = ''):
                    'compute_dtype': 'bfloat16'}},
       {'kind': 'export', 'quantize': ('int8',)},
   ]
-  if arg == 'runlocal':  # Plumbing check on one host: a few steps per rung.
+  if a.runlocal:  # Plumbing check on one host: a few steps per rung.
     for r in c.rungs:
       if 'distill' not in r:  # The export rung trains nothing.
         continue

@@ -10,10 +10,12 @@ static modulation -> distil. Config args (comma-separated, after ':'):
 """
 import ml_collections
 
+from nanoflux_jax.config_arg import parse_arg
 from nanoflux_jax.distill import trainer
 
 
 def get_config(arg: str = ''):
+  a = parse_arg(arg, runlocal=False, stop_after=None)
   c = ml_collections.ConfigDict()
   c.mesh = {'data': -1, 'fsdp': 1, 'tensor': 1}
   # A random tiny teacher; set path (and preset='') for a real checkpoint.
@@ -42,13 +44,8 @@ def get_config(arg: str = ''):
        'distill': {'num_steps': 4}},
       {'kind': 'static_modulation', 'distill': {'num_steps': 4}},
   ]
-  for a in filter(None, arg.split(',')):
-    key, _, value = a.partition('=')
-    if key == 'runlocal':
-      for r in c.rungs:
-        r['distill']['num_steps'] = 2
-    elif key == 'stop_after':
-      c.distill.stop_after = int(value)
-    else:
-      raise ValueError(f'ladder_tiny: unknown config arg {a!r}')
+  if a.runlocal:
+    for r in c.rungs:
+      r['distill']['num_steps'] = 2
+  c.distill.stop_after = a.stop_after
   return c

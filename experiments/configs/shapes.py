@@ -34,11 +34,12 @@ Variants (the part after ':'; options after a comma):
 """
 import ml_collections
 
+from nanoflux_jax.config_arg import parse_arg
 from nanoflux_jax.data import shapes
 from nanoflux_jax.distill import shapes_teacher
 from nanoflux_jax.distill import trainer
 
-_VARIANTS = ('micro', 'quick', 'full', 'teacher')
+_VARIANTS = ('quick', 'micro', 'full', 'teacher')  # The first: the default.
 # Steps: each DiT rung, each text-encoder rung.
 _STEPS = {'micro': (4, 4), 'quick': (1000, 0), 'full': (1500, 600),
           'teacher': (0, 0)}
@@ -139,16 +140,15 @@ def _rungs(variant: str, te: dict) -> list[dict]:
 
 
 def get_config(arg: str = 'quick'):
-  variant, *opts = (arg or 'quick').split(',')
-  if variant not in _VARIANTS:
-    raise ValueError(f'shapes config: unknown variant {variant!r}; known: '
-                     f'{list(_VARIANTS)}')
+  a = parse_arg(arg, variants=_VARIANTS, retrain=False, train_only=False,
+                stop_after=None)
+  variant = a.variant
   dit_steps, te_steps = _STEPS[variant]
   c = ml_collections.ConfigDict()
   c.mesh = {'data': -1, 'fsdp': 1, 'tensor': 1}
 
   t = teacher_config(variant)
-  retrain = variant in ('micro', 'teacher') or 'retrain' in opts
+  retrain = variant in ('micro', 'teacher') or a.retrain
   c.teacher = {'path': '', 'preset': '',
                'pipeline': '' if retrain else shapes.teacher_path(),
                'shapes': t if retrain else {}}
@@ -213,14 +213,8 @@ def get_config(arg: str = 'quick'):
   if variant == 'micro':
     c.distill.data.cache_shards = 2
     c.distill.checkpoint_every = dit_steps
-  for o in opts:
-    key, _, value = o.partition('=')
-    if key == 'stop_after':
-      c.distill.stop_after = int(value)
-      t.train.stop_after = int(value)
-    elif key == 'train_only':
-      c.rungs = [r for r in c.rungs if r['kind'] != 'export']
-      del c.evaluate
-    elif key != 'retrain':
-      raise ValueError(f'shapes config: unknown option {o!r}')
+  c.distill.stop_after = t.train.stop_after = a.stop_after
+  if a.train_only:
+    c.rungs = [r for r in c.rungs if r['kind'] != 'export']
+    del c.evaluate
   return c

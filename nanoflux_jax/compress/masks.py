@@ -27,6 +27,7 @@ import numpy as np
 
 from nanoflux_jax import parallel
 from nanoflux_jax.configs import FluxConfig
+from nanoflux_jax.models import sharding
 
 Array = Any  # jax or numpy array.
 _UNIT_FIELDS = ('double_heads', 'double_mlp_img', 'double_mlp_txt',
@@ -258,5 +259,5 @@ def prune(cfg: FluxConfig, params: dict, mask: PruneMask
   new_cfg = cfg.replace(depth=len(keep_d), depth_single_blocks=len(keep_s),
                         **{f: tuple(v) for f, v in widths.items()},
                         **remap_downsample(cfg, keep_global))
-  return new_cfg, parallel.place_flux(new_cfg, jax.tree.map(jnp.asarray, out),
+  return new_cfg, sharding.place_flux(new_cfg, jax.tree.map(jnp.asarray, out),
                                       mesh)

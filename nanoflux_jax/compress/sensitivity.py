@@ -47,6 +47,7 @@ def _inputs(calib: dict) -> dict:
 
 
 def _forward(cfg, params, inputs, img_grid, **kw):
+  """Flux(cfg)'s FluxOutput on the calibration inputs."""
   return Flux(cfg).apply({'params': params}, **inputs, img_grid=img_grid, **kw)
 
 
@@ -91,14 +92,13 @@ def calibration_set(cfg: FluxConfig, params: dict, key: Array, n: int,
   if len(ts) != num_steps + 1:
     raise ValueError(f'calibration_set: schedule has {len(ts)} points, '
                      f'expected num_steps + 1 = {num_steps + 1}')
-  step = lambda x, t2: sampling.denoise(cfg, params, x, img_ids, txt, txt_ids,
-                                        y, t2, g, img_grid=img_grid)
-  xs, x = [], noise
-  for i in range(num_steps):
-    xs.append(x)
-    x = step(x, jnp.asarray(ts[i:i + 2], jnp.float32))
+  xs, _, x = sampling.trajectory(cfg, params, noise, txt, y,
+                                 jnp.asarray(ts, jnp.float32), g,
+                                 img_grid=tuple(img_grid))
   rep = lambda a: jnp.concatenate([a] * num_steps, axis=0)
-  out = dict(img=jnp.concatenate(xs, 0), img_ids=rep(img_ids), txt=rep(txt),
+  # [n, steps, ...] -> [steps * n, ...]: step-major, as the timesteps.
+  out = dict(img=jnp.swapaxes(xs, 0, 1).reshape(-1, *xs.shape[2:]),
+             img_ids=rep(img_ids), txt=rep(txt),
              txt_ids=rep(txt_ids), target=rep(noise - x),
              timesteps=jnp.repeat(jnp.asarray(ts[:-1], jnp.float32), n))
   if y is not None:
@@ -149,11 +149,13 @@ def loss_scores(cfg: FluxConfig, params: dict, calib: dict, *,
 
   @jax.jit
   def run(params, inputs):
-    teacher = _forward(cfg, params, inputs, img_grid).astype(jnp.float32)
+    teacher = _forward(cfg, params, inputs, img_grid).velocity.astype(
+        jnp.float32)
 
     def one(g):
       mask = unravel((gid != g).astype(jnp.float32))
-      out = _forward(cfg, apply_masks(params, mask, cfg), inputs, img_grid)
+      out = _forward(cfg, apply_masks(params, mask, cfg), inputs,
+                     img_grid).velocity
       return jnp.mean(jnp.square(out.astype(jnp.float32) - teacher))
 
     per_group = jax.lax.map(one, jnp.arange(n_groups), batch_size=batch_size)
@@ -172,7 +174,7 @@ def taylor_scores(cfg: FluxConfig, params: dict, calib: dict, *,
   def run(params, inputs, target):
     def loss(mask):
       out = _forward(cfg, apply_masks(params, mask, cfg), inputs,
-                     img_grid).astype(jnp.float32)
+                     img_grid).velocity.astype(jnp.float32)
       ref = 0.0 if target is None else target.astype(jnp.float32)
       return jnp.mean(jnp.square(out - ref))
     return jax.tree.map(jnp.abs, jax.grad(loss)(PruneMask.ones(cfg)))
@@ -198,8 +200,8 @@ def block_io_scores(cfg: FluxConfig, params: dict, calib: dict, *,
 
   @jax.jit
   def run(params, inputs):
-    _, feats = _forward(cfg, params, inputs, img_grid,
-                        return_intermediates=True)
+    feats = _forward(cfg, params, inputs, img_grid,
+                     return_intermediates=True).intermediates
     dense = lambda p, x: x @ p['kernel'] + p['bias']
     prev = (dense(params['img_in'], inputs['img']),
             dense(params['txt_in'], inputs['txt']))

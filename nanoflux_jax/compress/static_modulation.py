@@ -18,9 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from nanoflux_jax import parallel
+from nanoflux_jax.compress import counting
 from nanoflux_jax.configs import FluxConfig
 from nanoflux_jax.models import flux as flux_model
 from nanoflux_jax.models import layers
+from nanoflux_jax.models import sharding
 
 Array = jax.Array
 
@@ -119,14 +121,12 @@ def to_static_modulation(cfg: FluxConfig, params: dict,
                            guidance_embed=False)
   # Sharded params: the tables were computed on their devices; lay them out
   # by the rules like every other param.
-  return static_cfg, parallel.place_flux(static_cfg, new,
+  return static_cfg, sharding.place_flux(static_cfg, new,
                                          parallel.mesh_of(params))
 
 
 def removed_params(cfg: FluxConfig, num_steps: int = 4) -> int:
   """Parameters static modulation removes from `cfg` (net of the tables)."""
-  # pylint: disable-next=g-import-not-at-top
-  from nanoflux_jax.compress import counting
   static = cfg.replace(modulation='static', guidance_embed=False,
                        static_timesteps=tuple(np.linspace(1, 0, num_steps + 1)
                                               [:-1]))

@@ -6,6 +6,7 @@ import jax
 from nanoflux_jax import parallel
 from nanoflux_jax.configs import FluxConfig
 from nanoflux_jax.models import downsample
+from nanoflux_jax.models import sharding
 
 
 def add_downsampler(cfg: FluxConfig, params: dict, start: int, end: int,
@@ -24,6 +25,6 @@ def add_downsampler(cfg: FluxConfig, params: dict, start: int, end: int,
   if factor < 2:
     raise ValueError(f'add_downsampler: factor={factor} must be >= 2')
   # Sharded params: the new (small) down-sampler joins them on their mesh.
-  return new_cfg, parallel.place_flux(
+  return new_cfg, sharding.place_flux(
       new_cfg, {**params, 'downsample': downsample.init_params(new_cfg, rng)},
       parallel.mesh_of(params))

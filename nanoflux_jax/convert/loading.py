@@ -25,9 +25,10 @@ import jax
 import ml_dtypes
 import numpy as np
 from flax import traverse_util
+import tqdm
 
 from nanoflux_jax import jsonfile
-from nanoflux_jax.convert.safetensors_io import CheckpointError
+from nanoflux_jax.errors import CheckpointError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,7 +127,6 @@ def load_strict(source: Mapping[str, np.ndarray], plan: dict[str, Entry],
   paths = list(flat_target)
   _check_dtypes(source, plan, paths, origin)
   if progress:
-    import tqdm  # pylint: disable=g-import-not-at-top
     paths = tqdm.tqdm(paths, desc=f'converting {origin}', unit='tensor')
   out, errors, nonfinite_params = {}, [], []
   for path in paths:

@@ -20,6 +20,9 @@ from typing import Iterator, Mapping
 import ml_dtypes
 import numpy as np
 
+from nanoflux_jax import atomic
+from nanoflux_jax.errors import CheckpointError
+
 _DTYPES = {
     'F64': np.float64, 'F32': np.float32, 'F16': np.float16,
     'BF16': ml_dtypes.bfloat16, 'F8_E4M3': ml_dtypes.float8_e4m3fn,
@@ -28,10 +31,6 @@ _DTYPES = {
 }
 _NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
 _MAX_HEADER = 100 * 2**20
-
-
-class CheckpointError(ValueError):
-  """A checkpoint file is missing, truncated, corrupt or has the wrong keys."""
 
 
 class SafetensorsFile:
@@ -233,7 +232,6 @@ def save_file(tensors: Mapping[str, np.ndarray], path: str,
   An existing `path` is replaced only when it is a safetensors file (by
   name or content); temporary files of interrupted earlier writes are removed.
   """
-  from nanoflux_jax import atomic  # pylint: disable=g-import-not-at-top
   path = os.path.abspath(os.fspath(path))
   if os.path.isdir(path):
     raise atomic.OverwriteError(f'{path}: exists and is a folder; refusing to '

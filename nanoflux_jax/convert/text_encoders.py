@@ -22,8 +22,8 @@ from nanoflux_jax.convert.loading import Entry
 from nanoflux_jax.convert.loading import linear
 from nanoflux_jax.convert.loading import load_strict
 from nanoflux_jax.convert.loading import same
-from nanoflux_jax.convert.safetensors_io import CheckpointError
 from nanoflux_jax.convert.safetensors_io import open_tensors
+from nanoflux_jax.errors import CheckpointError
 from nanoflux_jax.models.clip import ClipTextModel
 from nanoflux_jax.models.t5 import T5Encoder
 
@@ -265,7 +265,7 @@ def load_t5_encoder(path: str, dtype=None, shardings: Any = None, *,
       to `dtype` and the returned config's dtype and param_dtype are set to it.
     shardings: optional nested dict of jax Shardings like the param tree,
       or a callable (config, param_shapes) -> such a tree (e.g.
-      `parallel.t5_loading_shardings(mesh)`); each tensor is placed onto
+      `models.sharding.t5_loading_shardings(mesh)`); each tensor is placed onto
       its sharding as soon as it is converted (no host copy of the model).
     nonfinite: 'warn', 'error' or 'ignore' for NaN / inf params (see
       loading.load_strict).

@@ -17,7 +17,8 @@ import jax.numpy as jnp
 from nanoflux_jax.configs import VAEConfig
 from nanoflux_jax.convert import loading
 from nanoflux_jax.convert.loading import Entry, conv, linear, load_strict, same
-from nanoflux_jax.convert.safetensors_io import CheckpointError, open_tensors
+from nanoflux_jax.convert.safetensors_io import open_tensors
+from nanoflux_jax.errors import CheckpointError
 from nanoflux_jax.models.vae import AutoencoderKL
 
 # diffusers AutoencoderKL.__init__ defaults, used when config.json omits a key

@@ -24,10 +24,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nanoflux_jax import parallel
+from nanoflux_jax import pipeline as pipeline_lib
 from nanoflux_jax import sampling
 from nanoflux_jax.configs import FluxConfig
-from nanoflux_jax.models.flux import Flux
-from nanoflux_jax import parallel
+from nanoflux_jax.data import shapes
 
 BUILTIN_PROMPTS = (
     'a photo of a red cat sitting on a blue sofa',
@@ -97,7 +98,6 @@ def load_prompts(source: str | Sequence[str] = 'builtin') -> list[str]:
 
 
 def _shapes_captions(source: str) -> list[str]:
-  from nanoflux_jax.data import shapes  # pylint: disable=g-import-not-at-top
   parts = source.split(':')[1:]
   try:
     num, seed = int(parts[0]), int(parts[1]) if len(parts) > 1 else 0
@@ -193,25 +193,12 @@ def teacher_trajectory(cfg: FluxConfig, params, noise, txt, y,
     (xs [B, n, L, C] state at schedule[k], vs [B, n, L, C] teacher velocity
     there, x_final [B, L, C] the sample at schedule[-1]), float32.
   """
-  b = noise.shape[0]
-  img_ids = sampling.image_ids(b, *grid)
-  txt_ids = sampling.text_ids(b, txt.shape[1])
-  ts = jnp.asarray(schedule, jnp.float32)
-  model = Flux(cfg)
   g = None
   if cfg.guidance_embed:
-    g = jnp.full((b,), 3.5 if guidance is None else guidance, jnp.float32)
-
-  def step(x, k):
-    v = model.apply({'params': params}, img=x, img_ids=img_ids, txt=txt,
-                    txt_ids=txt_ids, timesteps=jnp.full((b,), ts[k]), y=y,
-                    guidance=g)
-    v = v.astype(jnp.float32)
-    return x + (ts[k + 1] - ts[k]) * v, (x, v)
-
-  x_final, (xs, vs) = jax.lax.scan(step, noise.astype(jnp.float32),
-                                   jnp.arange(len(schedule) - 1))
-  return jnp.swapaxes(xs, 0, 1), jnp.swapaxes(vs, 0, 1), x_final
+    g = jnp.full((noise.shape[0],), 3.5 if guidance is None else guidance,
+                 jnp.float32)
+  return sampling.trajectory(cfg, params, noise, txt, y, jnp.asarray(
+      schedule, jnp.float32), g, img_grid=tuple(grid))
 
 
 # ---------------------------------------------------------------------------
@@ -295,3 +282,92 @@ def to_global(local: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
   """
   return {k: jax.make_array_from_process_local_data(
       parallel.batch_sharding(mesh, v.ndim), v) for k, v in local.items()}
+
+
+# ---------------------------------------------------------------------------
+# Text-encoder distillation data: token ids, a pooled vector, fresh noise.
+# ---------------------------------------------------------------------------
+def random_tokens(num: int, length: int, vocab_size: int, seed: int = 0,
+                  pad_id: int = 0, eos_id: int = 1
+                  ) -> tuple[np.ndarray, np.ndarray]:
+  """Stand-in tokenised prompts for toy runs: random ids, EOS, then padding.
+
+  Returns:
+    (ids [num, length] int32, mask [num, length] int32), lengths (EOS
+    included) uniform in [max(2, length // 4), length].
+  """
+  if vocab_size <= max(pad_id, eos_id) + 1:
+    raise ValueError(f'random_tokens: vocab_size={vocab_size} too small')
+  r = np.random.default_rng(seed)
+  lo = min(length, max(2, length // 4))
+  lens = r.integers(lo, length + 1, num)
+  ids = r.integers(max(pad_id, eos_id) + 1, vocab_size, (num, length))
+  pos = np.arange(length)[None]
+  ids = np.where(pos == lens[:, None] - 1, eos_id, ids)
+  ids = np.where(pos >= lens[:, None], pad_id, ids).astype(np.int32)
+  return ids, (pos < lens[:, None]).astype(np.int32)
+
+
+def tokenize(tokenizer, prompts: Sequence[str],
+             length: int) -> tuple[np.ndarray, np.ndarray]:
+  """HF T5 tokenizer -> (ids, mask) [N, length] int32, padded/truncated."""
+  out = tokenizer(list(prompts), padding='max_length', max_length=length,
+                  truncation=True)
+  return (np.asarray(out['input_ids'], np.int32),
+          np.asarray(out['attention_mask'], np.int32))
+
+
+def pipeline_tokens(pipe, prompts: Sequence[str], length: int,
+                    chunk: int = 64) -> dict[str, np.ndarray]:
+  """{'ids', 'mask', 'y'} from a FluxPipeline: T5 ids as the pipeline
+  tokenizes them and the pooled CLIP vector the denoiser is conditioned on."""
+  ids, clip_ids = pipe.tokenize(prompts, length)
+  pad = pipe.tokenizer_2.pad_token_id
+  y = np.concatenate([
+      np.asarray(pipeline_lib.clip_pooled(
+          pipe.clip_cfg, pipe.clip_params, clip_ids[i:i + chunk]))
+      for i in range(0, len(clip_ids), chunk)])
+  return {'ids': ids, 'mask': (ids != pad).astype(np.int32), 'y': y}
+
+
+def random_pooled(num: int, dim: int, seed: int = 0) -> np.ndarray:
+  """A fixed stand-in pooled CLIP vector per row [num, dim] (toy runs)."""
+  h = int.from_bytes(hashlib.sha256(f'pooled:{seed}'.encode()).digest()[:8],
+                     'little')
+  return np.random.default_rng(h).standard_normal((num, dim)).astype(
+      np.float32)
+
+
+class TokenData:
+  """Rows of (ids, mask, y) plus fresh noise; batch(step) is a pure function
+  of (seed, step), so a resumed run sees the batches it would have seen."""
+
+  def __init__(self, ids: np.ndarray, mask: np.ndarray, y: np.ndarray,
+               grid: tuple[int, int], in_channels: int, batch_size: int,
+               seed: int = 0):
+    """ids, mask: [N, T]; y: [N, vec]; grid: packed token grid (h, w)."""
+    self.ids = np.asarray(ids, np.int32)
+    self.mask = np.asarray(mask, np.int32)
+    self.y = np.asarray(y, np.float32)
+    n = len(self.ids)
+    if n == 0:
+      raise ValueError('TokenData: no token rows')
+    if self.mask.shape != self.ids.shape or self.ids.ndim != 2:
+      raise ValueError(f'TokenData: ids {self.ids.shape} and mask '
+                       f'{self.mask.shape} must be equal [N, T] shapes')
+    if self.y.ndim != 2 or len(self.y) != n:
+      raise ValueError(f'TokenData: y {self.y.shape}, expected ({n}, vec)')
+    self.grid, self.in_channels = tuple(grid), in_channels
+    self.batch_size, self.seed = batch_size, seed
+
+  def batch(self, step: int, process_index: int = 0,
+            process_count: int = 1) -> dict[str, np.ndarray]:
+    b = self.batch_size
+    rng = np.random.default_rng([self.seed, step])
+    idx = rng.integers(0, len(self.ids), b)
+    noise = rng.standard_normal(
+        (b, self.grid[0] * self.grid[1], self.in_channels), np.float32)
+    out = {'ids': self.ids[idx], 'mask': self.mask[idx], 'y': self.y[idx],
+           'noise': noise}
+    rows = process_rows(b, process_index, process_count)
+    return {k: v[rows] for k, v in out.items()}

@@ -17,8 +17,10 @@ Layout of workdir:
     lineage.json               the teacher block each student block descends
                                from; sample PSNR right after compressing
     checkpoints/               the trainer's orbax CheckpointManager
+    metrics.jsonl              one line per logged training step
     student/                   final student (nanoflux_jax.checkpoint)
     done.json                  marker: the rung's options and report row
+                               (and a text_encoder rung's student T5)
   samples/{teacher,rung_i_kind}.png   same prompts and noise (decoded with
                                the teacher pipeline's VAE, else latent
                                previews)
@@ -50,7 +52,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
 from nanoflux_jax import atomic
 from nanoflux_jax import checkpoint
@@ -61,12 +62,12 @@ from nanoflux_jax import sampling
 from nanoflux_jax.configs import FluxConfig
 from nanoflux_jax.distill import data as data_lib
 from nanoflux_jax.distill import ladder_eval
+from nanoflux_jax.distill import loop
 from nanoflux_jax.distill import rungs as rungs_lib
-from nanoflux_jax.distill import text_encoder
-from nanoflux_jax.distill import trainer
 from nanoflux_jax.distill.rungs import Context, RUNG_KINDS, RungKind, Student
 from nanoflux_jax.evaluate import metrics
 from nanoflux_jax.models import flux as flux_lib
+from nanoflux_jax.models import sharding
 
 
 # ---------------------------------------------------------------------------
@@ -113,7 +114,7 @@ def check_config(config: ml_collections.ConfigDict) -> list[dict]:
                        f"{r['ablation']!r}")
     opts = {**spec.defaults, 'ablation': False, **r,
             'distill': dict(r.get('distill') or {})}
-    if spec.distill is None:  # trainer.train options must exist.
+    if spec.distills_denoiser:  # trainer.train options must exist.
       rungs_lib.override(ml_collections.ConfigDict(config.distill.to_dict()),
                 opts['distill'], f'{where}.distill')
     if spec.check is not None:
@@ -138,7 +139,7 @@ def _forward_ms(ctx: Context, student: Student, repeats: int) -> float:
   times = []
   for _ in range(max(1, repeats) + 1):
     t0 = time.perf_counter()
-    fwd({'params': params}, **x).block_until_ready()
+    jax.block_until_ready(fwd({'params': params}, **x))
     times.append(1e3 * (time.perf_counter() - t0))
   return statistics.median(times[1:])
 
@@ -286,38 +287,7 @@ def _marker_key(rung: dict) -> dict:
   return json.loads(json.dumps(d, sort_keys=True, default=str))
 
 
-def _has_checkpoint(rung_dir: str) -> bool:
-  path = os.path.abspath(os.path.join(rung_dir, 'checkpoints'))
-  return os.path.isdir(path) and (
-      ocp.CheckpointManager(path).latest_step() is not None)
-
-
-def _distill_denoiser(ctx: Context, student: Student, rung: dict,
-                      rung_dir: str):
-  """trainer.train from the original teacher; resumes its own checkpoints."""
-  tc = ml_collections.ConfigDict(ctx.config.distill.to_dict())
-  rungs_lib.override(tc, rung['distill'], 'distill')
-  if tc.data.get('cache_dir'):  # Relative: one cache inside the workdir.
-    tc.data.cache_dir = os.path.join(ctx.workdir, tc.data.cache_dir)
-  if tc.loss.feature_pairs == 'origin':
-    with tc.ignore_type():
-      tc.loss.feature_pairs = rungs_lib.origin_pairs(ctx, student[0])
-  real = tc.loss.weights.get('rf', 0.0) > 0
-  state, history = trainer.train(
-      tc, rung_dir, teacher=ctx.teacher, student=student, mesh=ctx.mesh,
-      embed_fn=None if ctx.pipeline is None else ctx.embed,
-      latents_fn=ctx.real_latents if real else None)
-  done, fields = rungs_lib.finished(state, history, tc)
-  weights = {k: v for k, v in tc.loss.weights.items() if v}
-  pairs = trainer.feature_pairs(tc.loss.feature_pairs, student[0],
-                                ctx.teacher[0]) if weights.get(
-                                    'feature_kd') else ()
-  return done, dict(fields, loss_weights=weights,
-                    feature_pairs=[list(p) for p in pairs])
-
-
-
-def _compressed(ctx: Context, kind: RungKind, rung: dict, rung_dir: str,
+def _compressed(ctx: Context, kind: RungKind, rung: dict,
                 student: Callable[[], Student]) -> Student:
   """The rung's compressed student, or only its config when resuming.
 
@@ -325,9 +295,10 @@ def _compressed(ctx: Context, kind: RungKind, rung: dict, rung_dir: str,
   descends from, and the PSNR of the new student's samples before any
   distillation (how much the compression alone lost).
   """
+  rung_dir = ctx.rung_dir
   cfg_file = os.path.join(rung_dir, 'student_config.json')
-  if (kind.distill is None and os.path.isfile(cfg_file) and
-      _has_checkpoint(rung_dir)):
+  if (kind.distills_denoiser and os.path.isfile(cfg_file) and
+      loop.latest_step(rung_dir) is not None):
     # trainer.train restores the values and needs only the config; this
     # also skips re-running the sensitivity analysis.
     logging.info('ladder: %s resumes from its trainer checkpoint', rung_dir)
@@ -336,7 +307,7 @@ def _compressed(ctx: Context, kind: RungKind, rung: dict, rung_dir: str,
       return FluxConfig.from_json(f.read()), None
   logging.info('ladder: %s: compressing (%s)', rung_dir, kind.name)
   out = kind.compress(ctx, student(), rung)
-  psnr = (_sample_psnr(ctx, _sample(ctx, out)) if kind.distill is None
+  psnr = (_sample_psnr(ctx, _sample(ctx, out)) if kind.distills_denoiser
           else None)
   _write_atomic(os.path.join(rung_dir, 'lineage.json'), json.dumps(dict(
       teacher_blocks=ctx.teacher_blocks, sample_psnr_init=psnr)))
@@ -392,7 +363,7 @@ def run_ladder(config: ml_collections.ConfigDict, workdir: str, *,
   # Students are loaded lazily: a finished rung is only read back when the
   # next rung needs its student, so a finished ladder reruns in seconds.
   load = lambda path: checkpoint.load(
-      path, shardings=parallel.loading_shardings(mesh))
+      path, shardings=sharding.loading_shardings(mesh))
   student = lambda: ctx.teacher
   # What each report row measures: its DiT, its T5 and, for exports, files.
   stages = [dict(row=report['teacher'], dit=student, text_encoder=None,
@@ -400,12 +371,11 @@ def run_ladder(config: ml_collections.ConfigDict, workdir: str, *,
   for i, rung in enumerate(rungs):
     kind = RUNG_KINDS[rung['kind']]
     name = f'rung_{i}_{kind.name}'
-    rung_dir = os.path.join(workdir, name)
-    out_dir = os.path.join(rung_dir, 'student')
+    ctx.rung_dir = rung_dir = os.path.join(workdir, name)
     done = _read_json(os.path.join(rung_dir, 'done.json'))
     before = ctx.teacher_blocks  # An ablation's student is not passed on.
-    # This rung's denoiser; text_encoder and export leave it as it is.
-    rung_student = student
+    # This rung's denoiser and T5; text_encoder and export keep the DiT.
+    rung_student, te = student, ctx.text_encoder
     if done is not None:
       if done['rung'] != _marker_key(rung):
         raise ValueError(
@@ -415,32 +385,33 @@ def run_ladder(config: ml_collections.ConfigDict, workdir: str, *,
       logging.info('ladder: %s already done; skipping', name)
       row = done['row']
       _read_lineage(ctx, rung_dir)
-      if kind.distill is None:
-        rung_student = functools.partial(load, out_dir)
+      if kind.distills_denoiser:
+        rung_student = functools.partial(
+            load, os.path.join(rung_dir, 'student'))
+      if done.get('text_encoder'):
+        te = os.path.join(rung_dir, done['text_encoder'])
     else:
-      compressed = _compressed(ctx, kind, rung, rung_dir, student)
-      finished, fields = (kind.distill or _distill_denoiser)(
-          ctx, compressed, rung, rung_dir)
-      if not finished:
+      result = kind.run(ctx, _compressed(ctx, kind, rung, student), rung)
+      if not result.finished:
         logging.info('ladder: %s stopped early (distill.stop_after); rerun '
                      'to resume', name)
         _write_report(workdir, report)
         return report
-      if kind.distill is None:
-        current = load(out_dir)
-        rung_student = lambda current=current: current
+      if result.student is not None:
+        rung_student = lambda current=result.student: current
+      te = result.text_encoder or te
       row, _ = _measure(ctx, rung_student(), name, workdir, np.load(ref_file))
-      row.update(fields, kind=kind.name, ablation=rung['ablation'],
+      row.update(result.fields, kind=kind.name, ablation=rung['ablation'],
                  sample_psnr_init=_read_lineage(ctx, rung_dir).get(
                      'sample_psnr_init'))
-      _write_atomic(os.path.join(rung_dir, 'done.json'), json.dumps(
-          dict(rung=_marker_key(rung), row=row), indent=2))
+      marker = dict(rung=_marker_key(rung), row=row)
+      if result.text_encoder:
+        marker['text_encoder'] = os.path.relpath(result.text_encoder, rung_dir)
+      _write_atomic(os.path.join(rung_dir, 'done.json'),
+                    json.dumps(marker, indent=2))
       logging.info('ladder: %s done: %s', name, row)
     report['rungs'].append(row)
     _write_report(workdir, report)
-    te = ctx.text_encoder
-    if kind.name == 'text_encoder':
-      te = os.path.join(rung_dir, text_encoder.STUDENT_DIR)
     if rung['ablation']:
       ctx.teacher_blocks = before
     else:

@@ -30,6 +30,8 @@ from nanoflux_jax import images
 from nanoflux_jax.data import shapes
 from nanoflux_jax.evaluate import classifier as clf_lib
 from nanoflux_jax.evaluate import toy
+from nanoflux_jax.export import bundle
+from nanoflux_jax.export import runner
 
 
 def _save(stage_dir: str, ev: dict, imgs: np.ndarray) -> None:
@@ -52,8 +54,6 @@ def _eval_pipeline(ctx, stage, s, clf, teacher_images, e
   ev['jax_ms'], ev['denoise_ms'] = ms['total'], ms['denoise']
   ev['litert_ms'] = None
   if e.litert:  # fp32 export of this stage, timed, then thrown away.
-    # pylint: disable-next=g-import-not-at-top
-    from nanoflux_jax.export import bundle, runner
     with tempfile.TemporaryDirectory() as tmp:
       out = os.path.join(tmp, 'tflite')
       bundle.export_pipeline(pipe, out, ctx.resolution, ctx.resolution,
@@ -67,8 +67,6 @@ def _eval_exports(ctx, stage, s, clf, teacher_images, e
                   ) -> tuple[dict, np.ndarray]:
   """An export stage: every quantization through LiteRT; the row shows the
   last one (the smallest, int8, in the default config)."""
-  # pylint: disable-next=g-import-not-at-top
-  from nanoflux_jax.export import runner
   per_q, imgs = {}, None
   for name, info in stage['exports'].items():
     tp = runner.TFLitePipeline(os.path.join(ctx.workdir, info['dir']),

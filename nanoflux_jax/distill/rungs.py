@@ -1,13 +1,19 @@
 """Rung kinds of the compression ladder (`ladder.run_ladder` walks them).
 
-A rung kind compresses the current student (`compress`), may replace the
-distillation that follows (`distill`) and checks its options before any
-work (`check`). Built in: prune, depth, static_modulation, downsample,
-finetune, text_encoder, export; add one with `register_rung`. Any rung may
-be an `ablation`: it runs on the current student and is reported, but the
-rungs after it continue from the student before it. `Context` is what every
-rung reads: the config, the mesh, the original teacher (and its pipeline,
-when there is one) and the prompt embedder.
+Every rung kind has one protocol:
+  check(config, opts, where)       raises on bad options, before any work;
+  compress(ctx, student, opts)     -> the compressed student (cfg, params);
+  run(ctx, student, opts)          -> RungResult: what the rung trained or
+                                   wrote and the denoiser it ends with.
+The default `run`, `distill_denoiser`, distils the compressed DiT from the
+original teacher (trainer.train in ctx.rung_dir); `text_encoder` and
+`export` keep the denoiser and implement their own `run`. Built in: prune,
+depth, static_modulation, downsample, finetune, text_encoder, export; add
+one with `register_rung`. Any rung may be an `ablation`: it runs on the
+current student and is reported, but the rungs after it continue from the
+student before it. `Context` is what every rung reads: the config, the
+mesh, the original teacher (and its pipeline, when there is one), the
+prompt embedder and the rung's folder.
 """
 from __future__ import annotations
 
@@ -20,14 +26,40 @@ import jax
 import ml_collections
 import numpy as np
 
+from nanoflux_jax import checkpoint
 from nanoflux_jax import compress
-from nanoflux_jax import parallel
 from nanoflux_jax.configs import FluxConfig
+from nanoflux_jax.convert.text_encoders import load_t5_encoder
+from nanoflux_jax.data import shapes
 from nanoflux_jax.distill import data as data_lib
+from nanoflux_jax.distill import loop
+from nanoflux_jax.distill import shapes_teacher
+from nanoflux_jax.distill import teacher as teacher_lib
 from nanoflux_jax.distill import text_encoder
+from nanoflux_jax.distill import trainer
+from nanoflux_jax.export import bundle
+from nanoflux_jax.export import tflite
+from nanoflux_jax.models import sharding
+from nanoflux_jax.pipeline import FluxPipeline
 
 
 Student = tuple[FluxConfig, Any]  # (config, unboxed params)
+
+
+@dataclasses.dataclass(frozen=True)
+class RungResult:
+  """What a rung's `run` returns.
+
+  finished: False when training stopped early (distill.stop_after); rerun
+    the ladder to resume.
+  fields: report-row fields (losses, steps, start_step, exports, ...).
+  student: the denoiser the rung ends with; None: the one it was given.
+  text_encoder: the student T5 folder the rung wrote, if any.
+  """
+  finished: bool
+  fields: dict
+  student: Student | None = None
+  text_encoder: str | None = None
 
 
 # ---------------------------------------------------------------------------
@@ -35,27 +67,38 @@ Student = tuple[FluxConfig, Any]  # (config, unboxed params)
 # ---------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class RungKind:
-  """compress: (ctx, student, opts) -> student. defaults: every option the
-  kind takes besides 'kind' and 'distill'. check: (config, opts, where),
-  raises on bad options before any work. distill: replaces trainer.train,
-  (ctx, student, opts, rung_dir) -> finished(...)."""
+  """defaults: every option the kind takes besides 'kind', 'distill' and
+  'ablation'. compress / run / check: see the module docstring."""
   name: str
   compress: Callable[..., Student]
   defaults: Mapping[str, Any]
+  run: Callable[..., RungResult]
   check: Callable[..., None] | None = None
-  distill: Callable[..., tuple[bool, dict]] | None = None
+
+  @property
+  def distills_denoiser(self) -> bool:
+    """True for kinds whose run is trainer.train on the compressed DiT."""
+    return self.run is distill_denoiser
 
 
 RUNG_KINDS: dict[str, RungKind] = {}
 
 
 def register_rung(name: str, defaults: Mapping[str, Any], *, check=None,
-                  distill=None):
-  """Decorator adding compress fn(ctx, student, opts) to RUNG_KINDS[name]."""
+                  run=None):
+  """Decorator adding compress fn(ctx, student, opts) to RUNG_KINDS[name],
+  with `run` (default `distill_denoiser`) and `check`."""
   def deco(fn):
-    RUNG_KINDS[name] = RungKind(name, fn, dict(defaults), check, distill)
+    RUNG_KINDS[name] = RungKind(name, fn, dict(defaults),
+                                run or distill_denoiser, check)
     return fn
   return deco
+
+
+def unchanged(ctx, student: Student, opts) -> Student:
+  """The compress of kinds that keep the denoiser as it is."""
+  del ctx, opts
+  return student
 
 
 @dataclasses.dataclass
@@ -66,6 +109,7 @@ class Context:
   grid: tuple[int, int]
   schedule: tuple[float, ...]   # the fixed sampling schedule, 1 -> 0.
   workdir: str
+  rung_dir: str = ''               # the folder of the rung being run.
   text_encoder: str | None = None  # the current student T5 folder.
   # The teacher block each student block descends from (global indices,
   # double blocks first); None while the student has the teacher's blocks.
@@ -76,14 +120,11 @@ class Context:
     """The teacher's FluxPipeline: the shapes-world teacher (trained once,
     cached in workdir/teacher) or config.teacher.pipeline; None for a bare
     DiT teacher (then prompts get random stand-in embeddings)."""
-    # pylint: disable=g-import-not-at-top
     t = self.config.teacher
     if t.get('shapes'):
-      from nanoflux_jax.distill import shapes_teacher
       return shapes_teacher.load_or_train(
           t.shapes, os.path.join(self.workdir, 'teacher'), mesh=self.mesh)
     if t.get('pipeline'):
-      from nanoflux_jax.pipeline import FluxPipeline
       # The DiT and T5 stream tensor by tensor onto the mesh: no host holds
       # a whole 12B teacher (every host of a pod runs this).
       return FluxPipeline.from_pretrained(t.pipeline, mesh=self.mesh)
@@ -92,8 +133,6 @@ class Context:
   def pipeline_for(self, student: Student, text_encoder: str | None = None):
     """The teacher pipeline with `student` as its DiT (host copies) and,
     if given, a distilled student T5 (a text_encoder rung's folder)."""
-    # pylint: disable-next=g-import-not-at-top
-    from nanoflux_jax.pipeline import FluxPipeline
     p = self.pipeline
     pipe = FluxPipeline((student[0], jax.device_get(student[1])),
                         (p.clip_cfg, p.clip_params), (p.t5_cfg, p.t5_params),
@@ -103,19 +142,8 @@ class Context:
   @functools.cached_property
   def teacher(self) -> Student:
     """Loaded on first use: a resumed ladder may not need it at all."""
-    c = self.config
-    if self.pipeline is not None:
-      cfg = self.pipeline.flux_cfg
-      return cfg, parallel.shard_like(self.pipeline.flux_params,
-                                      parallel.param_shardings(cfg, self.mesh))
-    if c.teacher.get('path'):
-      # pylint: disable-next=g-import-not-at-top
-      from nanoflux_jax.convert import flux as convert_flux
-      return convert_flux.load_flux_transformer(
-          c.teacher.path, shardings=parallel.loading_shardings(self.mesh))
-    cfg = getattr(FluxConfig, c.teacher.preset)(**dict(c.teacher.overrides))
-    return cfg, parallel.init_flux(cfg, self.mesh, jax.random.PRNGKey(
-        c.teacher.seed))[0]
+    return teacher_lib.load_teacher(self.config.teacher, self.mesh,
+                                    self.pipeline)
 
   def embed(self, prompts, chunk: int = 64) -> dict:
     """{'txt', 'y'} of prompts: the pipeline's encoders, or else the random
@@ -134,9 +162,6 @@ class Context:
     rectified-flow term: the renderings of the shapes scenes whose captions
     config.distill.data.prompts ('shapes:N[:seed]') lists, encoded by the
     teacher pipeline's autoencoder."""
-    # pylint: disable=g-import-not-at-top
-    from nanoflux_jax.data import shapes
-    from nanoflux_jax.distill import shapes_teacher
     source = self.config.distill.data.prompts
     if self.pipeline is None or not (isinstance(source, str) and
                                      source.startswith('shapes:')):
@@ -177,6 +202,61 @@ def origin_pairs(ctx: Context, cfg: FluxConfig) -> tuple[tuple[int, int], ...]:
   coarse = (range(cfg.downsample_start, cfg.downsample_end + 1)
             if cfg.downsample_start is not None else ())
   return tuple((i, t) for i, t in enumerate(origin) if i not in coarse)
+
+
+def _trained(rung_dir: str, state, history, num_steps: int
+             ) -> tuple[bool, dict]:
+  """(reached num_steps, report fields): the last logged losses (from
+  rung_dir/metrics.jsonl, so a re-entered finished run has them too), the
+  step this call started at (> 0: resumed) and num_steps."""
+  step = int(jax.device_get(state.step))
+  logged = loop.read_metrics(rung_dir)
+  losses = {k: v for k, v in (logged[-1] if logged else {}).items()
+            if k not in loop.RATE_KEYS}
+  start = int(history[0]['step']) - 1 if history else step
+  return step >= num_steps, dict(losses=losses, start_step=start,
+                                 steps=num_steps)
+
+
+def distill_config(ctx: Context, student_cfg: FluxConfig, opts
+                   ) -> ml_collections.ConfigDict:
+  """config.distill with the rung's overrides, a workdir-relative teacher
+  cache and 'origin' feature pairs resolved."""
+  tc = ml_collections.ConfigDict(ctx.config.distill.to_dict())
+  override(tc, opts['distill'], 'distill')
+  if tc.data.get('cache_dir'):  # Relative: one cache inside the workdir.
+    tc.data.cache_dir = os.path.join(ctx.workdir, tc.data.cache_dir)
+  if tc.loss.feature_pairs == 'origin':
+    with tc.ignore_type():
+      tc.loss.feature_pairs = origin_pairs(ctx, student_cfg)
+  return tc
+
+
+def distill_denoiser(ctx: Context, student: Student, opts) -> RungResult:
+  """The default run: trainer.train of the compressed student from the
+  original teacher in ctx.rung_dir (resuming its own checkpoints); the
+  distilled student is read back from rung_dir/student.
+
+  `student` may carry params=None when its trainer checkpoint exists (the
+  trainer restores the values; see ladder.py).
+  """
+  tc = distill_config(ctx, student[0], opts)
+  real = tc.loss.weights.get('rf', 0.0) > 0
+  state, history = trainer.train(
+      tc, ctx.rung_dir, teacher=ctx.teacher, student=student, mesh=ctx.mesh,
+      embed_fn=None if ctx.pipeline is None else ctx.embed,
+      latents_fn=ctx.real_latents if real else None)
+  done, fields = _trained(ctx.rung_dir, state, history, tc.num_steps)
+  weights = {k: v for k, v in tc.loss.weights.items() if v}
+  pairs = trainer.feature_pairs(tc.loss.feature_pairs, student[0],
+                                ctx.teacher[0]) if weights.get(
+                                    'feature_kd') else ()
+  fields.update(loss_weights=weights, feature_pairs=[list(p) for p in pairs])
+  out = None
+  if done:
+    out = checkpoint.load(os.path.join(ctx.rung_dir, 'student'),
+                          shardings=sharding.loading_shardings(ctx.mesh))
+  return RungResult(done, fields, student=out)
 
 
 def _calib(ctx: Context, student: Student, opts) -> dict:
@@ -283,17 +363,19 @@ def _downsample(ctx: Context, student: Student, opts) -> Student:
 
 # No compression: the same distillation budget again, for ablations (e.g.
 # the student without the token down-sampler, trained as long as with it).
-register_rung('finetune', {})(lambda ctx, student, opts: student)
+register_rung('finetune', {})(unchanged)
 
 
-def _text_encoder_config(c, rung, where) -> ml_collections.ConfigDict:
+def text_encoder_config(rung, where) -> ml_collections.ConfigDict:
+  """text_encoder.default_config() with the rung's distill overrides."""
   tc = text_encoder.default_config()
   override(tc, rung['distill'], f'{where}.distill')
   return tc
 
 
 def _check_text_encoder(c, opts, where):
-  _text_encoder_config(c, opts, where)
+  del c
+  text_encoder_config(opts, where)
   if opts['teacher_t5'] and not os.path.exists(opts['teacher_t5']):
     raise FileNotFoundError(f"{where}: teacher_t5={opts['teacher_t5']!r} does "
                             'not exist')
@@ -302,7 +384,7 @@ def _check_text_encoder(c, opts, where):
                      "'student' or 'teacher'")
 
 
-def _distill_text_encoder(ctx: Context, student: Student, rung, rung_dir):
+def _distill_text_encoder(ctx: Context, student: Student, opts) -> RungResult:
   """A small T5 learns the teacher T5 through the frozen denoiser.
 
   teacher_t5: an HF T5EncoderModel folder; '' takes the ladder's teacher
@@ -312,34 +394,31 @@ def _distill_text_encoder(ctx: Context, student: Student, rung, rung_dir):
   becomes the pipeline's T5 for the rungs after it; the denoiser passes on
   unchanged.
   """
-  tc = _text_encoder_config(ctx.config, rung, 'text_encoder')
+  tc = text_encoder_config(opts, 'text_encoder')
   t5 = tokens = None
-  if rung['teacher_t5']:
-    # pylint: disable-next=g-import-not-at-top
-    from nanoflux_jax.convert.text_encoders import load_t5_encoder
-    t5 = load_t5_encoder(rung['teacher_t5'],
-                         shardings=parallel.t5_loading_shardings(ctx.mesh))
+  if opts['teacher_t5']:
+    t5 = load_t5_encoder(opts['teacher_t5'],
+                         shardings=sharding.t5_loading_shardings(ctx.mesh))
   elif ctx.pipeline is not None:
     t5 = (ctx.pipeline.t5_cfg, ctx.pipeline.t5_params)
-    tokens = text_encoder.pipeline_tokens(
+    tokens = data_lib.pipeline_tokens(
         ctx.pipeline, data_lib.load_prompts(tc.data.prompts), tc.data.txt_len)
   state, history = text_encoder.train_text_encoder(
-      tc, rung_dir, teacher_t5=t5, tokens=tokens, mesh=ctx.mesh,
-      denoiser=student if rung['denoiser'] == 'student' else ctx.teacher)
-  return finished(state, history, tc)
+      tc, ctx.rung_dir, teacher_t5=t5, tokens=tokens, mesh=ctx.mesh,
+      denoiser=student if opts['denoiser'] == 'student' else ctx.teacher)
+  done, fields = _trained(ctx.rung_dir, state, history, tc.num_steps)
+  return RungResult(done, fields, text_encoder=os.path.join(
+      ctx.rung_dir, text_encoder.STUDENT_DIR))
 
 
 register_rung('text_encoder', dict(teacher_t5='', denoiser='student'),
-              check=_check_text_encoder,
-              distill=_distill_text_encoder)(lambda ctx, student, opts: student)
+              check=_check_text_encoder, run=_distill_text_encoder)(unchanged)
 
 
 _QUANT_NAMES = {'none': 'fp32'}
 
 
 def _check_export(c, opts, where):
-  # pylint: disable-next=g-import-not-at-top
-  from nanoflux_jax.export import tflite
   if not (c.teacher.get('shapes') or c.teacher.get('pipeline')):
     raise ValueError(f'{where}: export needs a teacher pipeline '
                      '(teacher.shapes or teacher.pipeline) for the text '
@@ -353,17 +432,14 @@ def _check_export(c, opts, where):
       raise ValueError(f'{where}: {e}') from e
 
 
-def _export(ctx: Context, student: Student, rung, rung_dir):
+def _export(ctx: Context, student: Student, opts) -> RungResult:
   """The current pipeline (student DiT + student T5) as a FluxPipeline
   folder, workdir/pipeline, and as .tflite files in
   workdir/tflite/{fp32,int8,...}, one folder per quantization."""
-  del rung_dir
-  # pylint: disable-next=g-import-not-at-top
-  from nanoflux_jax.export import bundle
   pipe = ctx.pipeline_for(student, ctx.text_encoder)
   pipe.save(os.path.join(ctx.workdir, 'pipeline'))
   out = {}
-  for q in rung['quantize']:
+  for q in opts['quantize']:
     path = os.path.join(ctx.workdir, 'tflite', _QUANT_NAMES.get(q, q))
     m = bundle.export_pipeline(
         pipe, path, ctx.resolution, ctx.resolution,
@@ -372,16 +448,15 @@ def _export(ctx: Context, student: Student, rung, rung_dir):
     out[_QUANT_NAMES.get(q, q)] = dict(
         dir=os.path.relpath(path, ctx.workdir),
         mb=m['sizes']['total_bytes'] / 1e6, export_s=m['export']['seconds'])
-  return True, dict(exports=out, pipeline='pipeline')
+  return RungResult(True, dict(exports=out, pipeline='pipeline'))
 
 
 register_rung('export', dict(quantize=('none', 'int8')), check=_check_export,
-              distill=_export)(lambda ctx, student, opts: student)
-
+              run=_export)(unchanged)
 
 
 def override(base: ml_collections.ConfigDict, over: Mapping[str, Any],
-              where: str) -> None:
+             where: str) -> None:
   """base[k] = over[k] recursively; unknown keys raise."""
   for k, v in dict(over).items():
     if k not in base:
@@ -392,15 +467,3 @@ def override(base: ml_collections.ConfigDict, over: Mapping[str, Any],
       override(base[k], v, f'{where}.{k}')
     else:
       base[k] = v
-
-
-
-def finished(state, history, tc) -> tuple[bool, dict]:
-  """(reached num_steps, report fields: last logged losses, the step this
-  call started at (> 0: resumed), num_steps)."""
-  step = int(jax.device_get(state.step))
-  losses = {k: v for k, v in (history[-1] if history else {}).items()
-            if k not in ('step', 'steps_per_s', 'tokens_per_s')}
-  start = int(history[0]['step']) - 1 if history else step
-  return step >= tc.num_steps, dict(losses=losses, start_step=start,
-                                    steps=tc.num_steps)

@@ -42,6 +42,7 @@ from nanoflux_jax.data import shapes
 from nanoflux_jax.distill import data as data_lib
 from nanoflux_jax.distill import shapes_encoders
 from nanoflux_jax.distill import trainer
+from nanoflux_jax.models import sharding
 from nanoflux_jax.models.clip import ClipTextModel
 from nanoflux_jax.models.t5 import T5Encoder
 from nanoflux_jax.models import vae as vae_lib
@@ -150,7 +151,7 @@ def build_pipeline(c: ml_collections.ConfigDict, tokenizer_dir: str
         seed=c.seed, **dict(c.t5_pretrain))
     logging.info('shapes teacher: T5 caption probe accuracy %s', acc)
   clip = _frozen_init(ClipTextModel(clip_cfg), c.seed + 2, ids)
-  dit = nn.meta.unbox(parallel.init_flux(
+  dit = nn.meta.unbox(sharding.init_flux(
       cfg, parallel.create_mesh({'data': -1}), jax.random.PRNGKey(c.seed))[0])
   return FluxPipeline((cfg, dit), (clip_cfg, clip), (t5_cfg, t5),
                       (vae_cfg, vae_params), tok_clip, tok_t5)

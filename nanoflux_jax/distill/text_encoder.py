@@ -19,7 +19,7 @@ is the distribution the student's embeddings meet at inference. It costs
 batch carries a cached trajectory 'traj_x'. Only the early blocks' outputs are
 used, so under jit XLA drops the later blocks of the two probing forwards.
 
-Training reuses `trainer.fit` (orbax resume, per-term logging, NaN check): the
+Training reuses `loop.fit` (orbax resume, per-term logging, NaN check): the
 trainable tree is the student's params; the teacher T5 and the denoiser live in
 `frozen`, which `fit` never differentiates, and every read of them is also
 wrapped in stop_gradient.
@@ -33,9 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import os
-from typing import Any, Sequence
 
 from absl import logging
 import flax.linen as nn
@@ -45,168 +43,24 @@ import ml_collections
 from ml_collections import config_dict
 import numpy as np
 
-from nanoflux_jax import checkpoint as nf_checkpoint
 from nanoflux_jax import parallel
 from nanoflux_jax import sampling
+from nanoflux_jax.compress import text_encoder as te_student
 from nanoflux_jax.configs import FluxConfig, T5Config
 from nanoflux_jax.distill import data as data_lib
 from nanoflux_jax.distill import losses
-from nanoflux_jax.distill import trainer
+from nanoflux_jax.distill import loop
+from nanoflux_jax.distill import teacher as teacher_lib
 from nanoflux_jax.models import flux as flux_lib
+from nanoflux_jax.models import sharding
 # StudentTextEncoder lives in models/ so that the pipeline can run it.
 from nanoflux_jax.models.t5 import StudentTextEncoder
-from nanoflux_jax.models.t5 import student_from_checkpoint
 from nanoflux_jax.models.t5 import T5Encoder
+from nanoflux_jax.pipeline import FluxPipeline
 
 Array = jax.Array
 STUDENT_DIR = 'student_text_encoder'
 DEFAULT_GUIDANCE = 3.5  # diffusers' FLUX.1-dev default; unused for schnell.
-# Fields that fix the shape of some T5 parameter other than the layer count.
-_SHAPE_FIELDS = ('vocab_size', 'd_model', 'd_kv', 'num_heads', 'd_ff',
-                 'relative_attention_num_buckets')
-
-
-# ---------------------------------------------------------------------------
-# The student.
-# ---------------------------------------------------------------------------
-def student_t5_config(teacher: T5Config, num_layers: int | None = None,
-                      d_model: int | None = None, num_heads: int | None = None,
-                      d_kv: int | None = None, d_ff: int | None = None,
-                      **overrides) -> T5Config:
-  """A smaller T5 derived from the teacher's config.
-
-  Unset fields keep the teacher's value, except that a narrower d_model also
-  narrows what scales with it: num_heads = d_model // d_kv (the per-head
-  width is kept) and d_ff scales by d_model / teacher.d_model.
-
-  Args:
-    teacher: the teacher encoder's config.
-    num_layers, d_model, num_heads, d_kv, d_ff: student sizes (None: derived).
-    **overrides: any other T5Config field (dtype, ...).
-  Raises:
-    ValueError: a size is not positive, or d_model is not a multiple of d_kv
-      when num_heads is derived.
-  """
-  d_model = teacher.d_model if d_model is None else int(d_model)
-  d_kv = teacher.d_kv if d_kv is None else int(d_kv)
-  if num_heads is None:
-    if d_model == teacher.d_model:
-      num_heads = teacher.num_heads
-    elif d_model % d_kv:
-      raise ValueError(f'student_t5_config: d_model={d_model} is not a '
-                       f'multiple of d_kv={d_kv}; pass num_heads')
-    else:
-      num_heads = d_model // d_kv
-  if d_ff is None:
-    d_ff = max(1, round(teacher.d_ff * d_model / teacher.d_model))
-  cfg = teacher.replace(
-      num_layers=teacher.num_layers if num_layers is None else int(num_layers),
-      d_model=d_model, d_kv=d_kv, num_heads=int(num_heads), d_ff=int(d_ff),
-      **overrides)
-  bad = {k: getattr(cfg, k) for k in ('num_layers', 'd_model', 'd_kv',
-                                      'num_heads', 'd_ff')
-         if getattr(cfg, k) < 1}
-  if bad:
-    raise ValueError(f'student_t5_config: sizes must be >= 1, got {bad}')
-  return cfg
-
-
-def _dummy_ids(length: int = 4) -> Array:
-  return jnp.zeros((1, length), jnp.int32)
-
-
-def init_student(config: T5Config, out_dim: int, rng: Array) -> dict:
-  """Random (unboxed) StudentTextEncoder params, jitted like Flux init."""
-  init = jax.jit(lambda r: StudentTextEncoder(config, out_dim).init(
-      r, _dummy_ids())['params'])
-  return nn.meta.unbox(init(rng))
-
-
-def default_layer_map(teacher_layers: int,
-                      student_layers: int) -> tuple[int, ...]:
-  """Evenly spaced teacher layers, first and last included: 24 -> 6 gives
-  (0, 5, 9, 14, 18, 23); equal depths give the identity."""
-  if student_layers == 1:
-    return (0,)
-  return tuple(int(i) for i in np.round(
-      np.linspace(0, teacher_layers - 1, student_layers)))
-
-
-def init_from_teacher(teacher_cfg: T5Config, teacher_params,
-                      student_cfg: T5Config,
-                      layer_map: Sequence[int] | None = None) -> dict:
-  """Block-wise init: the student starts as a subset of the teacher's layers.
-
-  Copies the token embedding, the shared relative attention bias, the final
-  norm and, for student layer i, teacher layer layer_map[i]; the projection
-  starts as the identity (the widths are equal), so a student holding every
-  teacher layer reproduces the teacher exactly.
-
-  Args:
-    teacher_cfg, teacher_params: the teacher T5Encoder (params tree of
-      `T5Encoder`, as loaded by convert.text_encoders.load_t5_encoder).
-    student_cfg: the student's config; every shape field but num_layers must
-      equal the teacher's.
-    layer_map: teacher layer index per student layer; None: evenly spaced.
-  Returns:
-    StudentTextEncoder params {'t5': ..., 'proj': ...} in the student's
-    param_dtype (fresh copies: the train state is donated, the teacher's
-    buffers must survive it).
-  Raises:
-    ValueError: widths differ (names the fields; use `init_student` for a
-      narrower student), layer_map has the wrong length or an index outside
-      [0, teacher layers).
-    KeyError: teacher_params lacks a tree entry the copy needs.
-  """
-  diff = {k: (getattr(teacher_cfg, k), getattr(student_cfg, k))
-          for k in _SHAPE_FIELDS
-          if getattr(teacher_cfg, k) != getattr(student_cfg, k)}
-  if diff:
-    raise ValueError(
-        'init_from_teacher: cannot copy teacher layers into a student of a '
-        'different width; (teacher, student) differ in '
-        f'{diff}. Initialise such a student randomly (init_student / '
-        "config student.init='random').")
-  n_t, n_s = teacher_cfg.num_layers, student_cfg.num_layers
-  layer_map = (default_layer_map(n_t, n_s) if layer_map is None
-               else tuple(int(j) for j in layer_map))
-  if len(layer_map) != n_s:
-    raise ValueError(f'init_from_teacher: layer_map {layer_map} has '
-                     f'{len(layer_map)} entries but the student has {n_s} '
-                     'layers')
-  bad = [j for j in layer_map if not 0 <= j < n_t]
-  if bad:
-    raise ValueError(f'init_from_teacher: layer_map {layer_map} has indices '
-                     f'{bad} outside the teacher\'s layers [0, {n_t - 1}]')
-  dtype = jnp.dtype(student_cfg.param_dtype)
-  teacher_params = nn.meta.unbox(teacher_params)
-
-  def take(key):
-    if key not in teacher_params:
-      raise KeyError(f'init_from_teacher: teacher params have no {key!r} '
-                     f'(top-level keys: {sorted(teacher_params)})')
-    return jax.tree.map(lambda x: jnp.array(x, dtype=dtype, copy=True),
-                        teacher_params[key])
-
-  t5 = {k: take(k) for k in ('token_embed', 'relative_attention_bias',
-                             'final_norm')}
-  for i, j in enumerate(layer_map):
-    t5[f'layers_{i}'] = take(f'layers_{j}')
-  d = student_cfg.d_model
-  proj = {'kernel': jnp.eye(d, dtype=dtype), 'bias': jnp.zeros((d,), dtype)}
-  return {'t5': t5, 'proj': proj}
-
-
-def save_student(path: str, config: T5Config, out_dim: int, params) -> None:
-  """nanoflux checkpoint with config {'t5': T5Config dict, 'out_dim': int}."""
-  nf_checkpoint.save(path, {'t5': config.to_dict(), 'out_dim': int(out_dim)},
-                     params)
-
-
-def load_student(path: str, shardings=None) -> tuple[T5Config, int, Any]:
-  """-> (student T5Config, out_dim, params) from a `save_student` folder."""
-  return student_from_checkpoint(
-      *nf_checkpoint.load(path, shardings=shardings), path)
 
 
 # ---------------------------------------------------------------------------
@@ -277,9 +131,6 @@ def teacher_states(spec: TextDistillSpec, params, noise: Array, txt: Array,
                    y: Array) -> Array:
   """The teacher's Euler trajectory states on the schedule (no gradient).
 
-  data.teacher_trajectory does the same for plain DiTs; this one also passes
-  guidance and img_grid, so dev and token-down-sampling denoisers work.
-
   Args:
     params: the denoiser's params.
     noise: [B, L, C] x at schedule[0].
@@ -288,22 +139,11 @@ def teacher_states(spec: TextDistillSpec, params, noise: Array, txt: Array,
     [B, n, L, C] float32: x at schedule[0 .. n-1], the points where the
     sampler evaluates the model.
   """
-  b = noise.shape[0]
-  model = flux_lib.Flux(spec.denoiser)
-  img_ids = sampling.image_ids(b, *spec.grid)
-  txt_ids = sampling.text_ids(b, txt.shape[1])
-  ts = jnp.asarray(spec.schedule, jnp.float32)
-  guidance = _guidance(spec, b)
-
-  def step(x, k):
-    v = model.apply({'params': params}, img=x, img_ids=img_ids, txt=txt,
-                    txt_ids=txt_ids, timesteps=jnp.full((b,), ts[k]), y=y,
-                    guidance=guidance, img_grid=spec.grid)
-    return x + (ts[k + 1] - ts[k]) * v.astype(jnp.float32), x
-
-  _, xs = jax.lax.scan(step, noise.astype(jnp.float32),
-                       jnp.arange(len(spec.schedule) - 1))
-  return jax.lax.stop_gradient(jnp.swapaxes(xs, 0, 1))
+  xs, _, _ = sampling.trajectory(
+      spec.denoiser, params, noise, txt, y,
+      jnp.asarray(spec.schedule, jnp.float32),
+      _guidance(spec, noise.shape[0]), img_grid=spec.grid)
+  return jax.lax.stop_gradient(xs)
 
 
 def early_features(spec: TextDistillSpec, params, x: Array, t: Array,
@@ -316,11 +156,11 @@ def early_features(spec: TextDistillSpec, params, x: Array, t: Array,
     one [B, L', hidden] per block (L' = L, or coarse under a down-sampler).
   """
   b = x.shape[0]
-  _, feats = flux_lib.Flux(spec.denoiser).apply(
+  feats = flux_lib.Flux(spec.denoiser).apply(
       {'params': params}, img=x, img_ids=sampling.image_ids(b, *spec.grid),
       txt=txt, txt_ids=sampling.text_ids(b, txt.shape[1]), timesteps=t, y=y,
       guidance=_guidance(spec, b), return_intermediates=True,
-      img_grid=spec.grid)
+      img_grid=spec.grid).intermediates
   return [feats['img'][k] for k in spec.vis_blocks]
 
 
@@ -370,123 +210,32 @@ def text_distill_loss(params, frozen, batch: dict, rng: Array, *,
 # ---------------------------------------------------------------------------
 # Data: token ids, a pooled vector and fresh noise per step.
 # ---------------------------------------------------------------------------
-def random_tokens(num: int, length: int, vocab_size: int, seed: int = 0,
-                  pad_id: int = 0, eos_id: int = 1
-                  ) -> tuple[np.ndarray, np.ndarray]:
-  """Stand-in tokenised prompts for toy runs: random ids, EOS, then padding.
-
-  Returns:
-    (ids [num, length] int32, mask [num, length] int32), lengths (EOS
-    included) uniform in [max(2, length // 4), length].
-  """
-  if vocab_size <= max(pad_id, eos_id) + 1:
-    raise ValueError(f'random_tokens: vocab_size={vocab_size} too small')
-  r = np.random.default_rng(seed)
-  lo = min(length, max(2, length // 4))
-  lens = r.integers(lo, length + 1, num)
-  ids = r.integers(max(pad_id, eos_id) + 1, vocab_size, (num, length))
-  pos = np.arange(length)[None]
-  ids = np.where(pos == lens[:, None] - 1, eos_id, ids)
-  ids = np.where(pos >= lens[:, None], pad_id, ids).astype(np.int32)
-  return ids, (pos < lens[:, None]).astype(np.int32)
-
-
-def tokenize(tokenizer, prompts: Sequence[str],
-             length: int) -> tuple[np.ndarray, np.ndarray]:
-  """HF T5 tokenizer -> (ids, mask) [N, length] int32, padded/truncated."""
-  out = tokenizer(list(prompts), padding='max_length', max_length=length,
-                  truncation=True)
-  return (np.asarray(out['input_ids'], np.int32),
-          np.asarray(out['attention_mask'], np.int32))
-
-
-def pipeline_tokens(pipe, prompts: Sequence[str], length: int,
-                    chunk: int = 64) -> dict[str, np.ndarray]:
-  """{'ids', 'mask', 'y'} from a FluxPipeline: T5 ids as the pipeline
-  tokenizes them and the pooled CLIP vector the denoiser is conditioned on."""
-  from nanoflux_jax import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
-  ids, clip_ids = pipe.tokenize(prompts, length)
-  pad = pipe.tokenizer_2.pad_token_id
-  y = np.concatenate([
-      np.asarray(pipeline_lib._clip_pooled(  # pylint: disable=protected-access
-          pipe.clip_cfg, pipe.clip_params, clip_ids[i:i + chunk]))
-      for i in range(0, len(clip_ids), chunk)])
-  return {'ids': ids, 'mask': (ids != pad).astype(np.int32), 'y': y}
-
-
-def random_pooled(num: int, dim: int, seed: int = 0) -> np.ndarray:
-  """A fixed stand-in pooled CLIP vector per row [num, dim] (toy runs)."""
-  h = int.from_bytes(hashlib.sha256(f'pooled:{seed}'.encode()).digest()[:8],
-                     'little')
-  return np.random.default_rng(h).standard_normal((num, dim)).astype(
-      np.float32)
-
-
-class TokenData:
-  """Rows of (ids, mask, y) plus fresh noise; batch(step) is a pure function
-  of (seed, step), so a resumed run sees the batches it would have seen."""
-
-  def __init__(self, ids: np.ndarray, mask: np.ndarray, y: np.ndarray,
-               grid: tuple[int, int], in_channels: int, batch_size: int,
-               seed: int = 0):
-    """ids, mask: [N, T]; y: [N, vec]; grid: packed token grid (h, w)."""
-    self.ids = np.asarray(ids, np.int32)
-    self.mask = np.asarray(mask, np.int32)
-    self.y = np.asarray(y, np.float32)
-    n = len(self.ids)
-    if n == 0:
-      raise ValueError('TokenData: no token rows')
-    if self.mask.shape != self.ids.shape or self.ids.ndim != 2:
-      raise ValueError(f'TokenData: ids {self.ids.shape} and mask '
-                       f'{self.mask.shape} must be equal [N, T] shapes')
-    if self.y.ndim != 2 or len(self.y) != n:
-      raise ValueError(f'TokenData: y {self.y.shape}, expected ({n}, vec)')
-    self.grid, self.in_channels = tuple(grid), in_channels
-    self.batch_size, self.seed = batch_size, seed
-
-  def batch(self, step: int, process_index: int = 0,
-            process_count: int = 1) -> dict[str, np.ndarray]:
-    b = self.batch_size
-    rng = np.random.default_rng([self.seed, step])
-    idx = rng.integers(0, len(self.ids), b)
-    noise = rng.standard_normal(
-        (b, self.grid[0] * self.grid[1], self.in_channels), np.float32)
-    out = {'ids': self.ids[idx], 'mask': self.mask[idx], 'y': self.y[idx],
-           'noise': noise}
-    rows = data_lib.process_rows(b, process_index, process_count)
-    return {k: v[rows] for k, v in out.items()}
-
-
 # ---------------------------------------------------------------------------
 # Training.
 # ---------------------------------------------------------------------------
-def _t5_shardings(module: nn.Module, mesh):
-  return parallel.variable_shardings(module, mesh, parallel.RULES,
-                                     _dummy_ids())['params']
+def _t5_shardings(module: nn.Module, mesh, rules):
+  return parallel.variable_shardings(module, mesh, rules,
+                                     te_student.dummy_ids())['params']
 
 
 def _resolve_models(c, teacher_t5, denoiser, mesh):
   """-> (t5 (cfg, params), flux (cfg, params), pipeline or None)."""
   pipe = None
   if (teacher_t5 is None or denoiser is None) and c.get('pipeline'):
-    from nanoflux_jax.pipeline import FluxPipeline  # pylint: disable=g-import-not-at-top
     pipe = FluxPipeline.from_pretrained(c.pipeline, mesh=mesh)
     teacher_t5 = teacher_t5 or (pipe.t5_cfg, pipe.t5_params)
-    denoiser = denoiser or (pipe.flux_cfg, pipe.flux_params)
   if teacher_t5 is None:  # Random teacher: toy runs and tests.
     tc = c.teacher_t5
     cfg = getattr(T5Config, tc.preset)(**dict(tc.get('overrides', {}) or {}))
     module = T5Encoder(cfg)
-    params = jax.jit(lambda r: nn.meta.unbox(
-        module.init(r, _dummy_ids())['params']))(jax.random.PRNGKey(tc.seed))
+    params = jax.jit(lambda r: nn.meta.unbox(module.init(
+        r, te_student.dummy_ids())['params']))(jax.random.PRNGKey(tc.seed))
     teacher_t5 = (cfg, params)
-  if denoiser is None:
-    dc = c.denoiser
-    kw = {'context_in_dim': teacher_t5[0].d_model,
-          **dict(dc.get('overrides', {}) or {})}
-    cfg = getattr(FluxConfig, dc.preset)(**kw)
-    denoiser = (cfg, parallel.init_flux(cfg, mesh,
-                                        jax.random.PRNGKey(dc.seed))[0])
+  if denoiser is None:  # The pipeline's, else a random preset.
+    dc = ml_collections.ConfigDict(c.denoiser.to_dict())
+    dc.overrides = {'context_in_dim': teacher_t5[0].d_model,
+                    **dict(dc.get('overrides', {}) or {})}
+    denoiser = teacher_lib.load_teacher(dc, mesh, pipe)
   return teacher_t5, denoiser, pipe
 
 
@@ -497,21 +246,21 @@ def _token_arrays(c, t5_cfg, flux_cfg, tokenizer, tokens, pipe):
   if tokens is not None:
     tokens = dict(tokens)
   elif tokenizer is not None:
-    ids, mask = tokenize(tokenizer, data_lib.load_prompts(c.data.prompts),
+    ids, mask = data_lib.tokenize(tokenizer, data_lib.load_prompts(c.data.prompts),
                          length)
     tokens = {'ids': ids, 'mask': mask}
   elif pipe is not None:
-    tokens = pipeline_tokens(pipe, data_lib.load_prompts(c.data.prompts),
+    tokens = data_lib.pipeline_tokens(pipe, data_lib.load_prompts(c.data.prompts),
                              length)
   else:
-    ids, mask = random_tokens(c.data.num_prompts, length, t5_cfg.vocab_size,
+    ids, mask = data_lib.random_tokens(c.data.num_prompts, length, t5_cfg.vocab_size,
                               c.seed)
     tokens = {'ids': ids, 'mask': mask}
   ids = np.asarray(tokens['ids'])
   if 'mask' not in tokens:  # T5's pad id is 0.
     tokens['mask'] = (ids != 0).astype(np.int32)
   if 'y' not in tokens:
-    tokens['y'] = random_pooled(len(ids), flux_cfg.vec_in_dim, c.seed)
+    tokens['y'] = data_lib.random_pooled(len(ids), flux_cfg.vec_in_dim, c.seed)
   if ids.ndim != 2 or (ids < 0).any() or (ids >= t5_cfg.vocab_size).any():
     raise ValueError(f'token ids {ids.shape} must be [N, T] in [0, '
                      f'{t5_cfg.vocab_size})')
@@ -521,7 +270,7 @@ def _token_arrays(c, t5_cfg, flux_cfg, tokenizer, tokens, pipe):
 def _student(c, t_cfg, t_params, out_dim):
   """-> (student config, initial params) from c.student."""
   sc = c.student
-  s_cfg = student_t5_config(
+  s_cfg = te_student.student_t5_config(
       t_cfg, num_layers=sc.get('num_layers'), d_model=sc.get('d_model'),
       num_heads=sc.get('num_heads'), d_ff=sc.get('d_ff'),
       dtype='float32', param_dtype='float32')
@@ -529,11 +278,11 @@ def _student(c, t_cfg, t_params, out_dim):
   if how not in ('auto', 'teacher', 'random'):
     raise ValueError(f"student.init={how!r}; expected 'auto', 'teacher' or "
                      "'random'")
-  same = all(getattr(s_cfg, k) == getattr(t_cfg, k) for k in _SHAPE_FIELDS)
+  same = all(getattr(s_cfg, k) == getattr(t_cfg, k) for k in te_student.SHAPE_FIELDS)
   if how == 'teacher' or (how == 'auto' and same):
     layer_map = sc.get('layer_map')
-    return s_cfg, init_from_teacher(t_cfg, t_params, s_cfg, layer_map)
-  return s_cfg, init_student(s_cfg, out_dim, jax.random.PRNGKey(c.seed))
+    return s_cfg, te_student.init_from_teacher(t_cfg, t_params, s_cfg, layer_map)
+  return s_cfg, te_student.init_student(s_cfg, out_dim, jax.random.PRNGKey(c.seed))
 
 
 def train_text_encoder(c: ml_collections.ConfigDict, workdir: str, *,
@@ -576,22 +325,23 @@ def train_text_encoder(c: ml_collections.ConfigDict, workdir: str, *,
       guidance=float(c.get('guidance', DEFAULT_GUIDANCE)))
   if data is None:
     arrays = _token_arrays(c, t_cfg, f_cfg, tokenizer, tokens, pipe)
-    data = TokenData(arrays['ids'], arrays['mask'], arrays['y'], grid,
-                     f_cfg.in_channels, c.batch_size, c.seed)
-  s_sh = _t5_shardings(StudentTextEncoder(s_cfg, out_dim), mesh)
-  frozen_sh = {'t5': _t5_shardings(T5Encoder(t_cfg), mesh),
-               'flux': parallel.param_shardings(f_cfg, mesh)}
+    data = data_lib.TokenData(arrays['ids'], arrays['mask'], arrays['y'],
+                              grid, f_cfg.in_channels, c.batch_size, c.seed)
+  rules = loop.sharding_rules(c)
+  s_sh = _t5_shardings(StudentTextEncoder(s_cfg, out_dim), mesh, rules)
+  frozen_sh = {'t5': _t5_shardings(T5Encoder(t_cfg), mesh, rules),
+               'flux': sharding.param_shardings(f_cfg, mesh, rules)}
   frozen = parallel.shard_like({'t5': t_params, 'flux': f_params}, frozen_sh)
   logging.info('text-encoder distillation: student %s -> %d, vis blocks %s, '
                'lambda emb %g vis %g', s_cfg, out_dim, spec.vis_blocks,
                spec.lambda_emb, spec.lambda_vis)
-  state, history = trainer.fit(
+  state, history = loop.fit(
       c, workdir, loss_fn=functools.partial(text_distill_loss, spec=spec),
       params=parallel.shard_like(s_params, s_sh), param_sh=s_sh,
       frozen=frozen, frozen_sh=frozen_sh, data=data, mesh=mesh,
       tokens_per_example=c.data.txt_len)
   if int(jax.device_get(state.step)) >= c.num_steps:
-    save_student(os.path.join(workdir, STUDENT_DIR), s_cfg, out_dim,
+    te_student.save_student(os.path.join(workdir, STUDENT_DIR), s_cfg, out_dim,
                  state.params)
   return state, history
 
@@ -616,7 +366,7 @@ def default_config() -> ml_collections.ConfigDict:
       'init': 'auto',
       'layer_map': config_dict.placeholder(tuple),  # None: evenly spaced.
   }
-  trainer.add_loop_defaults(c)
+  loop.add_loop_defaults(c)
   c.num_sampling_steps = 4       # the denoiser's fixed schedule.
   c.guidance = DEFAULT_GUIDANCE  # dev denoisers only.
   c.loss = {'lambda_emb': 1.0, 'lambda_vis': 1.0, 'vis_blocks': (0,),

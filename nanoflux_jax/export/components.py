@@ -91,7 +91,7 @@ def denoiser_fn(cfg: FluxConfig, grid_h: int, grid_w: int,
     v = flux_lib.Flux(cfg).apply(
         {'params': params}, img=x['img'], img_ids=img_ids, txt=x['txt'],
         txt_ids=txt_ids, timesteps=_timesteps(cfg, x), y=x.get('y'),
-        guidance=x.get('guidance'), img_grid=(grid_h, grid_w))
+        guidance=x.get('guidance'), img_grid=(grid_h, grid_w)).velocity
     return {'velocity': v.astype(jnp.float32)}
 
   return fn, denoiser_inputs(cfg, grid_h * grid_w, txt_len)

@@ -59,6 +59,7 @@ class TFLiteModel:
   """
 
   def __init__(self, directory: str, entry: dict, num_threads: int = 2):
+    # Deferred: ai-edge-litert is optional (the 'export' extra).
     from ai_edge_litert.interpreter import Interpreter  # pylint: disable=g-import-not-at-top
     where = f'{directory}/{MANIFEST}'
     self.file = _get(entry, 'file', where)
@@ -135,6 +136,7 @@ class TFLitePipeline:
     self.last_timings: dict[str, Any] = {}
 
   def _tokenizer(self, name: str):
+    # Deferred: transformers (tokenizers only) is heavy to import.
     import transformers  # pylint: disable=g-import-not-at-top
     path = os.path.join(self.directory, name)
     if not os.path.isdir(path):

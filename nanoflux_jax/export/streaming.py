@@ -34,10 +34,13 @@ import weakref
 import zlib
 from typing import Any, Callable
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from nanoflux_jax.export import components
+from nanoflux_jax.export import runner
 from nanoflux_jax.export import tflite
 
 
@@ -185,8 +188,7 @@ class RandomSource(_Source):
     x = rng.standard_normal(shape, np.float32)
     name, parent = path[-1], path[-2] if len(path) > 1 else ''
     if name == 'kernel':
-      fan_in = (math.prod(shape[:-1]) if parent == 'proj' or len(shape) == 4
-                else shape[0])
+      fan_in = math.prod(shape[a] for a in _contracted_axes(path, len(shape)))
       x *= np.float32(1.0 / math.sqrt(fan_in))
     elif name == 'table':
       x *= np.float32(0.1)
@@ -205,13 +207,25 @@ def materialize(tree):
 # ----------------------------------------------------------------------------
 # Simulated weight quantization (what the int8 converter stores).
 # ----------------------------------------------------------------------------
+def _contracted_axes(path, ndim: int) -> tuple[int, ...]:
+  """The input (contracted) dims of a kernel: a conv's (kh, kw, in) and the
+  attention output projection's (heads, head_dim); every other Dense
+  contracts its first dim only (qkv [D, 3, heads, head_dim] included: its
+  output channels are all of (3, heads, head_dim))."""
+  parent = path[-2] if len(path) > 1 else ''
+  if parent == 'proj' or parent.startswith('conv'):
+    return tuple(range(ndim - 1))
+  return (0,)
+
+
 def fake_quant_int8(path, x: np.ndarray) -> np.ndarray:
-  """Symmetric int8 per output channel for the tensors TFLite's dynamic-range
-  quantizer stores as int8 (matmul and conv kernels), float otherwise."""
+  """What TFLite's dynamic-range quantizer stores for the tensors it makes
+  int8 (matmul and conv kernels of >= 1024 elements): symmetric int8, one
+  scale per output channel (each column of the flattened [in, out] kernel),
+  max|w| / 127; float otherwise."""
   if path[-1] != 'kernel' or x.size < 1024:
     return x
-  axes = tuple(range(x.ndim - 1)) if (path[-2] == 'proj' or x.ndim == 4) \
-      else (0,)
+  axes = _contracted_axes(path, x.ndim)
   scale = np.abs(x).max(axis=axes, keepdims=True) / 127.0
   scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
   return (np.clip(np.round(x / scale), -127, 127) * scale).astype(np.float32)
@@ -220,7 +234,6 @@ def fake_quant_int8(path, x: np.ndarray) -> np.ndarray:
 def _fake_quant_rows(x, axes, per_tensor=False):
   """Asymmetric int8 of x over `axes` (what LiteRT's dynamic-range kernels
   do to a float input before an int8-weight matmul / conv)."""
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   axes = tuple(range(1, x.ndim)) if per_tensor else axes
   lo = jnp.minimum(x.min(axis=axes, keepdims=True), 0)
   hi = jnp.maximum(x.max(axis=axes, keepdims=True), 0)
@@ -232,7 +245,6 @@ def _fake_quant_rows(x, axes, per_tensor=False):
 
 def _quantize_inputs(next_fun, args, kwargs, context):
   """flax interceptor: dynamic int8 inputs of int8-weight Dense / Conv."""
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
   mod = context.module
   if context.method_name == '__call__' and args:
     x = args[0]
@@ -373,7 +385,6 @@ def run_jax_streaming(cfg, source, chunks, grid_h: int, grid_w: int,
       keys_ = keys
     params = materialize(source.load(keys_, transform))
     if quantize_inputs:
-      import flax.linen as nn  # pylint: disable=g-import-not-at-top
       with nn.intercept_methods(_quantize_inputs):
         out = jax.jit(fn)(params, state)
     else:
@@ -394,7 +405,6 @@ def run_litert(directory: str, entries: list[dict], inputs: dict,
   Returns {'velocity' (of the first run), 'step_s' [per run], 'load_s',
   'peak_rss_mb'}.
   """
-  from nanoflux_jax.export import runner  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
   models = [runner.TFLiteModel(directory, e, num_threads) for e in entries]
   load_s = time.perf_counter() - start

@@ -64,6 +64,7 @@ def tree_bytes(params) -> int:
 
 def _tf():
   try:
+    # Deferred: TensorFlow is optional (the 'export' extra) and heavy.
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise ExportError('TFLite export needs tensorflow (pip install '
@@ -77,6 +78,7 @@ def check_quantize(quantize: str) -> None:
                      f'{QUANTIZE_OPTIONS}')
   if quantize == 'int4':
     try:
+      # Deferred: ai-edge-quantizer is optional (the 'export' extra).
       import ai_edge_quantizer  # pylint: disable=g-import-not-at-top,unused-import
     except ImportError as e:
       raise ExportError("quantize='int4' needs ai-edge-quantizer (pip install "
@@ -87,6 +89,7 @@ def check_quantize(quantize: str) -> None:
 # Reading .tflite files.
 # ----------------------------------------------------------------------------
 def _interpreter(path: str, num_threads: int = 1):
+  # Deferred: ai-edge-litert is optional (the 'export' extra).
   from ai_edge_litert.interpreter import Interpreter  # pylint: disable=g-import-not-at-top
   try:
     return Interpreter(model_path=path, num_threads=num_threads)
@@ -148,6 +151,7 @@ def _unsupported_ops(message: str, fn: Callable, params,
 def _saved_model(fn: Callable, params, inputs: InputSpecs, path: str) -> None:
   """Writes `fn` with `params` held as tf.Variables as a SavedModel at path."""
   tf = _tf()
+  # Deferred: jax2tf imports TensorFlow, optional and heavy.
   from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top
   tf_fn = jax2tf.convert(fn, native_serialization_platforms=('cpu',),
                          with_gradient=False)
@@ -177,6 +181,7 @@ def _quantize_int4(data: bytes) -> tuple[bytes, str]:
   """int4 weights, int8 dynamic activations: blockwise (32 weights per
   scale) where every quantized dimension divides by 32, else per channel
   (e.g. a tiny CLIP's 37-wide MLP). Returns (model, scheme)."""
+  # Deferred: ai-edge-quantizer is optional (the 'export' extra).
   from ai_edge_quantizer import quantizer, recipe  # pylint: disable=g-import-not-at-top
   errors = []
   for scheme, make in (('int4_block32', recipe.dynamic_wi4b32_afp32),

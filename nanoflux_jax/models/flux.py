@@ -9,8 +9,8 @@ their natural axes, so heads and MLP channels can be sliced and sharded:
 """
 from __future__ import annotations
 
-from typing import Any
 
+from flax import struct
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from nanoflux_jax.configs import FluxConfig
 from nanoflux_jax.models import downsample
 from nanoflux_jax.models import layers
+from nanoflux_jax.models import scan_blocks
 
 Array = jax.Array
 _ACT = ('act_batch', 'act_len', 'act_embed')
@@ -207,15 +208,29 @@ def static_step_index(timesteps: Array, schedule: tuple[float, ...]) -> Array:
                             table[None]), axis=-1).astype(jnp.int32)
 
 
+@struct.dataclass
+class FluxOutput:
+  """What `Flux` returns, always (big_vision returns (x, out); gemma an
+  Output dataclass): a pytree, so it passes through jit, scan and vmap.
+
+  velocity: [B, L, out_channels] the predicted flow.
+  intermediates: {} unless the call asked for them; then {'img': tuple of
+    [B, L_block, D] image tokens after each block, 'txt': the text tokens},
+    double blocks first.
+  """
+  velocity: Array
+  intermediates: dict = struct.field(default_factory=dict)
+
+
 class Flux(nn.Module):
   """FLUX.1 DiT with BFL's forward contract.
 
   Call with img [B, L, in_channels] (packed 2x2 latent patches), img_ids
   [B, L, 3], txt [B, T, context_in_dim], txt_ids [B, T, 3], timesteps [B] in
   [0, 1], y [B, vec_in_dim] (pooled CLIP; unused with static modulation) and
-  guidance [B] (guidance-distilled models only). Returns the velocity
-  [B, L, out_channels], or (velocity, {'img': (...), 'txt': (...)}) with every
-  block's output tokens when `return_intermediates` (double blocks first).
+  guidance [B] (guidance-distilled models only). Returns a `FluxOutput`:
+  the velocity [B, L, out_channels] and, when `return_intermediates`, every
+  block's output tokens {'img': (...), 'txt': (...)} (double blocks first).
 
   With the token down-sampler (config.downsample_start/end), `img_grid=(h, w)`
   (static Python ints, h * w = L, both divisible by downsample_factor f) is
@@ -290,7 +305,7 @@ class Flux(nn.Module):
                timesteps: Array, y: Array | None = None,
                guidance: Array | None = None,
                return_intermediates: bool = False,
-               img_grid: tuple[int, int] | None = None) -> Any:
+               img_grid: tuple[int, int] | None = None) -> FluxOutput:
     cfg = self.config
     self._check(img, img_ids, txt, txt_ids, timesteps, y, guidance)
     dtype, param_dtype = layers.dtypes(cfg)
@@ -312,25 +327,25 @@ class Flux(nn.Module):
     pe = layers.rope(jnp.concatenate([txt_ids, img_ids], axis=1),
                      cfg.axes_dim, cfg.theta)
 
-    double, single = (_maybe_remat(b, cfg)
+    double, single = (scan_blocks.maybe_remat(b, cfg)
                       for b in (DoubleStreamBlock, SingleStreamBlock))
     resample = self._resampler(img, img_ids, txt_ids, img_grid)
-    runs = block_runs(cfg)
+    runs = scan_blocks.block_runs(cfg)
     feats_img, feats_txt = [], []
     img, txt = _constrain(img), _constrain(txt)
     for kind, a, b in runs:
       if kind != 'double':
         continue
       if b - a > 1:  # A scanned run: stacked outputs [n, B, L, D].
-        run = _scan(DoubleStreamBlock, cfg, b - a)(
-            cfg, a, return_intermediates, name=run_name(kind, a, b))
+        run = scan_blocks.scanned(DoubleStreamBlock, cfg, b - a)(
+            cfg, a, return_intermediates, name=scan_blocks.run_name(kind, a, b))
         (img, txt), ys = run.scan_step((img, txt), cond, pe)
         if return_intermediates:
           feats_img.extend(ys[0])
           feats_txt.extend(ys[1])
         continue
       img, pe = resample(a, 'down', img, pe)
-      img, txt = double(cfg, a, name=run_name(kind, a, b))(img, txt, cond, pe)
+      img, txt = double(cfg, a, name=scan_blocks.run_name(kind, a, b))(img, txt, cond, pe)
       feats_img.append(img)
       feats_txt.append(txt)
       img, pe = resample(a, 'up', img, pe)
@@ -340,8 +355,8 @@ class Flux(nn.Module):
       if kind != 'single':
         continue
       if b - a > 1:
-        run = _scan(SingleStreamBlock, cfg, b - a)(
-            cfg, a, return_intermediates, name=run_name(kind, a, b))
+        run = scan_blocks.scanned(SingleStreamBlock, cfg, b - a)(
+            cfg, a, return_intermediates, name=scan_blocks.run_name(kind, a, b))
         x, ys = run.scan_step(x, cond, pe)
         if return_intermediates:
           feats_img.extend(ys[:, :, lt:])
@@ -349,7 +364,7 @@ class Flux(nn.Module):
         continue
       g = cfg.depth + a
       x, pe = resample(g, 'down', x, pe, lt)
-      x = single(cfg, a, name=run_name(kind, a, b))(x, cond, pe)
+      x = single(cfg, a, name=scan_blocks.run_name(kind, a, b))(x, cond, pe)
       feats_img.append(x[:, lt:])
       feats_txt.append(x[:, :lt])
       x, pe = resample(g, 'up', x, pe, lt)
@@ -360,97 +375,9 @@ class Flux(nn.Module):
     out = layers.dense(cfg.out_dim, ('embed', None), name='final_linear',
                        dtype=dtype, param_dtype=param_dtype)(
                            _modulate(img, shift, scale))
-    if return_intermediates:
-      return out, {'img': tuple(feats_img), 'txt': tuple(feats_txt)}
-    return out
-
-
-# ---------------------------------------------------------------------------
-# Scanned runs of identical blocks (FluxConfig.scan_blocks).
-# ---------------------------------------------------------------------------
-def block_runs(cfg: FluxConfig) -> list[tuple[str, int, int]]:
-  """The blocks as runs (kind, start, stop): 'double' runs first, in order.
-
-  Without `scan_blocks` every block is its own run. With it, consecutive
-  blocks of one kind with the same widths (heads, MLP widths) form a run,
-  scanned when it has more than one block; blocks in the down-sampler's
-  range [downsample_start, downsample_end] stay single (the resampling
-  happens between them and their neighbours).
-  """
-  ds = (range(0) if cfg.downsample_start is None else
-        range(cfg.downsample_start, cfg.downsample_end + 1))
-  kinds = (('double', 0, tuple(zip(cfg.double_heads, cfg.double_mlp_img,
-                                   cfg.double_mlp_txt))),
-           ('single', cfg.depth, tuple(zip(cfg.single_heads,
-                                           cfg.single_mlp))))
-  runs = []
-  for kind, offset, widths in kinds:
-    for i, w in enumerate(widths):
-      joins = (cfg.scan_blocks and runs and runs[-1][0] == kind and
-               runs[-1][2] == i and widths[i - 1] == w and
-               offset + i not in ds and offset + i - 1 not in ds)
-      if joins:
-        runs[-1] = (kind, runs[-1][1], i + 1)
-      else:
-        runs.append((kind, i, i + 1))
-  return runs
-
-
-def run_name(kind: str, start: int, stop: int) -> str:
-  """Param name of a run: 'double_blocks_3' alone, 'double_blocks_0_to_18'
-  (params stacked on a leading axis) when scanned."""
-  if stop - start == 1:
-    return f'{kind}_blocks_{start}'
-  return f'{kind}_blocks_{start}_to_{stop - 1}'
-
-
-def _maybe_remat(block, cfg: FluxConfig, **kw):
-  if not cfg.remat:
-    return block
-  return nn.remat(block, policy=getattr(jax.checkpoint_policies,
-                                        cfg.remat_policy), **kw)
-
-
-def _scan(block, cfg: FluxConfig, length: int):
-  """`block` whose `scan_step` runs `length` times in a lax.scan (params
-  stacked on a leading 'layers' axis, one RNG per layer at init)."""
-  # prevent_cse=False: inside a scan the loop already keeps XLA from CSE-ing
-  # the recomputation into the forward (as flax recommends).
-  body = _maybe_remat(block, cfg, prevent_cse=False, methods=['scan_step'])
-  return nn.scan(body, variable_axes={'params': 0},
-                 split_rngs={'params': True},
-                 in_axes=(nn.broadcast, nn.broadcast), length=length,
-                 metadata_params={nn.PARTITION_NAME: 'layers'},
-                 methods=['scan_step'])
-
-
-def scan_params(cfg: FluxConfig, params: dict) -> dict:
-  """Unrolled params (one `{kind}_blocks_{i}` per block: what the BFL /
-  diffusers loaders and `save_bfl` use) -> `cfg`'s scanned layout."""
-  out = dict(params)
-  for kind, a, b in block_runs(cfg):
-    if b - a > 1:
-      blocks = [out.pop(f'{kind}_blocks_{i}') for i in range(a, b)]
-      out[run_name(kind, a, b)] = jax.tree.map(
-          lambda *xs: jnp.stack(xs), *blocks)
-  return out
-
-
-def unscan_params(cfg: FluxConfig, params: dict, take=None) -> dict:
-  """`cfg`'s scanned layout -> unrolled params (the inverse of scan_params).
-
-  take: (stacked leaf, i) -> leaf of layer i; default indexing (a tree of
-  shardings, say, needs its own).
-  """
-  take = take or (lambda x, i: x[i])
-  out = dict(params)
-  for kind, a, b in block_runs(cfg):
-    if b - a > 1:
-      stacked = out.pop(run_name(kind, a, b))
-      for i in range(a, b):
-        out[f'{kind}_blocks_{i}'] = jax.tree.map(
-            lambda x, i=i: take(x, i - a), stacked)
-  return out
+    if not return_intermediates:
+      return FluxOutput(out)
+    return FluxOutput(out, {'img': tuple(feats_img), 'txt': tuple(feats_txt)})
 
 
 def init_params(config: FluxConfig, rng: Array, batch: int = 1,

@@ -27,7 +27,7 @@ class _NamedBox(nn.LogicallyPartitioned):
   a mesh, `nn.LogicallyPartitioned.unbox` would constrain the flat value with
   the rank-N names and fail; this box leaves a value of another rank alone
   and constrains the reshaped one through `parallel.constrain` (fitted, like
-  the shardings `parallel.param_shardings` gives the params).
+  the shardings `models.sharding.param_shardings` gives the params).
   """
 
   def unbox(self, apply_constraint=True):

@@ -276,7 +276,7 @@ def student_from_checkpoint(config, params, where: str,
   """checkpoint.load's (config, params) of a student text encoder ->
   (T5Config, out_dim, params).
 
-  The config is the dict distill.text_encoder.save_student writes:
+  The config is the dict compress.text_encoder.save_student writes:
   {'t5': T5Config dict, 'out_dim': int}; `where` names the folder in errors.
   """
   if not isinstance(config, dict) or set(config) != {'t5', 'out_dim'}:

@@ -19,6 +19,9 @@ import tempfile
 import time
 from typing import Sequence
 
+import jax
+from jax._src import distributed
+
 ENV_ID = 'NANOFLUX_PROCESS_ID'
 ENV_COUNT = 'NANOFLUX_PROCESS_COUNT'
 ENV_ADDR = 'NANOFLUX_COORDINATOR'
@@ -35,7 +38,6 @@ def initialize() -> tuple[int, int]:
 
   Returns (process_id, process_count).
   """
-  import jax  # pylint: disable=g-import-not-at-top
   pid, n = int(os.environ[ENV_ID]), int(os.environ[ENV_COUNT])
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   jax.distributed.initialize(coordinator_address=os.environ[ENV_ADDR],
@@ -51,7 +53,6 @@ def barrier(name: str, timeout_s: float = 600) -> None:
   up after 30 s, so processes skewed by a busy machine (imports, compiles)
   are lined up here, outside gloo, before their first collective.
   """
-  from jax._src import distributed  # pylint: disable=g-import-not-at-top
   client = distributed.global_state.client
   if client is not None:
     client.wait_at_barrier(name, int(timeout_s * 1000))

@@ -385,9 +385,9 @@ def run_ladder(config: ml_collections.ConfigDict, workdir: str, *,
       logging.info('ladder: %s already done; skipping', name)
       row = done['row']
       _read_lineage(ctx, rung_dir)
-      if kind.distills_denoiser:
-        rung_student = functools.partial(
-            load, os.path.join(rung_dir, 'student'))
+      out_dir = os.path.join(rung_dir, 'student')
+      if checkpoint.is_checkpoint(out_dir):  # The rung's own denoiser.
+        rung_student = functools.partial(load, out_dir)
       if done.get('text_encoder'):
         te = os.path.join(rung_dir, done['text_encoder'])
     else:

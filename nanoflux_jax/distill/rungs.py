@@ -53,7 +53,9 @@ class RungResult:
   finished: False when training stopped early (distill.stop_after); rerun
     the ladder to resume.
   fields: report-row fields (losses, steps, start_step, exports, ...).
-  student: the denoiser the rung ends with; None: the one it was given.
+  student: the denoiser the rung ends with; None: the one it was given. A
+    run that changes the denoiser also saves it to ctx.rung_dir/student
+    (nanoflux_jax.checkpoint), where a resumed ladder reads it back.
   text_encoder: the student T5 folder the rung wrote, if any.
   """
   finished: bool

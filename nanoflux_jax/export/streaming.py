@@ -232,15 +232,24 @@ def fake_quant_int8(path, x: np.ndarray) -> np.ndarray:
 
 
 def _fake_quant_rows(x, axes, per_tensor=False):
-  """Asymmetric int8 of x over `axes` (what LiteRT's dynamic-range kernels
-  do to a float input before an int8-weight matmul / conv)."""
+  """Asymmetric int8 of x over `axes`, as XNNPACK's dynamic-range ("qd8")
+  kernels quantize a float input before an int8-weight matmul / conv
+  (`xnn_f32_qd8_asymmetric_quantization_params`): one (scale, zero point)
+  per row of a fully-connected input (the contracted dims), one per image of
+  a conv input; range [min(x, 0), max(x, 0)], multiplier 255 / range, zero
+  point from the end with the smaller error, both rounded half to even.
+  (TFLite's own builtin kernels, without XNNPACK, round ties away from zero
+  and so differ on exact ties.)"""
   axes = tuple(range(1, x.ndim)) if per_tensor else axes
   lo = jnp.minimum(x.min(axis=axes, keepdims=True), 0)
   hi = jnp.maximum(x.max(axis=axes, keepdims=True), 0)
-  scale = jnp.where(hi > lo, (hi - lo) / 255.0, 1.0)
-  zp = jnp.round(-128.0 - lo / scale)
-  q = jnp.clip(jnp.round(x / scale) + zp, -128, 127)
-  return ((q - zp) * scale).astype(x.dtype)
+  mul = jnp.where(hi > lo, 255.0 / jnp.where(hi > lo, hi - lo, 1.0), 1.0)
+  lo_s, hi_s = lo * mul, hi * mul
+  zp = jnp.where((-128.0 + lo_s) + (127.0 + hi_s) > 0, -128.0 - lo_s,
+                 127.0 - hi_s)
+  zp = jnp.round(jnp.clip(zp, -128.0, 127.0))
+  q = jnp.clip(jnp.round(x * mul) + zp, -128, 127)
+  return ((q - zp) * (1.0 / mul)).astype(x.dtype)
 
 
 def _quantize_inputs(next_fun, args, kwargs, context):

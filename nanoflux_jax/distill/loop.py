@@ -221,9 +221,12 @@ def checkpoint_manager(workdir: str, c: ml_collections.ConfigDict | None = None
 
 
 def latest_step(workdir: str) -> int | None:
-  """The newest saved step in workdir/checkpoints, or None."""
-  if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
-    return None
+  """The newest saved step in workdir/checkpoints, or None.
+
+  Always through a CheckpointManager, never a look at the folder first: on
+  several hosts the manager's construction is a collective, so every
+  process must build one whatever another has written meanwhile.
+  """
   return checkpoint_manager(workdir).latest_step()
 
 

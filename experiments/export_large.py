@@ -13,7 +13,10 @@ is a plain DiT of --hidden / --double / --single.
    (quantized bytes) is converted in its own process, from weights
    regenerated from the seed; no process holds more than one chunk.
 2. Parity: the JAX forward of the same weights, chunk by chunk in a child
-   process, in float32 and with the int8 weight quantization simulated.
+   process, in float32 and with int8 simulated (the stored int8 weights,
+   and XNNPACK's dynamic int8 quantization of every int8 layer's input).
+   --jitter=1e-7 also runs that simulation on inputs moved by float32
+   rounding, which bounds how close any second implementation can get.
 3. LiteRT: every file loaded as an app does (XNNPACK, --threads), one
    denoiser step at 512 x 512 px (--grid 32 -> 1024 image tokens) with
    --txt_len T5 tokens, run --litert_steps times in a child process.
@@ -59,6 +62,12 @@ _THREADS = flags.DEFINE_integer('threads', 2, 'LiteRT threads.')
 _STEPS = flags.DEFINE_integer('litert_steps', 2, 'Timed LiteRT denoiser '
                               'steps (0: skip the LiteRT run).')
 _PARITY = flags.DEFINE_bool('parity', True, 'Run the JAX references.')
+_JITTER = flags.DEFINE_float(
+    'jitter', 0.0, 'int8: also run the JAX int8 simulation on the inputs '
+    'times (1 + jitter * N(0, 1)) and report its max relative error against '
+    'the unperturbed one ("jax_int8_vs_jittered"): how far a second, exact '
+    'implementation of the same int8 arithmetic lands when its float ops '
+    'differ in the last bits (1e-7: float32 rounding). 0: skip.')
 
 
 def _log(msg):
@@ -78,14 +87,20 @@ def model():
   return student.nanoflux_student(recipe)
 
 
-def _references(cfg, source, chunks, grid, inputs, quantize):
+def _references(cfg, source, chunks, grid, inputs, quantize, jitter=0.0):
   """Child process: JAX fp32 and quantization-simulated forwards."""
   out = {'fp32': streaming.run_jax_streaming(cfg, source, chunks, grid, grid,
                                              inputs)}
   if quantize == 'int8':
-    out['int8'] = streaming.run_jax_streaming(
-        cfg, source, chunks, grid, grid, inputs,
+    int8 = lambda x: streaming.run_jax_streaming(
+        cfg, source, chunks, grid, grid, x,
         transform=streaming.fake_quant_int8, quantize_inputs=True)
+    out['int8'] = int8(inputs)
+    if jitter:
+      rng = np.random.default_rng(7)
+      out['int8_jittered'] = int8({
+          k: (v * (1 + jitter * rng.standard_normal(v.shape))).astype(v.dtype)
+          if v.dtype == np.float32 else v for k, v in inputs.items()})
   out['peak_rss_mb'] = streaming.peak_rss_mb()
   return out
 
@@ -145,7 +160,10 @@ def main(argv):
                                         chunk or 1 << 30, 4.0)
     t0 = time.perf_counter()
     refs = streaming.in_subprocess(_references, cfg, source, ref_chunks,
-                                   grid, inputs, quantize)
+                                   grid, inputs, quantize, _JITTER.value)
+    if 'int8_jittered' in refs:
+      report['jax_int8_vs_jittered'] = streaming.max_rel_err(
+          refs['int8_jittered']['velocity'], refs['int8']['velocity'])
     child_peaks.append(refs['peak_rss_mb'])
     _log(f'JAX references: {time.perf_counter() - t0:.0f} s, '
          f'peak {refs["peak_rss_mb"] / 1024:.2f} GiB')

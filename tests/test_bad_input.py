@@ -613,13 +613,15 @@ def test_sigint_saves_and_a_corrupt_checkpoint_falls_back(tmp_path, caplog):
   data = data_lib.PromptData(data_lib.load_prompts('builtin')[:4],
                              data_lib.random_embedder(cfg, 4), cfg, (2, 2), 4)
   wd = str(tmp_path / 'wd')
+  # What was installed before (SIG_IGN when pytest runs as a background job).
+  before = signal.getsignal(signal.SIGINT)
   # SIGINT while step 1 runs: it finishes, step 2 is saved (the config
   # would only have saved at step 6), then TrainingInterrupted.
   with pytest.raises(loop.TrainingInterrupted, match='SIGINT at step 2'):
     trainer.train(c, wd, data=_SignalAt(data, 1), mesh=_mesh())
   ckdir = os.path.join(wd, 'checkpoints')
   assert sorted(os.listdir(ckdir)) == ['2']
-  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+  assert signal.getsignal(signal.SIGINT) is before  # Restored.
   # Two more checkpoints, then the newest is corrupted.
   state, _ = trainer.train(_train_config(num_steps=6, checkpoint_every=1,
                                          stop_after=4), wd, data=data,

@@ -43,13 +43,18 @@ def random_inputs(cfg, batch, h, w, txt_len, seed=0):
   return out
 
 
-def run_diffusers(model, inputs):
+def run_diffusers(model, inputs, dtype=None):
+  """diffusers' forward on our inputs -> float32 numpy; with a torch
+  `dtype`, model (converted in place: call it last) and inputs in it."""
   torch = require('torch')
-  t = lambda k: torch.from_numpy(np.asarray(inputs[k]))
+  if dtype is not None:
+    model = model.to(dtype)
+  cast = (lambda x: x) if dtype is None else (lambda x: x.to(dtype))
+  t = lambda k: cast(torch.from_numpy(np.asarray(inputs[k])))
   with torch.no_grad():
     out = model(hidden_states=t('img'), encoder_hidden_states=t('txt'),
                 pooled_projections=t('y'), timestep=t('timesteps'),
                 img_ids=t('img_ids')[0], txt_ids=t('txt_ids')[0],
                 guidance=t('guidance') if 'guidance' in inputs else None,
                 return_dict=False)[0]
-  return out.numpy()
+  return out.float().numpy()

@@ -157,6 +157,15 @@ MUTANTS = (
              'first = jax.tree.map(np.asarray, data.batch(start, jax.process_index(),',
              'first = jax.tree.map(np.asarray, data.batch(start + (latest is not None), jax.process_index(),'),),
            ('tests/test_trainer.py::test_fit_resume_reads_the_step_it_stopped_at',)),
+    # Issue 25 item 7: functions whose result only met itself in a comparison.
+    Mutant('select_block_keeps_lowest',
+           "per-block selection keeps each block's lowest-scoring heads (the "
+           'counts stay right)',
+           (('nanoflux_jax/compress/selection.py',
+             "k[np.argsort(-g, kind='stable')[:max(1, round(ratio * len(g)))]] = 1",
+             "k[np.argsort(g, kind='stable')[:max(1, round(ratio * len(g)))]] = 1"),),
+           ('tests/test_compress_sensitivity.py::'
+            'test_select_keeps_the_units_a_hand_ranking_keeps',)),
 )
 
 

@@ -129,3 +129,26 @@ def test_select_ratios_and_target():
     compress.select(cfg, scores, target_params=1000)
   with pytest.raises(ValueError, match="'nope'"):
     compress.sensitivity(cfg, {}, {}, 'nope')
+
+
+def test_select_keeps_the_units_a_hand_ranking_keeps():
+  """Which units survive, not only how many: hand-set scores, hand-ranked."""
+  cfg = _cfg()  # 2 double + 2 single blocks, 4 heads each.
+  scores = compress.PruneMask.ones(cfg).replace(
+      double_heads=(np.array([.3, .9, .1, .5]), np.array([.8, .2, .7, .4])),
+      single_heads=(np.array([.05, .6, .95, .15]),
+                    np.array([.02, .03, .01, .04])),
+      double_blocks=np.array([.2, .9]), single_blocks=np.array([.5, .1]))
+  kept = lambda m: [np.nonzero(v)[0].tolist()
+                    for v in m.double_heads + m.single_heads]
+  # Per block: the top 2 of each block's 4 heads.
+  assert kept(compress.select(cfg, scores, keep_heads=0.5, scope='block')) == [
+      [1, 3], [0, 2], [1, 2], [1, 3]]
+  # Globally: the top 8 of 16 are .95 .9 .8 .7 .6 .5 .4 .3; the last single
+  # block has none of them and keeps its best head (index 3).
+  assert kept(compress.select(cfg, scores, keep_heads=0.5)) == [
+      [0, 1, 3], [0, 2, 3], [1, 2], [3]]
+  # Blocks ranked over double and single together: .9 and .5 survive.
+  blocks = compress.select(cfg, scores, keep_blocks=2)
+  assert blocks.double_blocks.tolist() == [0, 1]
+  assert blocks.single_blocks.tolist() == [1, 0]

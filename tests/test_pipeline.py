@@ -10,6 +10,9 @@ from nanoflux_jax.testing.tiny_flux import make_tiny_flux_pipeline
 PROMPTS = ['a red circle on the left', 'a photo of a blue dog on a square']
 LATENT_TOL = 1e-4     # max relative error of the final packed latents.
 PIXEL_TOL = 1         # uint8 units (rounding of diffusers' float images).
+# Non-default call arguments (diffusers' defaults are 3.5 and 512 / 256).
+GUIDANCE = 2.0
+MAX_SEQ = 24
 # bf16 weights: latents after 3 steps, and images in uint8 levels.
 # Measured: latents 1.0e-3 (schnell) / 1.1e-3 (dev); images vs our fp32
 # mean 0.16 max 1 (both), vs diffusers bf16 mean 0.40 max 2 (schnell) / 0.88
@@ -36,27 +39,47 @@ def _noise(ref, batch, height, width, seed=0):
 
 
 def test_latents_and_images_match_diffusers(pipelines):
+  """Non-default guidance and T5 length on both sides: a pipeline that drops
+  either argument on the way in (and uses its default) fails here."""
   torch = require('torch')
   ref, ours, _ = pipelines
   height, width = 32, 48
   noise = _noise(ref, 2, height, width)
+  # T5 pads without a mask, so the token count changes the embeddings; the
+  # guidance value reaches the dev model's guidance embedder.
+  ref_kw = dict(height=height, width=width, num_inference_steps=3,
+                latents=noise, guidance_scale=GUIDANCE,
+                max_sequence_length=MAX_SEQ)
   with torch.no_grad():
-    want = ref(PROMPTS, height=height, width=width, num_inference_steps=3,
-               latents=noise, output_type='latent',
-               max_sequence_length=256).images.numpy()
-    want_img = ref(PROMPTS, height=height, width=width, num_inference_steps=3,
-                   latents=noise, output_type='np',
-                   max_sequence_length=256).images
-  got = ours(PROMPTS, height=height, width=width, num_steps=3,
-             latents=noise.numpy(), output_type='latent')
+    want = ref(PROMPTS, output_type='latent', **ref_kw).images.numpy()
+    want_img = ref(PROMPTS, output_type='np', **ref_kw).images
+  kw = dict(height=height, width=width, num_steps=3, latents=noise.numpy(),
+            guidance=GUIDANCE, max_sequence_length=MAX_SEQ)
+  got = ours(PROMPTS, output_type='latent', **kw)
   assert got.shape == (2, (height // 4) * (width // 4), 64)
   assert max_rel_err(got, want) < LATENT_TOL
-  img = ours(PROMPTS, height=height, width=width, num_steps=3,
-             latents=noise.numpy())
+  img = ours(PROMPTS, **kw)
   assert img.dtype == np.uint8 and img.shape == (2, height, width, 3)
   diff = np.abs(img.astype(int) - np.round(want_img * 255).astype(int))
   assert diff.max() <= PIXEL_TOL, diff.max()
   assert set(ours.last_timings) == {'encode', 'denoise', 'decode'}
+
+
+def test_guidance_and_sequence_length_reach_the_model(pipelines):
+  """The arguments of the parity test above are not no-ops here: each one,
+  changed alone, changes our latents (guidance only on the dev model)."""
+  ref, ours, _ = pipelines
+  kw = dict(height=16, width=16, num_steps=2, seed=1, output_type='latent')
+  base = ours(PROMPTS, guidance=GUIDANCE, max_sequence_length=MAX_SEQ, **kw)
+  longer = ours(PROMPTS, guidance=GUIDANCE, max_sequence_length=2 * MAX_SEQ,
+                **kw)
+  assert max_rel_err(longer, base) > 1e-3
+  other_g = ours(PROMPTS, guidance=2 * GUIDANCE, max_sequence_length=MAX_SEQ,
+                 **kw)
+  if ref.transformer.config.guidance_embeds:
+    assert max_rel_err(other_g, base) > 1e-3
+  else:  # schnell has no guidance embedder: the value is ignored.
+    np.testing.assert_array_equal(np.asarray(other_g), np.asarray(base))
 
 
 def test_bf16_pipeline_matches_fp32_and_diffusers_bf16(pipelines):

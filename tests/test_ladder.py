@@ -86,6 +86,9 @@ def test_cli_writes_report_checkpoints_samples_then_resumes(finished):
     assert checkpoint.is_checkpoint(str(workdir / name / 'student'))
   cfg = checkpoint.load_config(str(workdir / RUNGS[1] / 'student'))
   assert cfg.modulation == 'static' and cfg.double_heads == (2,)
+  # The tables sit at the timesteps the student samples: ladder_tiny's 2
+  # unshifted Euler steps from t=1 (each step's start, by hand).
+  assert cfg.static_timesteps == (1.0, 0.5), cfg.static_timesteps
 
   # A second run resumes: nothing is compressed or trained again, and the
   # report keeps one row per rung.

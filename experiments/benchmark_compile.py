@@ -17,8 +17,14 @@ backend, or on a GPU with --backend=gpu.
    interpret mode off TPU, so its figure there is the kernel's tiles as XLA
    interprets them).
 
+3. the same train-step compile for the student after the ladder's prune
+   rung (`ladder_schnell.py`'s rung 0: half the heads, 75% of the MLP
+   channels in every block; its shapes from the rung's real transform on
+   abstract params, `memory_bytes.transform_shapes`), unrolled and scanned.
+
 Last line: one JSON object {"forward_unrolled_s", "forward_scanned_s",
-"train_unrolled_s", "train_scanned_s"}.
+"train_unrolled_s", "train_scanned_s", "prune_train_unrolled_s",
+"prune_train_scanned_s"}.
 """
 import functools
 import json
@@ -32,6 +38,7 @@ import jax.numpy as jnp
 from nanoflux_jax import sampling
 from nanoflux_jax.configs import FluxConfig
 from nanoflux_jax.distill import loop
+from nanoflux_jax.distill import memory_bytes
 from nanoflux_jax.distill import trainer
 from nanoflux_jax.models import flux
 from nanoflux_jax.models import layers
@@ -136,6 +143,19 @@ def main(argv):
       out[f'{what}_{layout}_s'] = round(lower_s + compile_s, 2)
       print(f'{what:8s} {layout:9s} lower {lower_s:7.2f} s  compile '
             f'{compile_s:7.2f} s', flush=True)
+  # The student after the prune rung (scope='block': equal widths per
+  # block, so each kind is still one scanned run).
+  pruned, _ = memory_bytes.transform_shapes(
+      'prune', base, memory_bytes.abstract_params(base, None),
+      {'keep_heads': 0.5, 'keep_mlp': 0.75}, (1.0, 0.0), base.vec_in_dim)
+  print(f'prune rung student: heads {pruned.double_heads[0]}, MLP '
+        f'{pruned.double_mlp_img[0]} per block')
+  for layout in ('unrolled', 'scanned'):
+    cfg = pruned.replace(scan_blocks=layout == 'scanned')
+    lower_s, compile_s, _ = train_compile(cfg, grid, txt, device)
+    out[f'prune_train_{layout}_s'] = round(lower_s + compile_s, 2)
+    print(f'prune train {layout:9s} lower {lower_s:7.2f} s  compile '
+          f'{compile_s:7.2f} s', flush=True)
   if _MEMORY.value:
     length = grid * grid + txt
     mem = {impl: attention_memory(impl, length, base.num_heads,

@@ -1,15 +1,27 @@
 r"""Forward-pass benchmark of nanoflux_jax's FLUX DiT against diffusers.
 
-CPU (default): FluxConfig.benchmark() (hidden 768, 12 heads x 64, 4 double +
-8 single blocks), batch 1, a 32x32 image-token grid + 128 text tokens, fp32.
+CPU (default, --size=benchmark): FluxConfig.benchmark() (hidden 768, 12
+heads x 64, 4 double + 8 single blocks), batch 1, a 32x32 image-token grid +
+128 text tokens, fp32. --size=shapes_teacher: the shapes teacher's config
+(data.shapes.teacher_path(); hidden 128, 4 heads x 32, 2 double + 4 single
+blocks) at batch 8, 8x8 image + 24 text tokens (88 a sequence), fp32.
 The same random weights go into diffusers' FluxTransformer2DModel (torch,
 no_grad, eval) and, through a diffusers `save_pretrained` folder and
 `load_flux_transformer`, into ours (jax.jit). Prints the parity error, a
-timing table (median ms after warm-up, runs interleaved so machine load hits
-both alike), our achieved GFLOP/s next to a plain jnp matmul's, a per-part
-breakdown, and as the last line one JSON object.
+timing table (ms after warm-up, runs interleaved so machine load hits
+both alike; min and median of the samples), our achieved GFLOP/s next to a
+plain jnp matmul's of the model's widest shape ([tokens, hidden] x [hidden,
+mlp]), a per-part breakdown, and as the last line one JSON object: its
+speed_ratio (diffusers ms / ours ms) and matmul_fraction (our GFLOP/s / the
+matmul's) come from the median times; the same figures from the minimum
+times (*_min) and from process CPU time per call (*_cpu_time) are there too.
+On a machine shared with other jobs a sample is the intrinsic time plus a
+random wait: the median pays a typical wait, the minimum favours the short
+matmul (more likely to find both cores free than a forward of seconds), and
+CPU time counts no waiting at all; on an idle machine the three agree.
 
-  python experiments/benchmark_dit.py [--grid=32 --txt_len=128 --repeats=7]
+  python experiments/benchmark_dit.py [--size=shapes_teacher]
+      [--grid=32 --txt_len=128 --batch=1 --repeats=7]
 
 GPU (--schnell_gpu): FLUX.1-schnell-size model with random bf16 weights,
 1024x1024 image (4096 tokens) + 512 text tokens, ours (cudnn/xla attention)
@@ -35,8 +47,14 @@ import nanoflux_jax as nf
 from nanoflux_jax.convert import flux as convert_flux
 from nanoflux_jax.models import flux, layers
 
-_GRID = flags.DEFINE_integer('grid', 32, 'Image token grid side (tokens = grid^2).')
-_TXT_LEN = flags.DEFINE_integer('txt_len', 128, 'Text tokens.')
+_SIZE = flags.DEFINE_enum('size', 'benchmark', ['benchmark', 'shapes_teacher'],
+                          'Model config and default token counts / batch.')
+_GRID = flags.DEFINE_integer('grid', None, 'Image token grid side (tokens = '
+                             'grid^2); default 32 (benchmark), 8 (shapes).')
+_TXT_LEN = flags.DEFINE_integer('txt_len', None, 'Text tokens; default 128 '
+                                '(benchmark), 24 (shapes_teacher).')
+_BATCH = flags.DEFINE_integer('batch', None, 'Batch; default 1 (benchmark), '
+                              '8 (shapes_teacher).')
 _REPEATS = flags.DEFINE_integer('repeats', 7, 'Timed runs per measurement.')
 _WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed runs before timing.')
 _TORCH_THREADS = flags.DEFINE_integer('torch_threads', 2, 'torch.set_num_threads.')
@@ -83,21 +101,29 @@ def forward_flops(cfg, img_len: int, txt_len: int, batch: int = 1) -> int:
 
 
 def time_interleaved(fns: dict, repeats: int, warmup: int,
-                     inner: dict | None = None) -> dict:
-  """name -> median seconds. Each round runs every fn once (`inner[name]`
-  times for short ones, all samples kept), so load drifts hit all alike."""
+                     inner: dict | None = None, stat=statistics.median,
+                     cpu: dict | None = None) -> dict:
+  """name -> stat (median) of the seconds samples (`stat=None`: the
+  samples). Each round runs every fn once (`inner[name]` times for short
+  ones, all samples kept), so load drifts hit all alike. `cpu`, a dict, gets
+  name -> process CPU seconds per call (all threads; waiting for a core
+  does not count, so this survives a machine shared with other jobs)."""
   inner = inner or {}
   for fn in fns.values():
     for _ in range(warmup):
       fn()
   times = {k: [] for k in fns}
+  cpu_s = {k: 0. for k in fns}
   for _ in range(repeats):
     for k, fn in fns.items():
       for _ in range(inner.get(k, 1)):
-        t = time.perf_counter()
+        c, t = time.process_time(), time.perf_counter()
         fn()
         times[k].append(time.perf_counter() - t)
-  return {k: statistics.median(v) for k, v in times.items()}
+        cpu_s[k] += time.process_time() - c
+  if cpu is not None:
+    cpu.update({k: v / len(times[k]) for k, v in cpu_s.items()})
+  return times if stat is None else {k: stat(v) for k, v in times.items()}
 
 
 def _jax_call(f, *args):
@@ -128,17 +154,37 @@ def _diffusers_model(cfg, torch, diffusers, seed=0):
   return model
 
 
-def _inputs(cfg, grid, txt_len, seed=0):
+def _inputs(cfg, grid, txt_len, seed=0, batch=1):
   rng = np.random.default_rng(seed)
   ids = np.zeros((grid, grid, 3), np.float32)
   ids[..., 1], ids[..., 2] = np.arange(grid)[:, None], np.arange(grid)[None]
   return dict(
-      img=rng.standard_normal((1, grid * grid, cfg.in_channels), np.float32),
-      img_ids=ids.reshape(1, grid * grid, 3),
-      txt=rng.standard_normal((1, txt_len, cfg.context_in_dim), np.float32),
-      txt_ids=np.zeros((1, txt_len, 3), np.float32),
-      timesteps=np.array([0.7], np.float32),
-      y=rng.standard_normal((1, cfg.vec_in_dim), np.float32))
+      img=rng.standard_normal((batch, grid * grid, cfg.in_channels),
+                              np.float32),
+      img_ids=np.tile(ids.reshape(1, grid * grid, 3), (batch, 1, 1)),
+      txt=rng.standard_normal((batch, txt_len, cfg.context_in_dim),
+                              np.float32),
+      txt_ids=np.zeros((batch, txt_len, 3), np.float32),
+      timesteps=(np.linspace(0.3, 0.9, batch) if batch > 1 else
+                 np.array([0.7])).astype(np.float32),
+      y=rng.standard_normal((batch, cfg.vec_in_dim), np.float32))
+
+
+def _size():
+  """(config, grid, txt_len, batch) of --size, flags overriding."""
+  if _SIZE.value == 'shapes_teacher':
+    from nanoflux_jax.data import shapes  # pylint: disable=g-import-not-at-top
+    file = os.path.join(shapes.teacher_path(), 'transformer',
+                        'nanoflux_config.json')
+    with open(file) as f:
+      cfg = nf.FluxConfig(**{k: tuple(v) if isinstance(v, list) else v
+                             for k, v in json.load(f)['config'].items()})
+    defaults = (8, 24, 8)
+  else:
+    cfg, defaults = nf.FluxConfig.benchmark(), (32, 128, 1)
+  grid, txt_len, batch = (d if f.value is None else f.value for f, d in zip(
+      (_GRID, _TXT_LEN, _BATCH), defaults))
+  return cfg, grid, txt_len, batch
 
 
 def _torch_forward(model, inp, torch):
@@ -252,14 +298,13 @@ def run_cpu():
   import torch  # pylint: disable=g-import-not-at-top
   import diffusers  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(_TORCH_THREADS.value)
-  grid, txt_len = _GRID.value, _TXT_LEN.value
-  cfg0 = nf.FluxConfig.benchmark()
+  cfg0, grid, txt_len, batch = _size()
   ref = _diffusers_model(cfg0, torch, diffusers)
   with tempfile.TemporaryDirectory() as tmp:
     ref.save_pretrained(os.path.join(tmp, 'transformer'))
     cfg, params = convert_flux.load_flux_transformer(
         os.path.join(tmp, 'transformer'), attention_impl=_ATTENTION.value)
-  inp = _inputs(cfg, grid, txt_len)
+  inp = _inputs(cfg, grid, txt_len, batch=batch)
   fwd = jax.jit(lambda p, x: flux.Flux(cfg).apply({'params': p},
                                                   **x).velocity)
   x = {k: jnp.asarray(v) for k, v in inp.items()}
@@ -267,37 +312,56 @@ def run_cpu():
   ref_fn = _torch_forward(ref, inp, torch)
   err = _max_rel_err(ours_fn(), ref_fn().numpy())
 
-  mk, mn, mm = 1152, 768, 3072  # A representative matmul of the model.
+  # The model's widest matmul: [tokens, hidden] x [hidden, mlp].
+  mk = batch * (grid * grid + txt_len)
+  mn, mm = cfg.hidden_size, int(cfg.hidden_size * cfg.mlp_ratio)
   a = jnp.asarray(np.random.default_rng(0).standard_normal((mk, mn), np.float32))
   b = jnp.asarray(np.random.default_rng(1).standard_normal((mn, mm), np.float32))
   ta, tb = torch.from_numpy(np.array(a)), torch.from_numpy(np.array(b))
-  t = time_interleaved({
+  mm_flops = 2 * mk * mn * mm
+  flops = forward_flops(cfg, grid * grid, txt_len, batch)
+  # Short calls repeat inside a round so each name gets a similar time.
+  cpu = {}
+  samples = time_interleaved({
       'ours': ours_fn, 'diffusers': ref_fn,
       'jnp matmul': _jax_call(jax.jit(jnp.matmul), a, b),
       'torch matmul': lambda: ta @ tb}, _REPEATS.value, _WARMUP.value,
-      inner={'jnp matmul': 5, 'torch matmul': 5})
-  flops = forward_flops(cfg, grid * grid, txt_len)
-  mm_flops = 2 * mk * mn * mm
+      inner={k: max(1, min(50, int(flops / mm_flops)))
+             for k in ('jnp matmul', 'torch matmul')}, stat=None, cpu=cpu)
+  t = {k: min(v) for k, v in samples.items()}
+  med = {k: statistics.median(v) for k, v in samples.items()}
   gflops = flops / t['ours'] / 1e9
   mm_gflops = mm_flops / t['jnp matmul'] / 1e9
   load = os.getloadavg()
 
-  print(f'\nFLUX DiT forward, {cfg.depth} double + {cfg.depth_single_blocks} '
-        f'single blocks, hidden {cfg.hidden_size} ({cfg.num_heads}x'
-        f'{cfg.head_dim}), batch 1, {grid * grid} image + {txt_len} text '
-        f'tokens, fp32; jax {jax.__version__} ({jax.default_backend()}), '
-        f'torch {torch.__version__} threads {torch.get_num_threads()}, '
-        f'attention_impl={cfg.attention_impl}, load avg {load[0]:.2f}')
+  print(f'\nFLUX DiT forward ({_SIZE.value}), {cfg.depth} double + '
+        f'{cfg.depth_single_blocks} single blocks, hidden {cfg.hidden_size} '
+        f'({cfg.num_heads}x{cfg.head_dim}), batch {batch}, {grid * grid} '
+        f'image + {txt_len} text tokens, fp32; jax {jax.__version__} '
+        f'({jax.default_backend()}), torch {torch.__version__} threads '
+        f'{torch.get_num_threads()}, attention_impl={cfg.attention_impl} '
+        f'(-> {layers.resolve_impl(cfg.attention_impl, head_scores=layers.head_score_bytes((batch, grid * grid + txt_len)))}), '
+        f'{os.cpu_count()} CPUs, load avg {load[0]:.2f}')
   print(f'max rel err ours vs diffusers: {err:.2e} (tol {_TOL.value:g})')
-  print(f'forward FLOPs (matmuls incl. QK^T, PV): {flops / 1e9:.1f} GFLOP')
-  print(f'{"":28s}{"ms":>10s}{"GFLOP/s":>10s}')
+  print(f'forward FLOPs (matmuls incl. QK^T, PV): {flops / 1e9:.2f} GFLOP; '
+        f'{len(samples["ours"])} samples each')
+  mm_name = f'{mk}x{mn}x{mm}'
+  print(f'{"":30s}{"min ms":>10s}{"GFLOP/s":>10s}{"median ms":>11s}'
+        f'{"GFLOP/s":>10s}')
   for k, f in (('ours', flops), ('diffusers', flops),
-               ('jnp matmul 1152x768x3072', mm_flops),
-               ('torch matmul 1152x768x3072', mm_flops)):
-    key = k.split(' 1152')[0]
-    print(f'{k:28s}{t[key] * 1e3:10.1f}{f / t[key] / 1e9:10.1f}')
-  print(f'speed ratio diffusers_ms / ours_ms: {t["diffusers"] / t["ours"]:.3f}; '
-        f'ours / jnp matmul rate: {gflops / mm_gflops:.3f}')
+               ('jnp matmul', mm_flops), ('torch matmul', mm_flops)):
+    name = k + (f' {mm_name}' if 'matmul' in k else '')
+    print(f'{name:30s}{t[k] * 1e3:10.2f}{f / t[k] / 1e9:10.1f}'
+          f'{med[k] * 1e3:11.2f}{f / med[k] / 1e9:10.1f}')
+  frac_med = (flops / med['ours']) / (mm_flops / med['jnp matmul'])
+  frac_cpu = (flops / cpu['ours']) / (mm_flops / cpu['jnp matmul'])
+  print(f'CPU seconds per call (all threads): ' + ', '.join(
+      f'{k} {v * 1e3:.2f} ms' for k, v in cpu.items()) +
+        f'; ours / jnp matmul rate by CPU time: {frac_cpu:.3f}, diffusers / '
+        f'ours: {cpu["diffusers"] / cpu["ours"]:.3f}')
+  print(f'speed ratio diffusers_ms / ours_ms: {t["diffusers"] / t["ours"]:.3f}'
+        f' (min), {med["diffusers"] / med["ours"]:.3f} (median); ours / jnp '
+        f'matmul rate: {gflops / mm_gflops:.3f} (min), {frac_med:.3f} (median)')
 
   if _PARTS.value:
     p = _parts(cfg, params, ref, grid, txt_len, torch, _REPEATS.value,
@@ -324,11 +388,19 @@ def run_cpu():
   if err > _TOL.value:
     raise SystemExit(f'ours vs diffusers max rel err {err:.2e} > {_TOL.value}')
   print(json.dumps({
-      'ours_ms': round(t['ours'] * 1e3, 2),
-      'diffusers_ms': round(t['diffusers'] * 1e3, 2),
-      'speed_ratio': round(t['diffusers'] / t['ours'], 4),
-      'gflops': round(gflops, 2), 'matmul_gflops': round(mm_gflops, 2),
-      'matmul_fraction': round(gflops / mm_gflops, 4)}))
+      'size': _SIZE.value, 'batch': batch, 'tokens': grid * grid + txt_len,
+      'ours_ms': round(med['ours'] * 1e3, 3),
+      'diffusers_ms': round(med['diffusers'] * 1e3, 3),
+      'speed_ratio': round(med['diffusers'] / med['ours'], 4),
+      'gflops': round(flops / med['ours'] / 1e9, 2),
+      'matmul_gflops': round(mm_flops / med['jnp matmul'] / 1e9, 2),
+      'matmul_fraction': round(frac_med, 4),
+      'speed_ratio_min': round(t['diffusers'] / t['ours'], 4),
+      'matmul_fraction_min': round(gflops / mm_gflops, 4),
+      'matmul_fraction_cpu_time': round(frac_cpu, 4),
+      'speed_ratio_cpu_time': round(cpu['diffusers'] / cpu['ours'], 4),
+      'samples': len(samples['ours']), 'load_avg': round(load[0], 2),
+      'max_rel_err': err}))
 
 
 # ----------------------------------------------------------------------------

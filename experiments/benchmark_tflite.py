@@ -13,8 +13,15 @@ Measures the median ms per denoiser step under LiteRT (XNNPACK, --threads)
 for the fp32 and int8 (dynamic-range) files, next to jax.jit fp32 in the same
 run (runs interleaved so machine load hits all alike), and one 4-step image:
 a T5 encoder file (d_model 512, 4 layers; a stand-in for a distilled T5) + 4
-int8 denoiser steps + FLUX's VAE decoder (fp32) at 512 px. The last line is
-one JSON object.
+int8 denoiser steps + FLUX's VAE decoder (fp32) at 512 px.
+
+The int8 file's achieved MAC rate (compress.count_flops / 2 over its ms per
+step) is printed against the same interpreter's rate on one large
+FULLY_CONNECTED op (int8 dynamic-range weights, [tokens, hidden] x [hidden,
+4 hidden]): the machine's practical int8 limit. Below half of it, the op
+types in the int8 graph (with counts, float ones marked) say where the rest
+goes: dequantize / quantize round trips, float ops, transposes. The last line
+is one JSON object.
 """
 import json
 import os
@@ -41,6 +48,8 @@ _TXT_LEN = flags.DEFINE_integer('txt_len', 128, 'Text tokens.')
 _THREADS = flags.DEFINE_integer('threads', 2, 'LiteRT threads.')
 _REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed runs per measurement.')
 _IMAGE = flags.DEFINE_bool('image', True, 'Also time a whole 4-step image.')
+_MAC_RATE = flags.DEFINE_bool('mac_rate', True, 'Also time one large int8 '
+                              'FULLY_CONNECTED op and list the op types.')
 
 STATIC_TS = (1.0, 0.75, 0.5, 0.25)
 
@@ -59,6 +68,33 @@ def student():
   cfg, params = compress.to_static_modulation(cfg, params, STATIC_TS, pooled)
   return compress.add_downsampler(cfg, params, 2, cfg.num_blocks - 3,
                                   jax.random.key(2))
+
+
+def op_counts(path: str) -> dict[str, int]:
+  """{op type: how many} of a .tflite file, most frequent first."""
+  interp = tflite._interpreter(path)  # pylint: disable=protected-access
+  counts = {}
+  for op in interp._get_ops_details():  # pylint: disable=protected-access
+    counts[op['op_name']] = counts.get(op['op_name'], 0) + 1
+  return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def fc_mac_rate(work: str, tokens: int, d: int, threads: int,
+                repeats: int) -> tuple[float, dict]:
+  """MAC/s of one int8 (dynamic-range) FULLY_CONNECTED [tokens, d] x
+  [d, 4d] under LiteRT, and its op counts (one FULLY_CONNECTED expected)."""
+  w = np.random.default_rng(3).standard_normal((d, 4 * d)).astype(np.float32)
+  fn = lambda p, x: {'y': x['x'] @ p['w']}
+  entry = tflite.convert(fn, {'w': w * 0.02}, {'x': ((tokens, d), np.float32)},
+                         os.path.join(work, 'fc_int8.tflite'), quantize='int8')
+  model = runner.TFLiteModel(work, entry, threads)
+  x = np.random.default_rng(4).standard_normal((tokens, d)).astype(np.float32)
+  model(x=x)
+  ms = min(_time(lambda: model(x=x), 1) for _ in range(max(3, repeats)))
+  return tokens * d * 4 * d / (ms / 1e3), op_counts(entry['file'] if
+                                                   os.path.isabs(entry['file'])
+                                                   else os.path.join(
+                                                       work, entry['file']))
 
 
 def _time(fn, repeats):
@@ -93,7 +129,7 @@ def main(argv):
   x = {k: rng.standard_normal(s).astype(d) if d == np.float32
        else np.zeros(s, d) for k, (s, d) in specs.items()}
 
-  # JAX: the library's fastest CPU path (attention 'auto' = per-head).
+  # JAX: the library's fastest CPU path (attention 'auto': by score size).
   jfn = jax.jit(lambda p, x: flux.Flux(cfg).apply(
       {'params': p}, img=x['img'], img_ids=nf.sampling.image_ids(1, g, g),
       txt=x['txt'], txt_ids=nf.sampling.text_ids(1, t),
@@ -115,6 +151,25 @@ def main(argv):
   print(f'ms/step: jax fp32 {ms["jax"]:.0f}, litert fp32 {ms["none"]:.0f}, '
         f'litert int8 {ms["int8"]:.0f}; max rel err vs jax: '
         f'fp32 {err["none"]:.1e}, int8 {err["int8"]:.1e}')
+
+  mac = {}
+  if _MAC_RATE.value:
+    from nanoflux_jax import compress  # pylint: disable=g-import-not-at-top
+    macs = compress.count_flops(cfg, g * g, t) / 2
+    fc_rate, fc_ops = fc_mac_rate(work, g * g + t, cfg.hidden_size,
+                                  _THREADS.value, _REPEATS.value)
+    rate = macs / (ms['int8'] / 1e3)
+    path = files['int8']['file']
+    ops = op_counts(path if os.path.isabs(path) else os.path.join(work, path))
+    mac = dict(int8_gmacs=round(rate / 1e9, 2),
+               fc_int8_gmacs=round(fc_rate / 1e9, 2),
+               int8_fraction_of_fc=round(rate / fc_rate, 3))
+    print(f'int8 student: {macs / 1e9:.2f} GMAC per step at '
+          f'{rate / 1e9:.2f} GMAC/s; one int8 FULLY_CONNECTED '
+          f'{g * g + t}x{cfg.hidden_size}x{4 * cfg.hidden_size} '
+          f'({fc_ops}): {fc_rate / 1e9:.2f} GMAC/s; fraction '
+          f'{rate / fc_rate:.3f}')
+    print('int8 op types: ' + ', '.join(f'{k} {v}' for k, v in ops.items()))
 
   image_s = None
   if _IMAGE.value:
@@ -157,7 +212,7 @@ def main(argv):
       'int8_vs_fp32': round(ms['int8'] / ms['none'], 3),
       'fp32_mb': round(files['none']['bytes'] / 1e6, 1),
       'int8_mb': round(files['int8']['bytes'] / 1e6, 1),
-      'image_s': None if image_s is None else round(image_s, 2)}))
+      'image_s': None if image_s is None else round(image_s, 2), **mac}))
 
 
 def flax_unbox(tree):

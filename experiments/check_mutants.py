@@ -166,6 +166,29 @@ MUTANTS = (
              "k[np.argsort(g, kind='stable')[:max(1, round(ratio * len(g)))]] = 1"),),
            ('tests/test_compress_sensitivity.py::'
             'test_select_keeps_the_units_a_hand_ranking_keeps',)),
+    Mutant('pipeline_drops_guidance',
+           'FluxPipeline ignores its guidance argument (always 3.5, the '
+           'default both sides of a defaults-only parity test use)',
+           (('nanoflux_jax/pipeline.py',
+             'g = jnp.full((b,), DEFAULT_GUIDANCE if guidance is None else guidance,',
+             'g = jnp.full((b,), DEFAULT_GUIDANCE,'),),
+           ('tests/test_pipeline.py::'
+            'test_latents_and_images_match_diffusers[dev]',)),
+    Mutant('pipeline_drops_max_sequence_length',
+           'FluxPipeline encodes at the default T5 length whatever '
+           'max_sequence_length it is given',
+           (('nanoflux_jax/pipeline.py',
+             'txt, pooled = self.encode_prompt(prompts, max_sequence_length)',
+             'txt, pooled = self.encode_prompt(prompts)'),),
+           ('tests/test_pipeline.py::'
+            'test_latents_and_images_match_diffusers[schnell]',)),
+    Mutant('ladder_static_tables_off_schedule',
+           "the static-modulation rung builds its tables at each step's end "
+           'instead of its start',
+           (('nanoflux_jax/distill/rungs.py',
+             'ctx.schedule[:-1]', 'ctx.schedule[1:]'),),
+           ('tests/test_ladder.py::'
+            'test_cli_writes_report_checkpoints_samples_then_resumes',)),
 )
 
 

@@ -4,6 +4,8 @@ r"""Distils a FLUX student from a teacher (or trains it from scratch).
       --workdir=/tmp/distill
 Multi-host: launch the same command on every host; jax.distributed is
 initialised only when the launcher says there are several processes.
+One run per workdir (workdir/workdir.lock); when training stops on an
+error, the last line printed names the cause.
 """
 
 from absl import app
@@ -13,7 +15,9 @@ import jax
 
 import config_flag  # experiments/config_flag.py, beside this binary.
 from nanoflux_jax import parallel
+from nanoflux_jax.distill import stop_reason
 from nanoflux_jax.distill import trainer
+from nanoflux_jax.distill import workdir_lock
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints and samples.',
                                required=True)
@@ -36,7 +40,11 @@ def main(argv):
   parallel.maybe_initialize_distributed()
   logging.info('process %d/%d, %d devices', jax.process_index(),
                jax.process_count(), jax.device_count())
-  trainer.train(c, _WORKDIR.value)
+  try:
+    with stop_reason.final_line():  # Why it stopped: the last line printed.
+      trainer.train(c, _WORKDIR.value)
+  except workdir_lock.WorkdirLocked as e:
+    raise app.UsageError(str(e)) from e  # The message, no traceback.
 
 
 if __name__ == '__main__':

@@ -33,6 +33,9 @@ _NUM_REF = flags.DEFINE_integer('num_reference', 512, 'toy-FID references.')
 _STEPS = flags.DEFINE_integer('steps', 8, 'Euler steps.')
 _TXT_LEN = flags.DEFINE_integer('txt_len', 24, 'T5 sequence length.')
 _RES = flags.DEFINE_integer('resolution', 64, 'Image side in pixels.')
+_WORLD_NAME = flags.DEFINE_enum(
+    'world', 'shapes', list(shapes.WORLDS),
+    "The shapes world (data/shapes.py); 'shapes9' is judged by geometry.")
 _THREADS = flags.DEFINE_integer('num_threads', 2, 'LiteRT threads.')
 
 
@@ -41,7 +44,7 @@ def _settings() -> tuple[dict, dict]:
   s = dict(world_seed=_WORLD.value, num_prompts=_NUM.value,
            noise_seed=_NOISE.value, num_reference=_NUM_REF.value,
            num_steps=_STEPS.value, txt_len=_TXT_LEN.value,
-           resolution=_RES.value)
+           resolution=_RES.value, world=_WORLD_NAME.value)
   if not _REPORT.value:
     return s, {}
   report = jsonfile.read_object(_REPORT.value, ValueError, 'ladder report')
@@ -64,7 +67,9 @@ def main(argv):
   if not (_PIPELINE.value or _TFLITE.value):
     raise app.UsageError('give --pipeline and/or --tflite')
   s, expected = _settings()
-  clf = clf_lib.Classifier.load(shapes.classifier_path())
+  # The shipped classifier knows the classic world only.
+  clf = clf_lib.load_judge('' if s['world'] == 'shapes' else 'geometry',
+                           s['world'], s['resolution'])
   results = {}
   if _PIPELINE.value:
     # pylint: disable-next=g-import-not-at-top
@@ -73,7 +78,7 @@ def main(argv):
     grid = s['resolution'] // pipe.latent_factor
     es = toy.eval_set(s['world_seed'], s['num_prompts'], s['resolution'],
                       (grid * grid, pipe.flux_cfg.in_channels),
-                      s['noise_seed'], s['num_reference'])
+                      s['noise_seed'], s['num_reference'], s['world'])
     images = toy.generate(pipe, es, s['num_steps'], s['txt_len'])
     results['pipeline'] = toy.scores(clf, images, es, None)
   for folder in _TFLITE.value:
@@ -82,7 +87,7 @@ def main(argv):
     tp = runner.TFLitePipeline(folder, _THREADS.value)
     es = toy.eval_set(s['world_seed'], s['num_prompts'], s['resolution'],
                       tp.packed_shape[1:], s['noise_seed'],
-                      s['num_reference'])
+                      s['num_reference'], s['world'])
     results[os.path.basename(os.path.normpath(folder))] = toy.scores(
         clf, toy.generate_litert(tp, es), es, None)
   out = {}

@@ -3,7 +3,10 @@ r"""Runs (or resumes) the NanoFLUX compression ladder.
   python experiments/ladder.py --config=experiments/configs/ladder_tiny.py \
       --workdir=/tmp/ladder
 Rerunning the same command resumes: finished rungs are loaded, an
-interrupted rung continues from its last trainer checkpoint. Multi-host:
+interrupted rung continues from its last trainer checkpoint. A rung trained
+under other settings (options, distillation config, teacher) is refused,
+naming each difference; --config.accept_changed_settings=True goes on and
+records the change. One run per workdir (workdir/workdir.lock). Multi-host:
 launch the same command on every host.
 """
 
@@ -15,6 +18,9 @@ import jax
 import config_flag  # experiments/config_flag.py, beside this binary.
 from nanoflux_jax import parallel
 from nanoflux_jax.distill import ladder
+from nanoflux_jax.distill import provenance
+from nanoflux_jax.distill import stop_reason
+from nanoflux_jax.distill import workdir_lock
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Ladder outputs; resumed.',
                                required=True)
@@ -30,7 +36,11 @@ def main(argv):
   parallel.maybe_initialize_distributed()
   logging.info('process %d/%d, %d devices', jax.process_index(),
                jax.process_count(), jax.device_count())
-  report = ladder.run_ladder(_CONFIG.value, _WORKDIR.value)
+  try:
+    with stop_reason.final_line():  # Why it stopped: the last line printed.
+      report = ladder.run_ladder(_CONFIG.value, _WORKDIR.value)
+  except (provenance.SettingsChanged, workdir_lock.WorkdirLocked) as e:
+    raise app.UsageError(str(e)) from e  # The message, no traceback.
   print(ladder.report_markdown(report))
   print('ladder complete' if report['complete'] else
         'ladder stopped early; rerun to resume')

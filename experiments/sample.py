@@ -5,7 +5,8 @@ r"""Generates images with a FLUX pipeline and writes a PNG grid.
     --height=512 --width=512 --steps=4 --seed=0 --out=grid.png
 
 --model is a diffusers FLUX pipeline folder or a folder written by
-`FluxPipeline.save`. Prints the time of each stage (encode, denoise, decode);
+`FluxPipeline.save`. --height, --width, --steps and --max_sequence_length
+default to the folder's call_defaults.json (else 512, 512, 4, 256). Prints the time of each stage (encode, denoise, decode);
 the first call includes jit compilation, so it is reported separately.
 """
 import time
@@ -20,9 +21,14 @@ from nanoflux_jax import pipeline
 
 _MODEL = flags.DEFINE_string('model', None, 'Pipeline folder.', required=True)
 _PROMPT = flags.DEFINE_multi_string('prompt', ['a photo of a cat'], 'Prompts.')
-_HEIGHT = flags.DEFINE_integer('height', 512, 'Image height (pixels).')
-_WIDTH = flags.DEFINE_integer('width', 512, 'Image width (pixels).')
-_STEPS = flags.DEFINE_integer('steps', 4, 'Euler steps.')
+_HEIGHT = flags.DEFINE_integer('height', None, 'Image height (pixels); '
+                               "default: the folder's.")
+_WIDTH = flags.DEFINE_integer('width', None, "Image width (pixels); default: "
+                              "the folder's.")
+_STEPS = flags.DEFINE_integer('steps', None, "Euler steps; default: the "
+                              "folder's.")
+_MAX_SEQ = flags.DEFINE_integer('max_sequence_length', None, 'T5 tokens; '
+                                "default: the folder's.")
 _SEED = flags.DEFINE_integer('seed', 0, 'Noise seed.')
 _GUIDANCE = flags.DEFINE_float('guidance', None, 'Guidance (dev models).')
 _DTYPE = flags.DEFINE_enum('dtype', None, ['float32', 'bfloat16'],
@@ -34,9 +40,11 @@ def main(argv):
   del argv
   # Arguments are checked before loading the model or generating anything.
   kw = dict(height=_HEIGHT.value, width=_WIDTH.value, num_steps=_STEPS.value,
-            seed=_SEED.value, guidance=_GUIDANCE.value)
-  for name in ('height', 'width', 'num_steps'):
-    pipeline.check_int('sample.py', f'--{name}', kw[name])
+            seed=_SEED.value, guidance=_GUIDANCE.value,
+            max_sequence_length=_MAX_SEQ.value)
+  for name in ('height', 'width', 'num_steps', 'max_sequence_length'):
+    if kw[name] is not None:  # None: the folder's call default.
+      pipeline.check_int('sample.py', f'--{name}', kw[name])
   pipeline.check_int('sample.py', '--seed', kw['seed'], -2**63, 2**63 - 1)
   pipeline.check_prompts('sample.py --prompt', _PROMPT.value)
   images.check_writable(_OUT.value)

@@ -295,6 +295,91 @@ class ClipConfig(_Serializable):
 
 
 @dataclasses.dataclass(frozen=True)
+class ClipVisionConfig(_Serializable):
+  """CLIP's vision transformer (ViT: patch conv, CLS token, pre-LN, quick-GELU
+  layers, post-LN on CLS), as `transformers.CLIPVisionModel`."""
+  hidden_size: int = 1024
+  intermediate_size: int = 4096
+  num_layers: int = 24
+  num_heads: int = 16
+  image_size: int = 224
+  patch_size: int = 14
+  num_channels: int = 3
+  layer_norm_eps: float = 1e-5
+  dtype: str = 'float32'
+  param_dtype: str = 'float32'
+
+  def __post_init__(self):
+    _check_ranges(self, dict(hidden_size=1, intermediate_size=1, num_layers=0,
+                             num_heads=1, image_size=1, patch_size=1,
+                             num_channels=1), ('layer_norm_eps',))
+    if self.hidden_size % self.num_heads:
+      raise ValueError(f'ClipVisionConfig: hidden_size={self.hidden_size} is '
+                       f'not divisible by num_heads={self.num_heads}')
+    if self.image_size % self.patch_size:
+      raise ValueError(f'ClipVisionConfig: image_size={self.image_size} is '
+                       f'not a multiple of patch_size={self.patch_size}')
+
+  def layer_config(self) -> 'ClipConfig':
+    """The ClipConfig whose encoder layers (models.clip.ClipLayer) the vision
+    tower shares with the text tower; only the layer fields matter."""
+    return ClipConfig(hidden_size=self.hidden_size,
+                      intermediate_size=self.intermediate_size,
+                      num_layers=self.num_layers, num_heads=self.num_heads,
+                      layer_norm_eps=self.layer_norm_eps, dtype=self.dtype,
+                      param_dtype=self.param_dtype)
+
+  @classmethod
+  def vit_l14(cls, **kw) -> 'ClipVisionConfig':
+    """ViT-L/14 at 224 px (openai/clip-vit-large-patch14)."""
+    return cls(**kw)
+
+  @classmethod
+  def tiny(cls, **kw) -> 'ClipVisionConfig':
+    base = dict(hidden_size=24, intermediate_size=40, num_layers=2,
+                num_heads=2, image_size=28, patch_size=7)
+    base.update(kw)
+    return cls(**base)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipModelConfig(_Serializable):
+  """The dual-tower CLIP (`transformers.CLIPModel`): text and vision towers,
+  their bias-free projections to `projection_dim`, and a learned logit
+  scale. Used to score images against prompts (evaluate/clip_score.py)."""
+  text: ClipConfig = dataclasses.field(default_factory=ClipConfig)
+  vision: ClipVisionConfig = dataclasses.field(
+      default_factory=ClipVisionConfig)
+  projection_dim: int = 768
+
+  def __post_init__(self):
+    _check_ranges(self, dict(projection_dim=1))
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> 'ClipModelConfig':
+    d = dict(d)
+    unknown = sorted(set(d) - {'text', 'vision', 'projection_dim'})
+    if unknown:
+      raise ValueError(f'ClipModelConfig: unknown config keys {unknown}')
+    return cls(text=ClipConfig.from_dict(d.get('text', {})),
+               vision=ClipVisionConfig.from_dict(d.get('vision', {})),
+               projection_dim=d.get('projection_dim', 768))
+
+  @classmethod
+  def vit_l14(cls, **kw) -> 'ClipModelConfig':
+    """openai/clip-vit-large-patch14: CLIP-L text (FLUX's text_encoder
+    tower), ViT-L/14 vision, 768-d projections; 427,616,513 params."""
+    return cls(**kw)
+
+  @classmethod
+  def tiny(cls, **kw) -> 'ClipModelConfig':
+    base = dict(text=ClipConfig.tiny(), vision=ClipVisionConfig.tiny(),
+                projection_dim=16)
+    base.update(kw)
+    return cls(**base)
+
+
+@dataclasses.dataclass(frozen=True)
 class VAEConfig(_Serializable):
   """FLUX.1's AutoencoderKL (diffusers layout, no quant convs), or a patch
   codec for toy worlds (models.vae.PatchCodec): kind='pixel', the image's

@@ -12,21 +12,23 @@ from __future__ import annotations
 import copy
 import functools
 import json
-import math
-import numbers
 import os
 import shutil
 import time
 from typing import Any, Sequence
 
-from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from nanoflux_jax import atomic
+from nanoflux_jax import call_args
 from nanoflux_jax import checkpoint
+from nanoflux_jax import pipeline_checks
 from nanoflux_jax import sampling
+from nanoflux_jax.call_args import CallDefaults
+from nanoflux_jax.call_args import check_int
+from nanoflux_jax.call_args import check_prompts
 from nanoflux_jax.configs import ClipConfig, FluxConfig, T5Config, VAEConfig
 from nanoflux_jax.convert import flux as convert_flux
 from nanoflux_jax.convert import text_encoders
@@ -85,37 +87,6 @@ def is_pipeline(path: str) -> bool:
   return os.path.isfile(os.path.join(path, PIPELINE_FILE))
 
 
-def check_int(where: str, name: str, value, low: int = 1,
-              high: int | None = None, multiple: int = 1) -> int:
-  """`value` as an int, or a ValueError naming the argument and the range."""
-  ok = (isinstance(value, numbers.Integral) and not isinstance(value, bool)
-        and value >= low and (high is None or value <= high) and
-        value % multiple == 0)
-  if not ok:
-    want = f'an integer >= {low}' + (f' and <= {high}' if high is not None
-                                     else '')
-    if multiple > 1:
-      want = f'a positive integer multiple of {multiple}'
-    raise ValueError(f'{where}: {name}={value!r} must be {want}')
-  return int(value)
-
-
-def check_prompts(where: str, prompts) -> list[str]:
-  """A prompt or a non-empty list of prompt strings -> list[str]."""
-  if isinstance(prompts, str):
-    return [prompts]
-  if prompts is None or not isinstance(prompts, (list, tuple)):
-    raise ValueError(f'{where}: prompts={prompts!r}; expected a string or a '
-                     'list of strings')
-  if not prompts:
-    raise ValueError(f'{where}: the prompt list is empty')
-  bad = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
-  if bad:
-    raise ValueError(f'{where}: prompts[{bad[0]}]={prompts[bad[0]]!r} is not '
-                     'a string')
-  return list(prompts)
-
-
 def _component(folder: str, name: str) -> str:
   path = os.path.join(folder, name)
   if not os.path.isdir(path):
@@ -134,14 +105,20 @@ class FluxPipeline:
   The T5 stage is `t5_cfg`, `t5_params` and `t5_out_dim`: None for FLUX's
   T5Encoder, else the width of a StudentTextEncoder (then t5_params is its
   {'t5', 'proj'} tree).
+
+  `call_defaults` (call_args.CallDefaults) fills the call arguments left
+  out: a folder's call_defaults.json (the settings it was trained with),
+  else diffusers' FLUX.1 defaults; `save` writes it back.
   """
 
   def __init__(self, transformer: tuple[FluxConfig, Any],
                text_encoder: tuple[ClipConfig, Any],
                text_encoder_2: tuple,
-               vae: tuple[VAEConfig, Any], tokenizer, tokenizer_2):
+               vae: tuple[VAEConfig, Any], tokenizer, tokenizer_2, *,
+               call_defaults: CallDefaults | None = None):
     """text_encoder_2 is (cfg, params) for T5, or (cfg, out_dim, params) for
     a StudentTextEncoder, as compress.text_encoder.load_student returns."""
+    self.call_defaults = call_defaults or CallDefaults()
     self.flux_cfg, self.flux_params = transformer
     self.clip_cfg, self.clip_params = text_encoder
     if len(text_encoder_2) == 3:
@@ -170,6 +147,11 @@ class FluxPipeline:
         `parallel.RULES`, one tensor at a time: no host ever holds the
         whole 12B DiT or T5-XXL (multi-host pods). CLIP and the VAE are
         small and go to the default device.
+    Raises:
+      CheckpointError: the parts disagree (pipeline_checks: tokenizers
+        against embedding tables, widths, latent channels), checked on the
+        configs and tensor headers before any tensor is read; or a
+        call_defaults.json is corrupt.
     """
     folder = os.fspath(folder)
     if os.path.isfile(os.path.join(folder, PIPELINE_FILE)):
@@ -178,6 +160,13 @@ class FluxPipeline:
     if not os.path.isdir(folder):
       raise FileNotFoundError(f'{folder}: no such pipeline folder')
     paths = {n: _component(folder, n) for n in _COMPONENTS + _TOKENIZERS}
+    defaults = call_args.read_call_defaults(folder)
+    toks = [_load_tokenizer(paths[n]) for n in _TOKENIZERS]
+    pipeline_checks.check_parts(
+        folder, convert_flux.transformer_config(paths['transformer']),
+        text_encoders.clip_config_from_hf(paths['text_encoder']),
+        text_encoders.t5_config_from_hf(paths['text_encoder_2']), None,
+        convert_vae.vae_config_from_diffusers(paths['vae']), *toks)
     flux_sh = t5_sh = None
     if mesh is not None:
       flux_sh = sharding.loading_shardings(mesh)
@@ -189,13 +178,13 @@ class FluxPipeline:
         text_encoders.load_clip_text(paths['text_encoder'], dtype),
         text_encoders.load_t5_encoder(paths['text_encoder_2'], dtype,
                                       shardings=t5_sh),
-        convert_vae.load_vae(paths['vae'], dtype),
-        _load_tokenizer(paths['tokenizer']),
-        _load_tokenizer(paths['tokenizer_2']))
+        convert_vae.load_vae(paths['vae'], dtype), *toks,
+        call_defaults=defaults)
 
   def save(self, directory: str) -> None:
-    """Writes every component (orbax + config) and the tokenizers to
-    `directory`, atomically: a failed save leaves an existing folder intact.
+    """Writes every component (orbax + config), the tokenizers and
+    call_defaults.json to `directory`, atomically: a failed save leaves an
+    existing folder intact.
 
     Raises:
       OverwriteError: `directory` exists and is neither a saved pipeline nor
@@ -213,6 +202,7 @@ class FluxPipeline:
       self.tokenizer_2.save_pretrained(os.path.join(tmp, 'tokenizer_2'))
       with open(os.path.join(tmp, PIPELINE_FILE), 'w') as f:
         json.dump({'components': list(_COMPONENTS + _TOKENIZERS)}, f)
+      call_args.write_call_defaults(tmp, self.call_defaults)
       atomic.check_replaceable(directory, is_pipeline, 'saved FluxPipeline')
       atomic.replace_dir(tmp, directory)
     finally:
@@ -223,14 +213,29 @@ class FluxPipeline:
            flux_overrides: dict | None = None, mesh=None) -> 'FluxPipeline':
     """Loads a folder written by `save` (its text_encoder_2/ may hold a
     student text encoder, see `with_text_encoder`); `mesh`: the DiT (and a
-    T5 teacher) straight onto it, as in `from_pretrained`."""
+    T5 teacher) straight onto it, as in `from_pretrained`; the parts are
+    checked against each other and against their stored params' shapes
+    first (pipeline_checks)."""
     paths = {n: _component(directory, n) for n in _COMPONENTS + _TOKENIZERS}
+    defaults = call_args.read_call_defaults(directory)
+    cfgs = {n: checkpoint.load_config(paths[n]) for n in _COMPONENTS}
+    toks = [_load_tokenizer(paths[n]) for n in _TOKENIZERS]
+    t5_cfg = t5_out = cfgs['text_encoder_2']
+    if isinstance(t5_cfg, dict):  # A student text encoder (see _components).
+      t5_cfg, t5_out = student_from_checkpoint(t5_cfg, None,
+                                               paths['text_encoder_2'])[:2]
+    else:
+      t5_out = None
+    pipeline_checks.check_parts(directory, cfgs['transformer'],
+                                cfgs['text_encoder'], t5_cfg, t5_out,
+                                cfgs['vae'], *toks)
+    for n in _COMPONENTS:
+      pipeline_checks.check_stored_params(paths[n], cfgs[n])
     shardings = {}
     if mesh is not None:
       shardings['transformer'] = sharding.param_shardings(
-          checkpoint.load_config(paths['transformer']), mesh)
-      t5_cfg = checkpoint.load_config(paths['text_encoder_2'])
-      if isinstance(t5_cfg, T5Config):
+          cfgs['transformer'], mesh)
+      if isinstance(t5_cfg, T5Config) and t5_out is None:
         shardings['text_encoder_2'] = sharding.t5_loading_shardings(mesh)(
             t5_cfg, None)
     parts = {n: checkpoint.load(paths[n], dtype=dtype,
@@ -244,9 +249,20 @@ class FluxPipeline:
       cfg, params = parts['transformer']
       parts['transformer'] = (cfg.replace(**flux_overrides), params)
     return cls(parts['transformer'], parts['text_encoder'],
-               parts['text_encoder_2'], parts['vae'],
-               _load_tokenizer(paths['tokenizer']),
-               _load_tokenizer(paths['tokenizer_2']))
+               parts['text_encoder_2'], parts['vae'], *toks,
+               call_defaults=defaults)
+
+  def with_call_defaults(self, **fields) -> 'FluxPipeline':
+    """A new pipeline (params shared) whose call defaults have `fields`
+    (height, width, num_steps, max_sequence_length, guidance) replaced;
+    `save` writes them to the folder's call_defaults.json."""
+    new = copy.copy(self)
+    try:
+      new.call_defaults = self.call_defaults.replace(**fields)
+    except TypeError as e:  # An unknown field.
+      raise ValueError(f'with_call_defaults: {e}') from e
+    new.last_timings = {}
+    return new
 
   def with_text_encoder(self, student) -> 'FluxPipeline':
     """A new pipeline whose T5 stage is a distilled student text encoder.
@@ -300,27 +316,26 @@ class FluxPipeline:
     return 2 * self.vae_cfg.downsample_factor
 
   def tokenize(self, prompts: Sequence[str],
-               max_sequence_length: int = 256) -> tuple[np.ndarray, np.ndarray]:
+               max_sequence_length: int | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
     """-> (t5_ids [B, max_sequence_length], clip_ids [B, 77]) int32.
 
-    Longer prompts are truncated with a warning, as diffusers does.
+    max_sequence_length None: the call default. Longer prompts are
+    truncated with a warning, as diffusers does (call_args.token_ids, which
+    TFLitePipeline shares).
     """
-    ids = []
-    for tok, length, name in ((self.tokenizer_2, max_sequence_length, 'T5'),
-                              (self.tokenizer, CLIP_MAX_LENGTH, 'CLIP')):
-      full = tok(list(prompts), truncation=False)['input_ids']
-      for p, f in zip(prompts, full):
-        if len(f) > length:
-          logging.warning('%s: prompt truncated to %d tokens (it has %d): %r',
-                          name, length, len(f), p)
-      ids.append(np.asarray(tok(list(prompts), padding='max_length',
-                                max_length=length, truncation=True)
-                            ['input_ids'], np.int32))
-    return ids[0], ids[1]
+    if max_sequence_length is None:
+      max_sequence_length = self.call_defaults.max_sequence_length
+    return (call_args.token_ids(self.tokenizer_2, prompts,
+                                max_sequence_length, 'T5'),
+            call_args.token_ids(self.tokenizer, prompts, CLIP_MAX_LENGTH,
+                                'CLIP'))
 
   def encode_prompt(self, prompts: Sequence[str],
-                    max_sequence_length: int = 256) -> tuple[jax.Array, jax.Array]:
-    """-> (t5 embeddings [B, T, context], pooled CLIP [B, vec]), float32."""
+                    max_sequence_length: int | None = None
+                    ) -> tuple[jax.Array, jax.Array]:
+    """-> (t5 embeddings [B, T, context], pooled CLIP [B, vec]), float32;
+    T = max_sequence_length (None: the call default)."""
     t5_ids, clip_ids = self.tokenize(prompts, max_sequence_length)
     if self.t5_out_dim is None:
       txt = _t5_encode(self.t5_cfg, self.t5_params, t5_ids)
@@ -336,56 +351,75 @@ class FluxPipeline:
     return _decode(self.vae_cfg, self.vae_params, packed, height // s,
                    width // s)
 
-  def check_call(self, prompts, height, width, num_steps=4, seed=None,
-                 guidance=None, max_sequence_length=256,
+  def resolve_call(self, height=None, width=None, num_steps=None,
+                   guidance=None, max_sequence_length=None) -> dict:
+    """The call arguments with each None replaced by `call_defaults`."""
+    d = self.call_defaults
+    pick = lambda v, default: default if v is None else v
+    return dict(height=pick(height, d.height), width=pick(width, d.width),
+                num_steps=pick(num_steps, d.num_steps),
+                guidance=pick(guidance, d.guidance),
+                max_sequence_length=pick(max_sequence_length,
+                                         d.max_sequence_length))
+
+  def check_call(self, prompts, height=None, width=None, num_steps=None,
+                 seed=None, guidance=None, max_sequence_length=None,
                  output_type='np') -> list[str]:
     """Validates `__call__`'s arguments before any work; -> the prompt list.
 
+    None means the call default (`call_defaults`), validated as well.
     Raises:
       ValueError: naming the argument and what was expected.
     """
     where = 'FluxPipeline'
     prompts = check_prompts(where, prompts)
-    for name, v in (('height', height), ('width', width)):
-      check_int(where, name, v, multiple=self.latent_factor)
-    check_int(where, 'num_steps', num_steps)
-    check_int(where, 'max_sequence_length', max_sequence_length, 1, 512)
+    a = self.resolve_call(height, width, num_steps, guidance,
+                          max_sequence_length)
+    for name in ('height', 'width'):
+      check_int(where, name, a[name], multiple=self.latent_factor)
+    check_int(where, 'num_steps', a['num_steps'])
+    check_int(where, 'max_sequence_length', a['max_sequence_length'], 1, 512)
     if seed is not None:
       check_int(where, 'seed', seed, -2**63, 2**63 - 1)
-    if guidance is not None and (
-        isinstance(guidance, bool) or not isinstance(guidance, numbers.Real)
-        or not math.isfinite(guidance)):
-      raise ValueError(f'{where}: guidance={guidance!r} must be a finite '
-                       'number')
+    if a['guidance'] is not None:
+      call_args.check_number(where, 'guidance', a['guidance'])
     if output_type not in ('np', 'latent'):
       raise ValueError(f"{where}: output_type={output_type!r}; expected "
                        "'np' or 'latent'")
     return prompts
 
-  def __call__(self, prompts: Sequence[str] | str, height: int = 512,
-               width: int = 512, num_steps: int = 4, seed: int | None = None,
-               latents=None, guidance: float | None = None,
-               max_sequence_length: int = 256, output_type: str = 'np'):
+  def __call__(self, prompts: Sequence[str] | str, height: int | None = None,
+               width: int | None = None, num_steps: int | None = None,
+               seed: int | None = None, latents=None,
+               guidance: float | None = None,
+               max_sequence_length: int | None = None,
+               output_type: str = 'np'):
     """Generates images.
+
+    Arguments left None take the folder's call defaults (`call_defaults`:
+    its call_defaults.json, else 512 x 512, 4 steps, 256 T5 tokens).
 
     Args:
       prompts: a prompt or a list of B prompts.
       height, width: pixels, multiples of `latent_factor` (16 for FLUX).
       num_steps: Euler steps (4 for schnell).
       seed: noise seed (ignored when `latents` is given); None means 0.
-      latents: initial noise, packed [B, (H/16)(W/16), 64] as diffusers'.
+      latents: initial noise, packed [B, (H/16)(W/16), 64] as diffusers';
+        every value finite.
       guidance: guidance scale for guidance-distilled models (default 3.5).
       max_sequence_length: T5 tokens.
       output_type: 'np' -> uint8 [B, H, W, 3]; 'latent' -> final packed
         latents [B, (H/16)(W/16), 64] float32.
     Raises:
-      ValueError: an argument is out of range (checked before any work).
+      ValueError: an argument is out of range or not finite (checked before
+        any work).
     """
     prompts = self.check_call(prompts, height, width, num_steps, seed,
                               guidance, max_sequence_length, output_type)
-    if output_type not in ('np', 'latent'):
-      raise ValueError(f"FluxPipeline: output_type={output_type!r}; expected "
-                       "'np' or 'latent'")
+    a = self.resolve_call(height, width, num_steps, guidance,
+                          max_sequence_length)
+    height, width, num_steps = a['height'], a['width'], a['num_steps']
+    guidance, max_sequence_length = a['guidance'], a['max_sequence_length']
     b, f, cfg = len(prompts), self.latent_factor, self.flux_cfg
     gh, gw = height // f, width // f
     shape = (b, gh * gw, cfg.in_channels)
@@ -393,6 +427,8 @@ class FluxPipeline:
       c = cfg.in_channels // 4
       noise = jax.random.normal(jax.random.key(seed or 0), (b, c, 2 * gh, 2 * gw))
       latents = sampling.pack(noise)
+    else:  # A NaN here gives an all-black image and no error.
+      call_args.check_finite('FluxPipeline', 'latents', latents)
     latents = jnp.asarray(latents, jnp.float32)
     if latents.shape != shape:
       raise ValueError(f'FluxPipeline: latents have shape {latents.shape}, '

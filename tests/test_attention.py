@@ -80,3 +80,70 @@ def test_per_head_gradient_matches_reference():
                  argnums=(0, 1, 2))(q, k, v)
   for a, b in zip(ours, ref):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+# --- 'auto' on CPU: chosen by the size of one head's scores. -------------
+_T = layers.BATCHED_MAX_HEAD_SCORE_BYTES
+
+
+def test_head_score_bytes():
+  assert layers.head_score_bytes((8, 88, 4, 32)) == 4 * 8 * 88 * 88
+  assert layers.head_score_bytes((2, 10, 3, 16), k_len=7) == 4 * 2 * 10 * 7
+
+
+def test_cpu_choice_on_both_sides_of_the_threshold():
+  pick = lambda s: layers.resolve_impl('auto', backend='cpu', head_scores=s)
+  assert pick(1) == pick(_T) == 'xla'
+  assert pick(_T + 1) == pick(100 * _T) == 'per_head'
+  assert pick(None) == 'per_head'  # Size unknown: the path that always fits.
+  # Explicit choices and other backends do not depend on the size.
+  assert layers.resolve_impl('per_head', backend='cpu',
+                             head_scores=1) == 'per_head'
+  assert layers.resolve_impl('xla', backend='cpu',
+                             head_scores=100 * _T) == 'xla'
+  assert layers.resolve_impl('auto', backend='tpu', head_scores=1) == 'splash'
+
+
+def _traced_impl(monkeypatch, shape, k_len=None):
+  """Which path `attention(impl='auto')` traces for q of `shape` (no FLOPs:
+  jax.eval_shape)."""
+  seen = []
+  per_head = layers._attention_per_head  # pylint: disable=protected-access
+  dpa = jax.nn.dot_product_attention
+  monkeypatch.setattr(layers, '_attention_per_head',
+                      lambda *a, **k: seen.append('per_head') or per_head(*a, **k))
+  monkeypatch.setattr(jax.nn, 'dot_product_attention',
+                      lambda *a, **k: seen.append(k['implementation']) or dpa(*a, **k))
+  kv = shape if k_len is None else (shape[0], k_len) + tuple(shape[2:])
+  q = jax.ShapeDtypeStruct(shape, jnp.float32)
+  k = jax.ShapeDtypeStruct(kv, jnp.float32)
+  jax.eval_shape(lambda q, k: layers.attention(q, k, k), q, k)
+  return seen
+
+
+@pytest.mark.parametrize('batch,heads', [(1, 24), (2, 4)])
+def test_attention_auto_dispatches_by_size(monkeypatch, batch, heads):
+  assert jax.default_backend() == 'cpu'
+  # The largest square L whose per-head scores fit, and L + 1; the head
+  # count does not enter.
+  l = int(math.isqrt(_T // (4 * batch)))
+  shape = lambda n: (batch, n, heads, 8)
+  assert layers.head_score_bytes(shape(l)) <= _T < layers.head_score_bytes(
+      shape(l + 1))
+  assert _traced_impl(monkeypatch, shape(l)) == ['xla']
+  assert _traced_impl(monkeypatch, shape(l + 1)) == ['per_head']
+  # Cross-attention lengths count too (Lq x Lk).
+  assert _traced_impl(monkeypatch, shape(l), k_len=l + 50) == ['per_head']
+
+
+@pytest.mark.parametrize('b,l,h,d', [(8, 88, 4, 32), (1, 64, 24, 64),
+                                     (1, 130, 2, 64)])
+def test_batched_and_per_head_agree(b, l, h, d):
+  """The two CPU paths 'auto' switches between give the same result (1e-6,
+  relative to the output's max) on shapes either side of the threshold."""
+  q, k, v = _qkv(b, l, h, d, seed=5)
+  outs = [np.asarray(jax.jit(lambda *a, i=i: layers.attention(*a, impl=i))(
+      q, k, v), np.float64) for i in ('per_head', 'xla')]
+  assert np.abs(outs[0] - outs[1]).max() / np.abs(outs[1]).max() < 1e-6
+  # Against float64 both carry float32 rounding (~1e-6 at these logits).
+  assert _rel_err(outs[0], _naive(q, k, v)) < 1e-5

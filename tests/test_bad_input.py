@@ -327,9 +327,9 @@ def _fractional_steps(tmp_path, params):
           ValueError, 'num_steps=2.5', [])
 
 
-def _none_steps(tmp_path, params):  # Variant.
-  return (lambda: _Pipe()(['a'], height=32, width=32, num_steps=None),
-          ValueError, 'num_steps=None', [])
+def _none_steps(tmp_path, params):  # Variant (None: the call default).
+  return (lambda: _Pipe()(['a'], height=32, width=32, num_steps='4'),
+          ValueError, "num_steps='4'", [])
 
 
 def _none_prompt(tmp_path, params):

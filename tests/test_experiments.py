@@ -118,12 +118,19 @@ def test_shapes_ladder_micro_end_to_end(tmp_path):
       assert (work / 'tflite' / q / f).is_file(), (q, f)
     assert exports[q]['litert_ms'] > 0
   assert exports['int8']['mb'] < 0.6 * exports['fp32']['mb']
+  # The teacher's and the final student's folders carry the settings they
+  # were trained with (call_defaults.json): 64 px, 8 steps, 24 T5 tokens.
+  from nanoflux_jax import call_args  # pylint: disable=g-import-not-at-top
+  for folder in (work / 'teacher' / 'pipeline', work / 'pipeline'):
+    assert call_args.read_call_defaults(str(folder)) == (
+        call_args.CallDefaults(64, 64, 8, 24)), folder
 
   md = (work / 'report.md').read_text()
   assert md.count('![') == len(rows)
   for heading in ('| rung | kind | DiT params | GFLOPs | JAX denoise ms / '
-                  'img | JAX ms / img | LiteRT ms / img | toy-GenEval [95% '
-                  'CI] | toy-FID | PSNR (dB) |', '## Ablations', '## Targets',
+                  'img | denoise speed-up | FLOP ratio | JAX ms / img | '
+                  'LiteRT ms / img | toy-GenEval [95% CI] | toy-FID | PSNR '
+                  '(dB) |', '## Ablations', '## Targets',
                   '### TFLite exports', '### toy-GenEval by number of '
                   'prompted objects'):
     assert heading in md, heading
@@ -135,10 +142,12 @@ def test_shapes_ladder_micro_end_to_end(tmp_path):
     assert text in ablations, (text, ablations)
   # micro checks the full ladder's targets: params, denoise and total
   # speed-up, retention, 2 exports, teacher, 6 main rung drops, the
-  # down-sampler's latency and quality, the text-encoder ablation.
+  # down-sampler's latency and quality, the text-encoder ablation; and the
+  # 6 main rungs timed in JAX, each speed-up against its FLOP ratio.
   targets = [l for l in md.split('## Targets')[1].split('## Grids')[0]
              .splitlines() if l.startswith('- ')]
-  assert len(targets) == 16, targets
+  assert len(targets) == 22, targets
+  assert sum('of the FLOP ratio' in l for l in targets) == 6, targets
   assert all(l.startswith(('- met', '- **MISSED**', '- n/a'))
              for l in targets), targets
 

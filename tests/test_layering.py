@@ -1,9 +1,9 @@
 """The library's import structure: no cycles, dependencies point one way.
 
   base (configs, config_arg, errors, atomic, jsonfile, images, data/,
-    parallel)
-    -> models -> (sampling, checkpoint) -> convert -> (pipeline, evaluate,
-    testing) -> compress -> export -> the `nanoflux_jax` API -> distill
+    parallel, call_args)
+    -> models -> (sampling, checkpoint) -> convert -> pipeline_checks
+    -> (pipeline, evaluate, testing) -> compress -> export -> the `nanoflux_jax` API -> distill
     -> experiments
 
 Read statically with `ast`: every import statement, at module level or inside
@@ -37,10 +37,12 @@ RANKS = {
     'nanoflux_jax.images': 0,
     'nanoflux_jax.data': 0,
     'nanoflux_jax.parallel': 0,
+    'nanoflux_jax.call_args': 0,
     'nanoflux_jax.models': 10,
     'nanoflux_jax.sampling': 20,
     'nanoflux_jax.checkpoint': 20,
     'nanoflux_jax.convert': 30,
+    'nanoflux_jax.pipeline_checks': 35,
     'nanoflux_jax.pipeline': 40,
     'nanoflux_jax.evaluate': 40,
     'nanoflux_jax.testing': 40,

@@ -155,10 +155,10 @@ def test_bad_input(pipelines, tmp_path):
 
 
 def test_long_prompt_is_truncated_with_warning(pipelines, monkeypatch):
-  from nanoflux_jax import pipeline
+  from nanoflux_jax import call_args  # Its token_ids warns.
   _, ours, _ = pipelines
   records = []
-  monkeypatch.setattr(pipeline.logging, 'warning',
+  monkeypatch.setattr(call_args.logging, 'warning',
                       lambda msg, *a: records.append(msg % a))
   t5_ids, clip_ids = ours.tokenize([' '.join(['red circle'] * 40)],
                                    max_sequence_length=8)

@@ -47,9 +47,10 @@ def test_block_runs():
       ('single', 1, 2)]
   ds = FluxConfig.tiny(depth=4, depth_single_blocks=4, downsample_start=1,
                        downsample_end=5, scan_blocks=True)
+  # The coarse range [1, 5] is its own runs: they break before global
+  # block 1 and after global block 5.
   assert scan_blocks.block_runs(ds) == [
-      ('double', 0, 1), ('double', 1, 2), ('double', 2, 3), ('double', 3, 4),
-      ('single', 0, 1), ('single', 1, 2), ('single', 2, 4)]
+      ('double', 0, 1), ('double', 1, 4), ('single', 0, 2), ('single', 2, 4)]
   assert scan_blocks.run_name('double', 0, 19) == 'double_blocks_0_to_18'
   assert scan_blocks.run_name('single', 7, 8) == 'single_blocks_7'
 

@@ -12,12 +12,15 @@ from nanoflux_jax.distill import trainer
 def get_config(arg: str = ''):
   a = parse_arg(arg, runlocal=False)
   c = trainer.default_config()
-  c.teacher = {'path': '', 'preset': '', 'overrides': {}, 'seed': 1}
+  # Scanned teacher and student: FSDP gathers one block at a time.
+  c.teacher = {'path': '', 'preset': '', 'overrides': {}, 'seed': 1,
+               'scan_blocks': True}
   c.student = {'preset': 'schnell', 'overrides': {
       'num_heads': 24, 'double_heads': (12,) * 19, 'single_heads': (12,) * 38,
       'double_mlp_img': (6144,) * 19, 'double_mlp_txt': (6144,) * 19,
       'single_mlp': (6144,) * 38, 'modulation': 'static',
-      'static_timesteps': (1.0, 0.75, 0.5, 0.25), 'remat': True}}
+      'static_timesteps': (1.0, 0.75, 0.5, 0.25), 'remat': True,
+      'scan_blocks': True}}
   c.mesh = {'data': 1, 'fsdp': -1, 'tensor': 1}
   c.batch_size = 64
   c.num_steps = 20_000

@@ -2,7 +2,10 @@ r"""The NanoFLUX ladder on FLUX.1-schnell (TPU pod; not run in tests).
 
   python experiments/ladder.py --config=experiments/configs/ladder_schnell.py \
       --config.teacher.pipeline=/ckpt/FLUX.1-schnell \
-      --config.distill.data.prompts=/data/prompts.txt --workdir=gs://bucket/ladder
+      --config.distill.data.prompts=/data/prompts.txt \
+      --workdir=gs://bucket/ladder \
+      --config.clip_eval.clip_path=/ckpt/clip-vit-large-patch14 \
+      --config.clip_eval.prompts=/data/eval_prompts.txt
 Launch the same command on every host. teacher.pipeline (a diffusers
 FLUX.1-schnell folder) gives the prompts their real T5 / CLIP embeddings,
 the text-encoder rung its teacher T5 and the export rung its VAE; with
@@ -33,8 +36,14 @@ def get_config(arg: str = ''):
   c = ml_collections.ConfigDict()
   # 12B teacher + student + Adam state: FSDP over the whole pod slice.
   c.mesh = {'data': 1, 'fsdp': -1, 'tensor': 1}
+  # True: resume a rung whose recorded settings differ from this config's
+  # (refused otherwise, naming each difference); the change is recorded.
+  c.accept_changed_settings = False
+  # scan_blocks: the teacher, and so every student, keeps its runs of
+  # identical blocks stacked and runs them as one lax.scan: FSDP gathers one
+  # block at a time, not all of them (compress/layout.py, the README plan).
   c.teacher = {'path': '', 'pipeline': '', 'preset': '', 'seed': 0,
-               'overrides': {}}
+               'overrides': {}, 'scan_blocks': True}
   c.distill = trainer.default_config()
   c.distill.batch_size = 64
   c.distill.learning_rate = 1e-4
@@ -49,6 +58,14 @@ def get_config(arg: str = ''):
   c.distill.checkpoint_every = 1000
   c.samples = {'prompts': 'builtin', 'num': 8, 'seed': 0, 'scale': 4}
   c.timing = {'repeats': 5}
+  # CLIP score and CLIP-FID (vs the teacher's images, same noise) of the
+  # teacher and every rung, in report.json/md (distill/clip_eval.py). Off
+  # while clip_path is empty; set it to a local save of
+  # openai/clip-vit-large-patch14 (CLIPModel + tokenizer + processor) and
+  # prompts to a file (one per line, or JSONL), e.g. 500 held-out prompts.
+  # batch_size 0: one image per data-parallel shard.
+  c.clip_eval = {'clip_path': '', 'prompts': 'builtin', 'num': 0, 'seed': 0,
+                 'batch_size': 0, 'grid_images': 8}
   te = text_encoder.default_config()
   te.student.num_layers = 12
   te.student.d_model = 1024

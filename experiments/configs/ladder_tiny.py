@@ -18,6 +18,9 @@ def get_config(arg: str = ''):
   a = parse_arg(arg, runlocal=False, stop_after=None)
   c = ml_collections.ConfigDict()
   c.mesh = {'data': -1, 'fsdp': 1, 'tensor': 1}
+  # True: resume a rung whose recorded settings differ from this config's
+  # (refused otherwise, naming each difference); the change is recorded.
+  c.accept_changed_settings = False
   # A random tiny teacher; set path (and preset='') for a real checkpoint.
   c.teacher = {'path': '', 'preset': 'tiny', 'seed': 1, 'overrides': {
       'depth': 1, 'depth_single_blocks': 1, 'attention_impl': 'xla'}}

@@ -12,3 +12,4 @@ from nanoflux_jax.compress.sensitivity import register
 from nanoflux_jax.compress.sensitivity import sensitivity
 from nanoflux_jax.compress.static_modulation import to_static_modulation
 from nanoflux_jax.compress.token_downsample import add_downsampler
+from nanoflux_jax.compress.token_downsample import widen_downsampler

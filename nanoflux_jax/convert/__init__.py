@@ -1,4 +1,5 @@
 """Checkpoint import: streaming safetensors reading and FLUX / HF key maps."""
+from nanoflux_jax.convert.clip_model import load_clip_model
 from nanoflux_jax.convert.flux import load_flux_transformer
 from nanoflux_jax.convert.flux import save_bfl
 from nanoflux_jax.convert.safetensors_io import open_tensors

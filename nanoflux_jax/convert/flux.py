@@ -81,16 +81,7 @@ def load_flux_transformer(path: str, dtype=None, *, shardings=None,
                            **config_overrides)
   source = open_tensors(path)
   try:
-    keys = set(source)
-    if 'img_in.weight' in keys:
-      fmt = 'bfl'
-    elif 'x_embedder.weight' in keys:
-      fmt = 'diffusers'
-    else:
-      raise CheckpointError(
-          f'{path}: not a FLUX transformer checkpoint (no img_in.weight or '
-          f'x_embedder.weight; first keys: {sorted(keys)[:5]})')
-    cfg = flux_config.source_config(source, fmt, path, axes_dim)
+    fmt, cfg = _source_config(source, path, axes_dim)
     if dtype is not None:
       cfg = cfg.replace(param_dtype=np.dtype(dtype).name)
     if config_overrides:
@@ -113,6 +104,34 @@ def load_flux_transformer(path: str, dtype=None, *, shardings=None,
     if shardings is not None:
       params = jax.device_put(params, shardings)
   return cfg, params
+
+
+def _source_config(source, path: str, axes_dim) -> tuple[str, FluxConfig]:
+  """-> ('bfl' | 'diffusers', the config) of an open tensor source."""
+  keys = set(source)
+  if 'img_in.weight' in keys:
+    fmt = 'bfl'
+  elif 'x_embedder.weight' in keys:
+    fmt = 'diffusers'
+  else:
+    raise CheckpointError(
+        f'{path}: not a FLUX transformer checkpoint (no img_in.weight or '
+        f'x_embedder.weight; first keys: {sorted(keys)[:5]})')
+  return fmt, flux_config.source_config(source, fmt, path, axes_dim)
+
+
+def transformer_config(path: str, axes_dim=None) -> FluxConfig:
+  """The FluxConfig `load_flux_transformer(path)` would return, read from
+  the stored config and the tensors' headers only (no tensor is read): a
+  pipeline checks its parts against each other before loading any."""
+  fmt, path = _resolve(path)
+  if fmt == 'nanoflux':
+    return checkpoint.load_config(path)
+  source = open_tensors(path)
+  try:
+    return _source_config(source, path, axes_dim)[1]
+  finally:
+    source.close()
 
 
 def _layer_sharding(s, i):

@@ -54,7 +54,7 @@ EmbedFn = Callable[[Sequence[str]], dict]
 def load_prompts(source: str | Sequence[str] = 'builtin') -> list[str]:
   """Prompts from a text file (one per line), JSONL, 'builtin', a list, or
   'shapes:N[:seed]' (the captions of the first N scenes of the shapes world
-  with that seed, default 0).
+  with that seed, default 0; 'shapes9:N[:seed]' for the 9-position world).
 
   JSONL lines are objects with a 'prompt' or 'caption' field. Blank lines are
   skipped.
@@ -70,7 +70,7 @@ def load_prompts(source: str | Sequence[str] = 'builtin') -> list[str]:
     return prompts
   if source == 'builtin':
     return list(BUILTIN_PROMPTS)
-  if source.startswith('shapes:'):
+  if shapes.parse_source(source):
     return _shapes_captions(source)
   if not os.path.isfile(source):
     raise FileNotFoundError(f'prompt file {source!r} does not exist')
@@ -98,15 +98,8 @@ def load_prompts(source: str | Sequence[str] = 'builtin') -> list[str]:
 
 
 def _shapes_captions(source: str) -> list[str]:
-  parts = source.split(':')[1:]
-  try:
-    num, seed = int(parts[0]), int(parts[1]) if len(parts) > 1 else 0
-  except (ValueError, IndexError):
-    num = seed = -1
-  if len(parts) > 2 or num < 1 or seed < 0:
-    raise ValueError(f'prompt source {source!r}: expected shapes:N or '
-                     'shapes:N:seed with N >= 1')
-  return shapes.ShapesWorld(seed).captions(num)
+  world, num, seed = shapes.parse_source(source)  # Raises on a bad N, seed.
+  return shapes.ShapesWorld(seed, world=world).captions(num)
 
 
 def random_embedder(cfg: FluxConfig, txt_len: int, seed: int = 0) -> EmbedFn:

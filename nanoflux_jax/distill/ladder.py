@@ -19,12 +19,18 @@ Layout of workdir:
     checkpoints/               the trainer's orbax CheckpointManager
     metrics.jsonl              one line per logged training step
     student/                   final student (nanoflux_jax.checkpoint)
+    settings.json              the effective settings it trains with
+                               (provenance.py), written before any work
     done.json                  marker: the rung's options and report row
                                (and a text_encoder rung's student T5)
   samples/{teacher,rung_i_kind}.png   same prompts and noise (decoded with
                                the teacher pipeline's VAE, else latent
                                previews)
-  report.json, report.md       one row per finished rung plus the teacher
+  report.json, report.md       one row per finished rung plus the teacher,
+                               and each rung's settings that differ from
+                               the defaults
+  config.json                  the whole config of the latest run
+  workdir.lock                 held while a run writes here (one at a time)
 With a teacher pipeline (config.teacher.shapes: the shapes-world teacher,
 trained once into workdir/teacher; or config.teacher.pipeline: a FLUX
 folder) prompts get the pipeline's real embeddings, text-encoder rungs
@@ -36,6 +42,10 @@ config.evaluate scores every rung after the last one (ladder_eval.py:
 Resume: a rung with done.json is loaded from its student/ and skipped; an
 unfinished rung restarts its compression only if the trainer had not saved a
 checkpoint yet, and otherwise resumes inside `trainer.train` at the saved step.
+Either way its settings.json must match what the config now gives (options,
+effective distillation config, the teacher's identity), else the run stops
+naming each difference; config.accept_changed_settings=True goes on and
+records the change (provenance.reconcile).
 The whole config is validated before the teacher is even loaded.
 """
 from __future__ import annotations
@@ -56,14 +66,18 @@ import numpy as np
 from nanoflux_jax import atomic
 from nanoflux_jax import checkpoint
 from nanoflux_jax import compress
+from nanoflux_jax.compress import layout
 from nanoflux_jax import images
 from nanoflux_jax import parallel
 from nanoflux_jax import sampling
 from nanoflux_jax.configs import FluxConfig
+from nanoflux_jax.distill import clip_eval
 from nanoflux_jax.distill import data as data_lib
 from nanoflux_jax.distill import ladder_eval
 from nanoflux_jax.distill import loop
+from nanoflux_jax.distill import provenance
 from nanoflux_jax.distill import rungs as rungs_lib
+from nanoflux_jax.distill import workdir_lock
 from nanoflux_jax.distill.rungs import Context, RUNG_KINDS, RungKind, Student
 from nanoflux_jax.evaluate import metrics
 from nanoflux_jax.models import flux as flux_lib
@@ -75,6 +89,7 @@ from nanoflux_jax.models import sharding
 # ---------------------------------------------------------------------------
 # Options every rung takes besides its kind's own.
 _COMMON_OPTIONS = ('kind', 'distill', 'ablation')
+CONFIG_FILE = 'config.json'
 
 def check_config(config: ml_collections.ConfigDict) -> list[dict]:
   """Validates every rung; returns them as dicts with defaults filled in.
@@ -96,6 +111,7 @@ def check_config(config: ml_collections.ConfigDict) -> list[dict]:
                      '.pipeline')
   data_lib.load_prompts(config.distill.data.prompts)
   data_lib.load_prompts(config.samples.prompts)
+  clip_eval.check_config(config)  # config.clip_eval (off when empty).
   rungs = []
   for i, r in enumerate(raw):
     r = dict(r.to_dict() if isinstance(r, ml_collections.ConfigDict) else r)
@@ -264,8 +280,12 @@ def report_markdown(report: dict) -> str:
         f"{_fmt(loss.get('output_kd'), '.4g')} | {r['sample_mse']:.4g} | "
         f"{_fmt(r.get('sample_psnr_init'), '.2f')} -> "
         f"{_fmt(r.get('sample_psnr'), '.2f')} | [png]({r['samples']}) |")
+  if any(r.get('settings') for r in report['rungs']):
+    lines += ['', provenance.markdown(report['rungs'])]
   if report.get('evaluation'):
     lines += ['', ladder_eval.markdown(report)]
+  if report.get('clip_eval'):
+    lines += ['', clip_eval.markdown(report)]
   return '\n'.join(lines) + '\n'
 
 
@@ -278,15 +298,6 @@ def _write_report(workdir: str, report: dict) -> None:
 # ---------------------------------------------------------------------------
 # The ladder.
 # ---------------------------------------------------------------------------
-def _marker_key(rung: dict) -> dict:
-  """The rung options that define its result (stop_after does not)."""
-  d = dict(rung, distill={k: v for k, v in rung['distill'].items()
-                          if k != 'stop_after'})
-  if not d['ablation']:  # Markers from before rungs had the option.
-    del d['ablation']
-  return json.loads(json.dumps(d, sort_keys=True, default=str))
-
-
 def _compressed(ctx: Context, kind: RungKind, rung: dict,
                 student: Callable[[], Student]) -> Student:
   """The rung's compressed student, or only its config when resuming.
@@ -306,13 +317,19 @@ def _compressed(ctx: Context, kind: RungKind, rung: dict,
     with open(cfg_file) as f:
       return FluxConfig.from_json(f.read()), None
   logging.info('ladder: %s: compressing (%s)', rung_dir, kind.name)
-  out = kind.compress(ctx, student(), rung)
+  # Transforms see unrolled blocks; a scanned student is re-scanned after.
+  out = layout.compress_unrolled(lambda s: kind.compress(ctx, s, rung),
+                                 student(), ctx.mesh)
   psnr = (_sample_psnr(ctx, _sample(ctx, out)) if kind.distills_denoiser
           else None)
   _write_atomic(os.path.join(rung_dir, 'lineage.json'), json.dumps(dict(
       teacher_blocks=ctx.teacher_blocks, sample_psnr_init=psnr)))
   _write_atomic(cfg_file, out[0].to_json())
   return out
+
+
+def _rung_dir(workdir: str, i: int, rung: dict) -> str:
+  return os.path.join(workdir, f"rung_{i}_{rung['kind']}")
 
 
 def _read_lineage(ctx: Context, rung_dir: str) -> dict:
@@ -338,10 +355,29 @@ def run_ladder(config: ml_collections.ConfigDict, workdir: str, *,
   Returns:
     The report dict (also report.json); 'complete' is False when a rung's
     trainer stopped early (distill.stop_after).
+  Raises:
+    provenance.SettingsChanged: a rung trained under other settings.
+    workdir_lock.WorkdirLocked: another run is writing to workdir.
   """
   rungs = check_config(config)  # Every config error before any work.
+  with workdir_lock.hold(workdir, 'ladder'):  # One writer at a time.
+    return _run_ladder(config, workdir, rungs, mesh)
+
+
+def _run_ladder(config: ml_collections.ConfigDict, workdir: str,
+                rungs: list[dict], mesh) -> dict:
+  """run_ladder's body, inside the workdir lock."""
   mesh = mesh or parallel.create_mesh(dict(config.mesh))
   os.makedirs(workdir, exist_ok=True)
+  # Every started rung's record is checked before any work or write.
+  teacher_id = provenance.teacher_identity(config, workdir)
+  for i, rung in enumerate(rungs):
+    rung_dir = _rung_dir(workdir, i, rung)
+    provenance.check_rung(config, workdir, rung_dir, rung, teacher_id,
+                          _read_json(os.path.join(rung_dir, 'done.json')),
+                          write=False)
+  _write_atomic(os.path.join(workdir, CONFIG_FILE),
+                config.to_json_best_effort(indent=2, sort_keys=True))
   dc = config.distill
   grid = tuple(dc.data.grid)
   ctx = Context(config, mesh, grid, tuple(sampling.get_schedule(
@@ -370,18 +406,15 @@ def run_ladder(config: ml_collections.ConfigDict, workdir: str, *,
                  dir=os.path.join(workdir, 'teacher'))]
   for i, rung in enumerate(rungs):
     kind = RUNG_KINDS[rung['kind']]
-    name = f'rung_{i}_{kind.name}'
-    ctx.rung_dir = rung_dir = os.path.join(workdir, name)
+    ctx.rung_dir = rung_dir = _rung_dir(workdir, i, rung)
+    name = os.path.basename(rung_dir)
     done = _read_json(os.path.join(rung_dir, 'done.json'))
+    settings = provenance.check_rung(config, workdir, rung_dir, rung,
+                                     teacher_id, done, write=True)
     before = ctx.teacher_blocks  # An ablation's student is not passed on.
     # This rung's denoiser and T5; text_encoder and export keep the DiT.
     rung_student, te = student, ctx.text_encoder
     if done is not None:
-      if done['rung'] != _marker_key(rung):
-        raise ValueError(
-            f'ladder: {rung_dir} was finished with options {done["rung"]} '
-            f'but the config now says {_marker_key(rung)}; use a new workdir '
-            'or delete that rung folder and the ones after it')
       logging.info('ladder: %s already done; skipping', name)
       row = done['row']
       _read_lineage(ctx, rung_dir)
@@ -404,12 +437,13 @@ def run_ladder(config: ml_collections.ConfigDict, workdir: str, *,
       row.update(result.fields, kind=kind.name, ablation=rung['ablation'],
                  sample_psnr_init=_read_lineage(ctx, rung_dir).get(
                      'sample_psnr_init'))
-      marker = dict(rung=_marker_key(rung), row=row)
+      marker = dict(rung=provenance.marker_key(rung), row=row)
       if result.text_encoder:
         marker['text_encoder'] = os.path.relpath(result.text_encoder, rung_dir)
       _write_atomic(os.path.join(rung_dir, 'done.json'),
                     json.dumps(marker, indent=2))
       logging.info('ladder: %s done: %s', name, row)
+    row = dict(row, settings=provenance.summary(settings, config))
     report['rungs'].append(row)
     _write_report(workdir, report)
     if rung['ablation']:
@@ -418,6 +452,8 @@ def run_ladder(config: ml_collections.ConfigDict, workdir: str, *,
       student, ctx.text_encoder = rung_student, te
     stages.append(dict(row=row, dit=rung_student, text_encoder=te,
                        dir=rung_dir, exports=row.get('exports')))
+    if clip_eval.score_stages(ctx, stages, report):  # The teacher, then each.
+      _write_report(workdir, report)
   if config.get('evaluate') and ctx.pipeline is not None:
     report['evaluation'] = ladder_eval.evaluate_stages(ctx, stages)
   report['complete'] = True

@@ -27,7 +27,6 @@ import numpy as np
 
 from nanoflux_jax import atomic
 from nanoflux_jax import images
-from nanoflux_jax.data import shapes
 from nanoflux_jax.evaluate import classifier as clf_lib
 from nanoflux_jax.evaluate import toy
 from nanoflux_jax.export import bundle
@@ -90,11 +89,11 @@ def evaluate_stages(ctx, stages: list[dict]) -> dict:
   """
   e = ctx.config.evaluate
   cfg = ctx.pipeline.flux_cfg
+  world = e.get('world', 'shapes')   # data.shapes.WORLDS.
   s = toy.eval_set(e.world_seed, e.num_prompts, ctx.resolution,
                    (ctx.grid[0] * ctx.grid[1], cfg.in_channels),
-                   e.noise_seed, e.num_reference)
-  clf = clf_lib.Classifier.load(e.get('classifier') or
-                                shapes.classifier_path())
+                   e.noise_seed, e.num_reference, world)
+  clf = clf_lib.load_judge(e.get('classifier') or '', world, ctx.resolution)
   teacher_images = None
   for stage in stages:
     row = stage['row']
@@ -125,7 +124,9 @@ def evaluate_stages(ctx, stages: list[dict]) -> dict:
               device=jax.devices()[0].device_kind,
               timing_batch=e.timing_batch, num_threads=e.num_threads,
               classifier_accuracy=clf_lib.evaluate_on_world(clf, n=256),
-              targets=dict(e.get('targets') or {}))
+              targets=dict(e.get('targets') or {}),
+              # Reports of the classic world stay as they were.
+              **({'world': world} if world != 'shapes' else {}))
 
 
 # ---------------------------------------------------------------------------
@@ -145,6 +146,31 @@ def _gen(ev: dict) -> str:
   ci = ev.get('geneval_ci')
   return f"{ev['geneval']:.3f}" + (
       f' [{ci[0]:.3f}, {ci[1]:.3f}]' if ci else '')
+
+
+# A main rung's measured denoise speed-up over the teacher should reach this
+# fraction of its FLOP ratio (config.evaluate.targets
+# 'min_speedup_of_flop_ratio' overrides it): savings that follow the FLOPs.
+MIN_SPEEDUP_OF_FLOP_RATIO = 0.8
+
+
+def flop_ratio(teacher: dict, row: dict) -> float | None:
+  """Teacher FLOPs / the row's FLOPs per denoising step.
+
+  A row's `gflops` is one DiT forward per image (compress.count_flops: the
+  token down-sampler's coarse blocks and resampler, static modulation and
+  pruned widths included); one denoising step is one forward and FLOPs are
+  linear in the batch, so the ratio at the evaluation batch is this one.
+  """
+  if not row.get('gflops') or not teacher.get('gflops'):
+    return None
+  return teacher['gflops'] / row['gflops']
+
+
+def denoise_speedup(teacher: dict, row: dict) -> float | None:
+  """Teacher JAX denoise ms / the row's, per image (None: not timed)."""
+  a, b = teacher['eval'].get('denoise_ms'), row['eval'].get('denoise_ms')
+  return a / b if a and b else None
 
 
 def markdown(report: dict) -> str:
@@ -169,10 +195,12 @@ def markdown(report: dict) -> str:
       'renderings: ' + ', '.join(
           f'{k} {v:.3f}' for k, v in ev_setup['classifier_accuracy'].items())
       + '.', '',
-      '| rung | kind | DiT params | GFLOPs | JAX denoise ms / img | JAX ms / '
-      'img | LiteRT ms / img | toy-GenEval [95% CI] | toy-FID | PSNR (dB) | '
-      'grid |',
-      '|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|']
+      'Denoise speed-up: the teacher\'s JAX denoise ms / the rung\'s; FLOP '
+      'ratio: the teacher\'s FLOPs per denoising step / the rung\'s.', '',
+      '| rung | kind | DiT params | GFLOPs | JAX denoise ms / img | denoise '
+      'speed-up | FLOP ratio | JAX ms / img | LiteRT ms / img | toy-GenEval '
+      '[95% CI] | toy-FID | PSNR (dB) | grid |',
+      '|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|']
   for r in rows:
     ev = r['eval']
     name = r['name'] + (' (ablation)' if r.get('ablation') else '')
@@ -181,6 +209,8 @@ def markdown(report: dict) -> str:
     out.append(
         f"| {name} | {r.get('kind', '-')} | {r['params']:,} | "
         f"{r['gflops']:.3g} | {_f(ev.get('denoise_ms'), '.1f')} | "
+        f"{_f(denoise_speedup(report['teacher'], r), '.2f')} | "
+        f"{_f(flop_ratio(report['teacher'], r), '.2f')} | "
         f"{_f(ev['jax_ms'], '.1f')} | {_f(ev['litert_ms'], '.1f')} | "
         f"{_gen(ev)} | {ev['fid']:.3g} | {_f(ev['psnr'], '.2f')} | "
         f"[png]({ev['grid']}) |")
@@ -193,14 +223,21 @@ def markdown(report: dict) -> str:
         out.append(f"| [{q}]({x['dir']}) | {x['mb']:.2f} | "
                    f"{x['litert_ms']:.1f} | {_gen(x)} | "
                    f"{x['fid']:.3g} | {_f(x['psnr'], '.2f')} |")
+  # 1 and 2 objects (the classic world), 3 where a world has them.
+  keys = ['1_object', '2_objects'] + (['3_objects'] if any(
+      '3_objects' in (r['eval'].get('geneval_by_objects') or {})
+      for r in rows) else [])
   out += ['', '### toy-GenEval by number of prompted objects', '',
-          '| rung | 1 object | 2 objects |', '|---|---:|---:|']
+          '| rung | ' + ' | '.join(
+              k.replace('_', ' ') for k in keys) + ' |',
+          '|---|' + '---:|' * len(keys)]
   for r in rows:
     by = r['eval'].get('geneval_by_objects') or {}
     cell = lambda k: '-' if k not in by else (
         f"{by[k]['score']:.3f} [{by[k]['ci'][0]:.3f}, {by[k]['ci'][1]:.3f}]"
         f" (n={by[k]['n']})")
-    out.append(f"| {r['name']} | {cell('1_object')} | {cell('2_objects')} |")
+    out.append(f"| {r['name']} | " + ' | '.join(cell(k) for k in keys) +
+               ' |')
   out += ['', *_ablations_and_targets(report), '', '## Grids', '']
   out += [f"**{r['name']}**\n\n![{r['name']}]({r['eval']['grid']})\n"
           for r in rows]
@@ -281,6 +318,21 @@ def _ablations(rungs: list[dict]) -> tuple[list[str], dict]:
   return out, figures
 
 
+def _flop_targets(teacher: dict, main: list[dict], targets: dict
+                  ) -> list[str]:
+  """Per main rung timed in JAX: denoise speed-up >= fraction x FLOP ratio."""
+  frac = targets.get('min_speedup_of_flop_ratio', MIN_SPEEDUP_OF_FLOP_RATIO)
+  out = []
+  for r in main:
+    s, f = denoise_speedup(teacher, r), flop_ratio(teacher, r)
+    if s is None or f is None:
+      continue
+    out.append(_target(s >= frac * f, (
+        f"{r['name']}: denoising {s:.2f}x faster for {f:.2f}x fewer FLOPs, "
+        f'{s / f:.2f} of the FLOP ratio (target >= {frac:g})')))
+  return out
+
+
 def _ablations_and_targets(report: dict) -> list[str]:
   teacher, rungs = report['teacher'], report['rungs']
   targets = report['evaluation'].get('targets') or {}
@@ -316,6 +368,7 @@ def _ablations_and_targets(report: dict) -> list[str]:
         f"toy-GenEval {_gen(final['eval'])} vs the teacher's "
         f"{_gen(teacher['eval'])}: {100 * v:.1f}% kept (target >= "
         f"{100 * t['min_geneval_retention']:g}%)"))
+  out += _flop_targets(teacher, main, t)
   if 'max_export_gap' in t:
     for r in exports:
       for q, x in r['eval']['exports'].items():

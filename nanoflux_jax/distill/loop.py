@@ -31,6 +31,7 @@ from flax import struct
 import jax
 import jax.numpy as jnp
 import ml_collections
+from ml_collections import config_dict
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
@@ -470,7 +471,9 @@ def add_loop_defaults(c: ml_collections.ConfigDict) -> None:
   """The optimizer, precision and checkpointing fields `fit` reads, shared by
   every config that trains through it (DiT and text-encoder distillation)."""
   c.num_steps = 100
-  c.stop_after = None              # int: stop early (preemption tests).
+  # int: stop early (preemption tests). A typed placeholder (None until
+  # set), so that --config.stop_after=2 parses on a locked config.
+  c.stop_after = config_dict.placeholder(int)
   c.batch_size = 8
   c.grad_accum = 1
   c.learning_rate = 1e-3

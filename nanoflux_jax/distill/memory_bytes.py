@@ -19,8 +19,10 @@ from jax.sharding import AbstractMesh, NamedSharding
 
 from nanoflux_jax import compress
 from nanoflux_jax import parallel
+from nanoflux_jax.compress import layout
 from nanoflux_jax.configs import FluxConfig
 from nanoflux_jax.models import flux as flux_lib
+from nanoflux_jax.models import scan_blocks
 
 
 GIB = 1024 ** 3
@@ -120,7 +122,18 @@ def _keep_flags(cfg: FluxConfig, opts) -> np.ndarray:
 
 def transform_shapes(kind: str, cfg: FluxConfig, params, opts,
                      schedule: Sequence[float], vec_in_dim: int):
-  """(cfg, abstract params) after a rung of `kind` (shapes only)."""
+  """(cfg, abstract params) after a rung of `kind` (shapes only).
+
+  A scanned student goes through the same layout conversion as the ladder
+  (`compress.layout.compress_unrolled`): unscanned, transformed, re-scanned.
+  """
+  return layout.compress_unrolled(
+      lambda s: _transform_unrolled(kind, *s, opts, schedule, vec_in_dim),
+      (cfg, params))
+
+
+def _transform_unrolled(kind: str, cfg: FluxConfig, params, opts,
+                        schedule: Sequence[float], vec_in_dim: int):
   if kind == 'prune':
     mask = _uniform_mask(cfg, opts.get('keep_heads'), opts.get('keep_mlp'))
     return _shaped(lambda p: compress.prune(cfg, p, mask), params)
@@ -230,26 +243,65 @@ def activation_bytes(student: FluxConfig, teacher: FluxConfig | None,
   return int(saved + max(peak, t_peak) + io + feats)
 
 
+def block_param_counts(cfg: FluxConfig, params) -> list[int]:
+  """Params of every block (a scanned run's stack counts once per layer)."""
+  out = []
+  for kind, a, b in scan_blocks.block_runs(cfg):
+    v = params[scan_blocks.run_name(kind, a, b)]
+    n = sum(int(math.prod(x.shape)) for x in jax.tree.leaves(v))
+    out += [n // (b - a)] * (b - a)
+  return out
+
+
 def gathered_block_bytes(cfg: FluxConfig, params, compute_dtype: str) -> int:
-  """One block's params gathered whole in the compute dtype (FSDP)."""
-  act = ITEM_BYTES[compute_dtype]
-  return max(sum(int(math.prod(x.shape)) for x in jax.tree.leaves(v)) * act
-             for k, v in params.items()
-             if k.startswith(('double_blocks_', 'single_blocks_')))
+  """The largest block's params gathered whole in the compute dtype (FSDP)."""
+  return max(block_param_counts(cfg, params)) * ITEM_BYTES[compute_dtype]
+
+
+def _gathered_counts(params, shardings) -> dict:
+  """{top-level key: elements per device once 'fsdp' is gathered}: the
+  other mesh axes (tensor) still split a gathered tensor."""
+  out = {}
+  for k, v in params.items():
+    leaves = jax.tree.leaves(v)
+    shs = ([None] * len(leaves) if shardings is None else jax.tree.leaves(
+        shardings[k], is_leaf=lambda s: isinstance(s, NamedSharding)))
+    n = 0
+    for x, sh in zip(leaves, shs):
+      shape = list(x.shape)
+      if sh is not None:
+        for i, axes in enumerate(sh.spec):
+          axes = (axes,) if isinstance(axes, str) else (axes or ())
+          for a in axes:
+            if a != 'fsdp':
+              shape[i] //= sh.mesh.shape[a]
+      n += int(math.prod(shape))
+    out[k] = n
+  return out
 
 
 def gathered_bytes(cfg: FluxConfig, params, compute_dtype: str,
-                   grads: bool) -> int:
+                   grads: bool, shardings=None) -> int:
   """FSDP's transient whole-tensor copies per device during the step.
 
   Unrolled blocks (scan_blocks=False): XLA keeps every block's gathered
   params (compute dtype) from the forward to the rematerialised backward,
   and (grads=True) the gradients whole in fp32 before their
-  reduce-scatter. Scanned blocks: two blocks' worth (the current one and
-  the next, prefetched). Measured on XLA:CPU (tests/test_memory_plan.py);
-  TPU's latency-hiding scheduler may free them sooner, so this errs high.
+  reduce-scatter. With `shardings`, a gathered tensor stays split over
+  the mesh axes other than 'fsdp' (tensor). Scanned runs (scan_blocks=True, remat): the loop body
+  gathers one layer's slice at a time, so all runs together hold two
+  blocks' worth (the current one and the next, prefetched); blocks outside
+  a run (a run of one) and the embedders are charged whole, as unrolled.
+  Measured on XLA:CPU (tests/test_memory_plan.py); TPU's latency-hiding
+  scheduler may free them sooner, so this errs high.
   """
-  n_all = sum(int(math.prod(x.shape)) for x in jax.tree.leaves(params))
+  counts = _gathered_counts(params, shardings)
+  n_all = sum(counts.values())
   if cfg.scan_blocks:
-    n_all = 2 * gathered_block_bytes(cfg, params, 'float32') // 4
+    runs = [(scan_blocks.run_name(k, a, b), b - a)
+            for k, a, b in scan_blocks.block_runs(cfg) if b - a > 1]
+    if runs:
+      stacked = sum(counts[name] for name, _ in runs)
+      one = max(counts[name] // n for name, n in runs)
+      n_all = n_all - stacked + 2 * one
   return n_all * (ITEM_BYTES[compute_dtype] + (4 if grads else 0))

@@ -17,9 +17,12 @@ blocks keep only their inputs; one block's working set at a time), FSDP's
 whole-tensor copies (`memory_bytes.gathered_bytes`), the total against the
 budget, and the largest tensor.
 The gradients column holds two param-shaped trees (the gradients and the
-optimizer's updates). The transient terms were checked against XLA:CPU's
-memory_analysis of the real step on one scaled model (the test); TPU's
-scheduler may free gathered weights sooner, so the plan errs high.
+optimizer's updates). The transient terms were fitted to XLA:CPU's
+memory_analysis of the real step on one scaled model and checked on two
+others (scanned with remat, unrolled without; tests/test_memory_plan.py);
+TPU's scheduler may free gathered weights sooner, so the plan errs high.
+A ladder whose config.teacher.scan_blocks is set is planned scanned: the
+teacher and every student (the transforms re-scan what they return).
 
 `lower_train_step` builds the real distillation train step (the one
 `trainer.train` runs) from abstract shapes, so tests can hold the plan
@@ -124,12 +127,18 @@ def dit_rung_plan(name: str, c, s_cfg: FluxConfig, s_params,
   g *= 2  # The gradients and the optimizer's update tree.
   tb = 0
   lg = mb.largest(s_params, s_sh, 'student/')
-  gathered = mb.gathered_bytes(s_cfg, s_params, c.compute_dtype, grads=True)
+  # Measured on XLA:CPU: without remat a gathered tensor stays split over
+  # the tensor axis; with remat (the re-gathered backward copies) the
+  # compiled step holds it whole, as if unsharded (tests/test_memory_plan).
+  g_sh = lambda sh: None if c.remat else sh
+  gathered = mb.gathered_bytes(s_cfg, s_params, c.compute_dtype, grads=True,
+                               shardings=g_sh(s_sh))
   if t_cfg is not None:
     t_sh = _dit_shardings(t_cfg, mesh)
     tb = mb.tree_bytes(t_params, t_sh)
     lg = max(lg, mb.largest(t_params, t_sh, 'teacher/'))
-    gathered += mb.gathered_bytes(t_cfg, t_params, c.compute_dtype, grads=False)
+    gathered += mb.gathered_bytes(t_cfg, t_params, c.compute_dtype,
+                                  grads=False, shardings=g_sh(t_sh))
   b, notes = _micro_batch(c, mesh)
   grid = tuple(c.data.grid)
   li, lt = grid[0] * grid[1], c.data.txt_len
@@ -208,10 +217,13 @@ def teacher_shapes(config, preset: str = 'schnell',
                    dtype: str | None = 'bfloat16'):
   """(cfg, abstract params) of the ladder's teacher: config.teacher.preset
   (+ overrides) if set, else `preset` (a real checkpoint: its stored
-  dtype, bf16 for FLUX.1 releases)."""
+  dtype, bf16 for FLUX.1 releases), scanned if config.teacher.scan_blocks."""
   t = config.teacher
   name = t.get('preset') or preset
   cfg = getattr(FluxConfig, name)(**dict(t.get('overrides', {}) or {}))
+  # teacher.scan_blocks: the ladder scans its teacher, and so every student
+  # (the transforms re-scan what they return).
+  cfg = cfg.replace(scan_blocks=bool(t.get('scan_blocks', cfg.scan_blocks)))
   return cfg, mb.abstract_params(cfg, dtype if not t.get('preset') else None)
 
 

@@ -28,6 +28,7 @@ import numpy as np
 
 from nanoflux_jax import checkpoint
 from nanoflux_jax import compress
+from nanoflux_jax.compress import layout
 from nanoflux_jax.configs import FluxConfig
 from nanoflux_jax.convert.text_encoders import load_t5_encoder
 from nanoflux_jax.data import shapes
@@ -165,14 +166,12 @@ class Context:
     config.distill.data.prompts ('shapes:N[:seed]') lists, encoded by the
     teacher pipeline's autoencoder."""
     source = self.config.distill.data.prompts
-    if self.pipeline is None or not (isinstance(source, str) and
-                                     source.startswith('shapes:')):
+    parsed = shapes.parse_source(source)
+    if self.pipeline is None or not parsed:
       raise ValueError(f'distill.loss.weights.rf > 0 needs real images: a '
                        f"teacher pipeline and data.prompts 'shapes:N[:seed]',"
                        f' got {source!r}')
-    parts = source.split(':')
-    world = shapes.ShapesWorld(int(parts[2]) if len(parts) > 2 else 0,
-                               self.resolution)
+    world = shapes.ShapesWorld(parsed[2], self.resolution, parsed[0])
     scenes = [world.scene(i) for i in range(len(prompts))]
     if [sc.caption for sc in scenes] != list(prompts):
       raise ValueError(f'real_latents: the prompts are not the captions of '
@@ -354,10 +353,14 @@ def _check_downsample(c, opts, where):
 @register_rung('downsample', dict(start=None, end=None, factor=2, channels=0,
                                   seed=0), check=_check_downsample)
 def _downsample(ctx: Context, student: Student, opts) -> Student:
-  """A fresh ResNet token down-sampler over global blocks [start, end]."""
+  """A fresh ResNet token down-sampler over global blocks [start, end]; on
+  a student that has one, widens its coarse range to [start, end] instead
+  (progressive down-sampling: the trained down-sampler is kept)."""
   cfg, params = student
   n = cfg.num_blocks
   start, end = (v % n if v < 0 else v for v in (opts['start'], opts['end']))
+  if cfg.downsample_start is not None:
+    return compress.widen_downsampler(cfg, params, start, end, opts['factor'])
   return compress.add_downsampler(cfg, params, start, end,
                                   jax.random.PRNGKey(opts['seed']),
                                   opts['factor'], opts['channels'])
@@ -438,7 +441,14 @@ def _export(ctx: Context, student: Student, opts) -> RungResult:
   """The current pipeline (student DiT + student T5) as a FluxPipeline
   folder, workdir/pipeline, and as .tflite files in
   workdir/tflite/{fp32,int8,...}, one folder per quantization."""
-  pipe = ctx.pipeline_for(student, ctx.text_encoder)
+  # The folder carries the settings the student was distilled for
+  # (call_defaults.json): pipe(prompts) then needs no more arguments.
+  # The exporters address blocks one by one: a scanned student is unrolled.
+  pipe = ctx.pipeline_for(layout.unrolled(student, ctx.mesh),
+                          ctx.text_encoder).with_call_defaults(
+      height=ctx.resolution, width=ctx.resolution,
+      num_steps=len(ctx.schedule) - 1,
+      max_sequence_length=ctx.config.distill.data.txt_len)
   pipe.save(os.path.join(ctx.workdir, 'pipeline'))
   out = {}
   for q in opts['quantize']:

@@ -36,6 +36,7 @@ import ml_collections
 import numpy as np
 
 from nanoflux_jax import parallel
+from nanoflux_jax.call_args import CallDefaults
 from nanoflux_jax import sampling
 from nanoflux_jax.configs import ClipConfig, FluxConfig, T5Config, VAEConfig
 from nanoflux_jax.data import shapes
@@ -56,6 +57,7 @@ _CORPUS_SCENES = 2000
 def default_config() -> ml_collections.ConfigDict:
   """The teacher of the `quick` shapes ladder (see experiments/configs)."""
   c = ml_collections.ConfigDict()
+  c.world = 'shapes'          # data.shapes.WORLDS: the scenes' geometry.
   c.world_seed = 0
   c.resolution = 64
   c.pixel_factor = 4          # 64 px -> 16x16 latents -> 8x8 tokens.
@@ -127,8 +129,9 @@ def build_pipeline(c: ml_collections.ConfigDict, tokenizer_dir: str
   """Tokenizers fitted on captions (written under tokenizer_dir), the T5
   pretrained on caption structure (c.t5_pretrain.steps; 0 leaves it random),
   a random CLIP, the linear patch autoencoder (PCA) and an untrained DiT."""
-  corpus = shapes.ShapesWorld(c.world_seed).captions(_CORPUS_SCENES) + [
-      ' '.join(shapes.vocabulary())]
+  world = c.get('world', 'shapes')
+  corpus = shapes.ShapesWorld(c.world_seed, c.resolution, world).captions(
+      _CORPUS_SCENES) + [' '.join(shapes.vocabulary(world))]
   t5_kw = dict(c.t5)
   tok_t5 = tiny_flux.make_t5_tokenizer(
       os.path.join(tokenizer_dir, 'tokenizer_2'), t5_kw.pop('vocab_size'),
@@ -140,14 +143,15 @@ def build_pipeline(c: ml_collections.ConfigDict, tokenizer_dir: str
   t5_cfg = T5Config.tiny(vocab_size=len(tok_t5), **t5_kw)
   clip_cfg = ClipConfig.tiny(vocab_size=len(tok_clip), **clip_kw)
   vae_cfg, vae_params = fit_linear_codec(
-      shapes.ShapesWorld(c.world_seed, c.resolution),
+      shapes.ShapesWorld(c.world_seed, c.resolution, world),
       VAEConfig.linear(c.pixel_factor, c.latent_channels))
   cfg = flux_config(c, vae_cfg, t5_cfg, clip_cfg)
   ids = jnp.zeros((1, 8), jnp.int32)
   t5 = _frozen_init(T5Encoder(t5_cfg), c.seed + 1, ids)
   if c.t5_pretrain.steps:
     t5, acc = shapes_encoders.pretrain_t5(
-        t5_cfg, t5, tok_t5, shapes.ShapesWorld(c.world_seed), c.txt_len,
+        t5_cfg, t5, tok_t5,
+        shapes.ShapesWorld(c.world_seed, c.resolution, world), c.txt_len,
         seed=c.seed, **dict(c.t5_pretrain))
     logging.info('shapes teacher: T5 caption probe accuracy %s', acc)
   clip = _frozen_init(ClipTextModel(clip_cfg), c.seed + 2, ids)
@@ -230,6 +234,14 @@ def sample_images(pipe: FluxPipeline, flux, prompts, noise: np.ndarray,
 # ---------------------------------------------------------------------------
 # Train or load.
 # ---------------------------------------------------------------------------
+def call_defaults(c: ml_collections.ConfigDict) -> CallDefaults:
+  """The settings the teacher is trained and sampled with, saved in its
+  folder's call_defaults.json so that `pipe(prompts)` uses them."""
+  return CallDefaults(height=c.resolution, width=c.resolution,
+                      num_steps=c.train.num_sampling_steps,
+                      max_sequence_length=c.txt_len)
+
+
 def _is_pipeline(path: str) -> bool:
   return os.path.isfile(os.path.join(path, PIPELINE_FILE))
 
@@ -249,7 +261,8 @@ def load_or_train(c: ml_collections.ConfigDict, directory: str, *,
     with tempfile.TemporaryDirectory() as tmp:
       build_pipeline(c, tmp).save(init)
   pipe = FluxPipeline.load(init)
-  world = shapes.ShapesWorld(c.world_seed, c.resolution)
+  world = shapes.ShapesWorld(c.world_seed, c.resolution,
+                             c.get('world', 'shapes'))
   grid = (c.resolution // pipe.latent_factor,) * 2
   tc = ml_collections.ConfigDict(c.train.to_dict())
   tc.data.grid, tc.data.txt_len = grid, c.txt_len
@@ -257,8 +270,8 @@ def load_or_train(c: ml_collections.ConfigDict, directory: str, *,
                     c.pool_size)
 
   # Progress grids: 8 fixed held-out captions (world seed + 1), fixed noise.
-  _, sample_caps, _ = shapes.ShapesWorld(c.world_seed + 1, c.resolution
-                                         ).batch(0, 8)
+  _, sample_caps, _ = shapes.ShapesWorld(c.world_seed + 1, c.resolution,
+                                         world.world).batch(0, 8)
   noise = np.random.default_rng(0).standard_normal(
       (8, grid[0] * grid[1], pipe.flux_cfg.in_channels), np.float32)
   sample_fn = lambda step, params: sample_images(
@@ -280,7 +293,8 @@ def load_or_train(c: ml_collections.ConfigDict, directory: str, *,
                          (pipe.clip_cfg, pipe.clip_params),
                          (pipe.t5_cfg, pipe.t5_params),
                          (pipe.vae_cfg, pipe.vae_params),
-                         pipe.tokenizer, pipe.tokenizer_2)
+                         pipe.tokenizer, pipe.tokenizer_2,
+                         call_defaults=call_defaults(c))
   if jax.process_index() == 0:
     teacher.save(final)
   return teacher

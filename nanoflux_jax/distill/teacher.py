@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import ml_collections
 
+from nanoflux_jax.compress import layout
 from nanoflux_jax.configs import FluxConfig
 from nanoflux_jax.convert import flux as convert_flux
 from nanoflux_jax.models import sharding
@@ -41,16 +42,20 @@ def load_teacher(tc: ml_collections.ConfigDict, mesh,
   """The teacher denoiser (cfg, params) on the mesh: the DiT of `pipeline`
   (a FluxPipeline the caller loaded from tc.shapes / tc.pipeline), else
   tc.path, else a random tc.preset; (None, None) when tc names none
-  (from-scratch rectified flow)."""
+  (from-scratch rectified flow). tc.scan_blocks: in the scanned layout."""
+  out = None, None
   if pipeline is not None:
     cfg = pipeline.flux_cfg
-    return cfg, sharding.place_flux(cfg, pipeline.flux_params, mesh)
-  if tc.get('path'):
-    return convert_flux.load_flux_transformer(
+    out = cfg, sharding.place_flux(cfg, pipeline.flux_params, mesh)
+  elif tc.get('path'):
+    out = convert_flux.load_flux_transformer(
         tc.path, shardings=sharding.loading_shardings(mesh))
-  if tc.get('preset'):
+  elif tc.get('preset'):
     cfg = flux_config(tc, 'teacher')
-    return cfg, sharding.init_flux(cfg, mesh, jax.random.PRNGKey(
+    out = cfg, sharding.init_flux(cfg, mesh, jax.random.PRNGKey(
         tc.get('seed', 0)))[0]
-  return None, None
+  if out[0] is not None and tc.get('scan_blocks'):
+    # Scanned on the mesh (no host copy); a ladder's students inherit it.
+    out = layout.relayout(*out, True, mesh)
+  return out
 

@@ -2,22 +2,28 @@
 
 The student is a shallower and/or narrower T5 encoder plus a learned Dense
 projection to the teacher's width (`StudentTextEncoder`), so it drops into the
-pipeline in place of T5-XXL. Its loss has two terms:
+pipeline in place of T5-XXL. Its loss has up to three terms, each with its
+weight (config loss.lambda_emb, lambda_vis, lambda_vel):
 
   emb  masked MSE between student and teacher T5 embeddings over the non-pad
        tokens;
   vis  MSE between the FROZEN denoiser's early-block image features when it is
-       conditioned on the student's vs the teacher's embeddings. This teaches
-       the student the visual cues the denoiser actually reads, which plain
-       embedding matching weights no differently from everything else.
+       conditioned on the student's vs the teacher's embeddings (NanoFLUX).
+       This teaches the student the visual cues the denoiser actually reads,
+       which plain embedding matching weights no differently from everything
+       else;
+  vel  MSE between the frozen denoiser's velocity (its whole output) with the
+       student's vs the teacher's embeddings (DistillT5, CVPR 2025): what the
+       embeddings finally do to the sample, at the cost of whole forwards.
 
 Where the denoiser is probed: at the states x_t of the teacher's own Euler
 trajectory (noise -> sample, conditioned on the TEACHER embeddings, on the
-fixed sampling schedule), one schedule point per example drawn at random. That
-is the distribution the student's embeddings meet at inference. It costs
-`num_sampling_steps` full denoiser forwards per step (no gradient) unless the
-batch carries a cached trajectory 'traj_x'. Only the early blocks' outputs are
-used, so under jit XLA drops the later blocks of the two probing forwards.
+fixed sampling schedule), one schedule point per example drawn at random, the
+same point for vis and vel. That is the distribution the student's embeddings
+meet at inference. It costs `num_sampling_steps` full denoiser forwards per
+step (no gradient) unless the batch carries a cached trajectory 'traj_x'. vis
+uses only the early blocks' outputs, so under jit XLA drops the later blocks
+of its two probing forwards; vel runs two whole forwards.
 
 Training reuses `loop.fit` (orbax resume, per-term logging, NaN check): the
 trainable tree is the student's params; the teacher T5 and the denoiser live in
@@ -51,6 +57,7 @@ from nanoflux_jax.distill import data as data_lib
 from nanoflux_jax.distill import losses
 from nanoflux_jax.distill import loop
 from nanoflux_jax.distill import teacher as teacher_lib
+from nanoflux_jax.distill import workdir_lock
 from nanoflux_jax.models import flux as flux_lib
 from nanoflux_jax.models import sharding
 # StudentTextEncoder lives in models/ so that the pipeline can run it.
@@ -78,12 +85,13 @@ class TextDistillSpec:
     grid: (h, w) packed image-token grid of the probe images.
     vis_blocks: global block indices (double blocks first, then single) whose
       image tokens the vis term compares.
-    lambda_emb, lambda_vis: term weights; lambda_vis=0 is the
-      embedding-only ablation.
+    lambda_emb, lambda_vis, lambda_vel: term weights; lambda_vis=0 (and
+      lambda_vel=0) is the embedding-only ablation.
     vis_normalize: compare features by ||s - t||^2 / ||t||^2 (scale-free
       across blocks) instead of plain MSE.
     monitor_vis: with lambda_vis=0, still compute the vis term (without a
       gradient) so that the ablation logs the same metrics.
+    monitor_vel: the same for vel (off by default: two whole forwards).
     guidance: guidance scale for guidance-distilled (dev) denoisers.
   """
   student: T5Config
@@ -98,6 +106,8 @@ class TextDistillSpec:
   vis_normalize: bool = False
   monitor_vis: bool = True
   guidance: float = DEFAULT_GUIDANCE
+  lambda_vel: float = 0.0
+  monitor_vel: bool = False
 
   def __post_init__(self):
     if self.out_dim != self.teacher.d_model:
@@ -119,6 +129,10 @@ class TextDistillSpec:
   @property
   def vis_active(self) -> bool:
     return bool(self.vis_blocks) and (self.lambda_vis > 0 or self.monitor_vis)
+
+  @property
+  def vel_active(self) -> bool:
+    return self.lambda_vel > 0 or self.monitor_vel
 
 
 def _guidance(spec: TextDistillSpec, b: int) -> Array | None:
@@ -164,9 +178,21 @@ def early_features(spec: TextDistillSpec, params, x: Array, t: Array,
   return [feats['img'][k] for k in spec.vis_blocks]
 
 
+def velocity(spec: TextDistillSpec, params, x: Array, t: Array, txt: Array,
+             y: Array) -> Array:
+  """The denoiser's velocity [B, L, C] at state x [B, L, C], timesteps t [B],
+  text txt [B, T, context] and pooled y [B, vec]."""
+  b = x.shape[0]
+  return flux_lib.Flux(spec.denoiser).apply(
+      {'params': params}, img=x, img_ids=sampling.image_ids(b, *spec.grid),
+      txt=txt, txt_ids=sampling.text_ids(b, txt.shape[1]), timesteps=t, y=y,
+      guidance=_guidance(spec, b), img_grid=spec.grid).velocity
+
+
 def text_distill_loss(params, frozen, batch: dict, rng: Array, *,
                       spec: TextDistillSpec) -> tuple[Array, dict]:
-  """lambda_emb * emb + lambda_vis * vis (see the module docstring).
+  """lambda_emb * emb + lambda_vis * vis + lambda_vel * vel (see the
+  module docstring).
 
   Args:
     params: StudentTextEncoder params (the only thing differentiated).
@@ -176,7 +202,7 @@ def text_distill_loss(params, frozen, batch: dict, rng: Array, *,
       embeddings) and traj_x [B, n, L, C] (cached `teacher_states`).
     rng: picks one schedule point per example.
   Returns:
-    (scalar loss, {'emb', 'vis' (when active), 'loss'}), float32.
+    (scalar loss, {'emb', 'vis', 'vel' (those active), 'loss'}), float32.
   """
   frozen = jax.lax.stop_gradient(frozen)
   ids = batch['ids']
@@ -188,13 +214,20 @@ def text_distill_loss(params, frozen, batch: dict, rng: Array, *,
     t_txt = T5Encoder(spec.teacher).apply({'params': frozen['t5']}, ids)
   t_txt = jax.lax.stop_gradient(t_txt.astype(jnp.float32))
   terms = {'emb': losses.mse(s_txt, t_txt, batch['mask'])}
-  if spec.vis_active:
+  if spec.vis_active or spec.vel_active:
     y, b = batch['y'], ids.shape[0]
     xs = batch['traj_x'] if 'traj_x' in batch else teacher_states(
         spec, frozen['flux'], batch['noise'], t_txt, y)
     t, idx, _ = losses.sample_timesteps(rng, b, spec.schedule)
     x_t = jnp.take_along_axis(xs, idx[:, None, None, None], axis=1)[:, 0]
     x_t = jax.lax.stop_gradient(x_t)
+  if spec.vel_active:
+    v_t = jax.lax.stop_gradient(
+        velocity(spec, frozen['flux'], x_t, t, t_txt, y))
+    s_in = s_txt if spec.lambda_vel > 0 else jax.lax.stop_gradient(s_txt)
+    terms['vel'] = losses.mse(velocity(spec, frozen['flux'], x_t, t, s_in, y),
+                              v_t)
+  if spec.vis_active:
     feats_t = early_features(spec, frozen['flux'], x_t, t, t_txt, y)
     s_in = s_txt if spec.lambda_vis > 0 else jax.lax.stop_gradient(s_txt)
     feats_s = early_features(spec, frozen['flux'], x_t, t, s_in, y)
@@ -203,7 +236,8 @@ def text_distill_loss(params, frozen, batch: dict, rng: Array, *,
     terms['vis'] = sum(compare(s, t_) for s, t_ in zip(feats_s, feats_t)
                        ) / len(feats_s)
   loss = losses.weighted_total(terms, {'emb': spec.lambda_emb,
-                                       'vis': spec.lambda_vis})
+                                       'vis': spec.lambda_vis,
+                                       'vel': spec.lambda_vel})
   return loss, dict(terms, loss=loss)
 
 
@@ -285,6 +319,7 @@ def _student(c, t_cfg, t_params, out_dim):
   return s_cfg, te_student.init_student(s_cfg, out_dim, jax.random.PRNGKey(c.seed))
 
 
+@workdir_lock.holding('text-encoder distillation')  # One run per workdir.
 def train_text_encoder(c: ml_collections.ConfigDict, workdir: str, *,
                        teacher_t5=None, denoiser=None, tokenizer=None,
                        tokens=None, data=None, mesh=None):
@@ -322,7 +357,9 @@ def train_text_encoder(c: ml_collections.ConfigDict, workdir: str, *,
       lambda_emb=float(c.loss.lambda_emb), lambda_vis=float(c.loss.lambda_vis),
       vis_normalize=bool(c.loss.vis_normalize),
       monitor_vis=bool(c.loss.monitor_vis),
-      guidance=float(c.get('guidance', DEFAULT_GUIDANCE)))
+      guidance=float(c.get('guidance', DEFAULT_GUIDANCE)),
+      lambda_vel=float(c.loss.get('lambda_vel', 0.0)),
+      monitor_vel=bool(c.loss.get('monitor_vel', False)))
   if data is None:
     arrays = _token_arrays(c, t_cfg, f_cfg, tokenizer, tokens, pipe)
     data = data_lib.TokenData(arrays['ids'], arrays['mask'], arrays['y'],
@@ -333,8 +370,8 @@ def train_text_encoder(c: ml_collections.ConfigDict, workdir: str, *,
                'flux': sharding.param_shardings(f_cfg, mesh, rules)}
   frozen = parallel.shard_like({'t5': t_params, 'flux': f_params}, frozen_sh)
   logging.info('text-encoder distillation: student %s -> %d, vis blocks %s, '
-               'lambda emb %g vis %g', s_cfg, out_dim, spec.vis_blocks,
-               spec.lambda_emb, spec.lambda_vis)
+               'lambda emb %g vis %g vel %g', s_cfg, out_dim, spec.vis_blocks,
+               spec.lambda_emb, spec.lambda_vis, spec.lambda_vel)
   state, history = loop.fit(
       c, workdir, loss_fn=functools.partial(text_distill_loss, spec=spec),
       params=parallel.shard_like(s_params, s_sh), param_sh=s_sh,
@@ -369,8 +406,10 @@ def default_config() -> ml_collections.ConfigDict:
   loop.add_loop_defaults(c)
   c.num_sampling_steps = 4       # the denoiser's fixed schedule.
   c.guidance = DEFAULT_GUIDANCE  # dev denoisers only.
+  # lambda_vel > 0: the DistillT5 velocity term (see the module docstring).
   c.loss = {'lambda_emb': 1.0, 'lambda_vis': 1.0, 'vis_blocks': (0,),
-            'vis_normalize': False, 'monitor_vis': True}
+            'vis_normalize': False, 'monitor_vis': True, 'lambda_vel': 0.0,
+            'monitor_vel': False}
   c.data = {'prompts': 'builtin', 'txt_len': 16, 'grid': (4, 4),
             'num_prompts': 64}   # num_prompts: random ids without tokenizer.
   return c

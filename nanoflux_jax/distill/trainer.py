@@ -30,6 +30,7 @@ from nanoflux_jax.distill import data as data_lib
 from nanoflux_jax.distill import loop
 from nanoflux_jax.distill import losses
 from nanoflux_jax.distill import teacher as teacher_lib
+from nanoflux_jax.distill import workdir_lock
 from nanoflux_jax.models import flux as flux_lib
 from nanoflux_jax.models import sharding
 
@@ -203,6 +204,7 @@ def distill_spec(c: ml_collections.ConfigDict, s_cfg: FluxConfig,
       guidance=float(c.get('guidance') or DEFAULT_GUIDANCE))
 
 
+@workdir_lock.holding('trainer')  # One run per workdir.
 def train(c: ml_collections.ConfigDict, workdir: str, *, teacher=None,
           student=None, data=None, embed_fn=None, latents_fn=None,
           sample_fn=None, mesh=None):

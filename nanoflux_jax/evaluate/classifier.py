@@ -19,6 +19,7 @@ import optax
 
 from nanoflux_jax import checkpoint
 from nanoflux_jax.data import shapes
+from nanoflux_jax.evaluate import geometry
 
 POSITIONS = tuple(shapes.POSITIONS)
 SHAPE_CLASSES = ('none',) + shapes.SHAPES
@@ -30,20 +31,27 @@ _HEADS = {'shape': len(SHAPE_CLASSES), 'colour': len(COLOUR_CLASSES),
 
 def scene_labels(scene: shapes.Scene) -> dict[str, np.ndarray]:
   """Scene -> int labels: shape/colour/size [P], background []. Colour and
-  size of an empty position are -1 (ignored by the loss and accuracy)."""
-  p = len(POSITIONS)
+  size of an empty position are -1 (ignored by the loss and accuracy). P and
+  the size classes are the scene's world's (POSITIONS, SIZE_CLASSES for the
+  classic world)."""
+  spec = shapes.world_spec(scene.world)
+  positions, sizes = spec.position_names, spec.size_names
+  p = len(positions)
   out = {'shape': np.zeros(p, np.int32), 'colour': np.full(p, -1, np.int32),
          'size': np.full(p, -1, np.int32),
          'background': np.int32(COLOUR_CLASSES.index(scene.background))}
   for o in scene.objects:
-    i = POSITIONS.index(o.position)
+    i = positions.index(o.position)
     out['shape'][i] = SHAPE_CLASSES.index(o.shape)
     out['colour'][i] = COLOUR_CLASSES.index(o.colour)
-    out['size'][i] = SIZE_CLASSES.index(o.size)
+    out['size'][i] = sizes.index(o.size)
   return out
 
 
 def batch_labels(scenes) -> dict[str, np.ndarray]:
+  worlds = sorted({s.world for s in scenes})
+  if len(worlds) > 1:
+    raise ValueError(f'batch_labels: scenes of several worlds {worlds}')
   labels = [scene_labels(s) for s in scenes]
   return {k: np.stack([l[k] for l in labels]) for k in labels[0]}
 
@@ -157,8 +165,30 @@ def load_or_train(path: str, **kw) -> Classifier:
   return clf
 
 
-def evaluate_on_world(clf: Classifier, n: int = 512, seed: int = 777):
-  """Attribute accuracy on real renderings of a held-out world."""
-  images, _, scenes = shapes.ShapesWorld(seed, clf.resolution).batch(0, n)
+def load_judge(name: str = '', world: str = 'shapes',
+               resolution: int | None = None):
+  """The toy-GenEval judge config.evaluate.classifier names.
+
+  Args:
+    name: '' (the shipped classifier: classic world only), 'geometry'
+      (`geometry.GeometryJudge`, any world, nothing trained) or a
+      `Classifier.save` folder.
+    world, resolution: the images' world and side (geometry only).
+  Raises:
+    ValueError: a trained classifier asked to judge another world.
+  """
+  if name == 'geometry':
+    return geometry.GeometryJudge(world, resolution)
+  if world != 'shapes':
+    raise ValueError(f"classifier {name or 'shipped'!r} judges the classic "
+                     f"'shapes' world only, not {world!r}; use 'geometry'")
+  return Classifier.load(name or shapes.classifier_path())
+
+
+def evaluate_on_world(clf, n: int = 512, seed: int = 777):
+  """Attribute accuracy of a judge on real renderings of a held-out world
+  (the judge's `world` attribute, else the classic one)."""
+  images, _, scenes = shapes.ShapesWorld(
+      seed, clf.resolution, getattr(clf, 'world', 'shapes')).batch(0, n)
   preds, _ = clf(images)
   return accuracy(preds, batch_labels(scenes))

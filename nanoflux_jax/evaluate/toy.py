@@ -37,14 +37,16 @@ class EvalSet:
 
 def eval_set(world_seed: int, num: int, resolution: int,
              latent_shape: tuple[int, int], noise_seed: int = 0,
-             num_reference: int = 512) -> EvalSet:
+             num_reference: int = 512, world: str = 'shapes') -> EvalSet:
   """`num` scenes of world `world_seed` (disjoint from training worlds) with
   noise of packed shape latent_shape = (L, C); the FID reference comes from
-  another world (world_seed + 1) so it shares no scene with the prompts."""
-  _, prompts, scenes = shapes.ShapesWorld(world_seed, resolution).batch(0, num)
+  another world (world_seed + 1) so it shares no scene with the prompts.
+  `world` names the geometry (data.shapes.WORLDS)."""
+  _, prompts, scenes = shapes.ShapesWorld(world_seed, resolution,
+                                          world).batch(0, num)
   noise = np.random.default_rng(noise_seed).standard_normal(
       (num,) + tuple(latent_shape)).astype(np.float32)
-  reference = shapes.ShapesWorld(world_seed + 1, resolution).batch(
+  reference = shapes.ShapesWorld(world_seed + 1, resolution, world).batch(
       0, num_reference)[0]
   return EvalSet(prompts, scenes, noise, reference, resolution)
 
@@ -109,16 +111,28 @@ def scores(clf: clf_lib.Classifier, images: np.ndarray, s: EvalSet,
            teacher_images: np.ndarray | None) -> dict:
   """{'geneval', 'geneval_ci', 'geneval_by_objects', 'fid', 'psnr'}.
 
-  geneval_ci is the 95% Wilson interval; geneval_by_objects splits the
-  score by prompted object count ({'1_object' | '2_objects': {'score',
-  'ci', 'n'}}); psnr is None without teacher images.
+  clf: a trained `Classifier` or any judge with its interface
+  (`geometry.GeometryJudge`). geneval_ci is the 95% Wilson interval;
+  geneval_by_objects splits the score by prompted object count
+  ({'1_object' | '2_objects' | '3_objects': {'score', 'ci', 'n'}}, the
+  counts that occur); psnr is None without teacher images.
   """
-  summary = metrics.geneval_summary(
-      metrics.geneval_per_image(clf, images, s.scenes), s.scenes)
+  ok = metrics.geneval_per_image(clf, images, s.scenes)
+  summary = metrics.geneval_summary(ok, s.scenes)
+  by_objects = {k: v for k, v in summary.items() if k != 'all'}
+  # geneval_summary splits 1 and 2 objects (the classic world's counts);
+  # the 'shapes9' world also has 3.
+  counts = np.array([len(sc.objects) for sc in s.scenes])
+  for n in range(3, int(counts.max(initial=0)) + 1):
+    sel = counts == n
+    if sel.any():
+      k = int(np.asarray(ok)[sel].sum())
+      by_objects[f'{n}_objects'] = {
+          'score': k / int(sel.sum()),
+          'ci': metrics.wilson_interval(k, int(sel.sum())), 'n': int(sel.sum())}
   return {'geneval': summary['all']['score'],
           'geneval_ci': summary['all']['ci'],
-          'geneval_by_objects': {k: v for k, v in summary.items()
-                                 if k != 'all'},
+          'geneval_by_objects': by_objects,
           'fid': metrics.toy_fid(clf, images, s.reference),
           'psnr': None if teacher_images is None else metrics.psnr(
               images, teacher_images)}

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from nanoflux_jax import atomic
+from nanoflux_jax import call_args
 from nanoflux_jax import sampling
 from nanoflux_jax.export import components
 from nanoflux_jax.export import tflite
@@ -133,8 +134,10 @@ def _schedule(cfg, num_steps: int, num_tokens: int) -> dict[str, Any]:
   return out
 
 
-def export_pipeline(pipe, out_dir: str, height: int, width: int, *,
-                    num_steps: int = 4, max_sequence_length: int = 256,
+def export_pipeline(pipe, out_dir: str, height: int | None = None,
+                    width: int | None = None, *,
+                    num_steps: int | None = None,
+                    max_sequence_length: int | None = None,
                     quantize: str = 'none', quantize_vae: bool = False,
                     max_chunk_bytes: float | None = DEFAULT_CHUNK_BYTES,
                     use_buffer_offset: bool | None = None) -> dict[str, Any]:
@@ -146,6 +149,10 @@ def export_pipeline(pipe, out_dir: str, height: int, width: int, *,
       vae_cfg/vae_params, tokenizer (CLIP) and tokenizer_2 (T5).
     out_dir: the folder to (re)place.
     height, width: pixels, multiples of 2 * VAE downsampling (16 for FLUX).
+      height, width, num_steps and max_sequence_length left None take the
+      pipeline's call defaults (its folder's call_defaults.json, else 512,
+      512, 4, 256); the manifest records them, and its default_guidance is
+      the call default's guidance when set.
     quantize: one of tflite.QUANTIZE_OPTIONS, for the denoiser and text
       encoders; the VAE decoder stays float32 unless `quantize_vae` (its
       convolutions are small and visible in every pixel).
@@ -153,6 +160,13 @@ def export_pipeline(pipe, out_dir: str, height: int, width: int, *,
     The manifest (also written to out_dir/manifest.json).
   """
   cfg, vae_cfg = pipe.flux_cfg, pipe.vae_cfg
+  d = getattr(pipe, 'call_defaults', None) or call_args.CallDefaults()
+  height = d.height if height is None else height
+  width = d.width if width is None else width
+  num_steps = d.num_steps if num_steps is None else num_steps
+  if max_sequence_length is None:
+    max_sequence_length = d.max_sequence_length
+  guidance = DEFAULT_GUIDANCE if d.guidance is None else d.guidance
   f = 2 * vae_cfg.downsample_factor
   check_export_args(out_dir, height, width, num_steps=num_steps,
                     max_sequence_length=max_sequence_length,
@@ -199,7 +213,7 @@ def export_pipeline(pipe, out_dir: str, height: int, width: int, *,
         'quantize': quantize, 'quantize_vae': bool(quantize_vae),
         'modulation': cfg.modulation,
         'guidance_embed': bool(cfg.guidance_embed),
-        'default_guidance': DEFAULT_GUIDANCE if cfg.guidance_embed else None,
+        'default_guidance': guidance if cfg.guidance_embed else None,
         'max_sequence_length': max_sequence_length,
         'clip_length': None if static else CLIP_LENGTH,
         'schedule': schedule,

@@ -14,6 +14,9 @@ writes (see manifest.json there):
   image = vae_decoder(latents=x)              # uint8 [1, H, W, 3]
 
 Interpreters use LiteRT's default XNNPACK delegate with `num_threads`.
+The manifest is checked as a whole (export.manifest_checks) before any file
+loads; prompts, seeds, guidance and latents are checked as FluxPipeline
+checks them (call_args), and a long prompt is truncated with its warning.
 """
 from __future__ import annotations
 
@@ -23,24 +26,14 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from nanoflux_jax import call_args
 from nanoflux_jax import jsonfile
+from nanoflux_jax.export.manifest_checks import check_manifest
+from nanoflux_jax.export.manifest_checks import get_entry
+from nanoflux_jax.export.manifest_checks import ManifestError
 
 MANIFEST = 'manifest.json'
 SIGNATURE_KEY = 'serving_default'
-
-
-class ManifestError(ValueError):
-  """manifest.json is missing, malformed or disagrees with the files."""
-
-
-def _get(d: dict, path: str, where: str):
-  """d['a']['b'] for path 'a.b', or a ManifestError naming the missing key."""
-  cur = d
-  for part in path.split('.'):
-    if not isinstance(cur, dict) or part not in cur:
-      raise ManifestError(f'{where}: missing entry {path!r}')
-    cur = cur[part]
-  return cur
 
 
 def pack(latents: np.ndarray) -> np.ndarray:
@@ -62,12 +55,12 @@ class TFLiteModel:
     # Deferred: ai-edge-litert is optional (the 'export' extra).
     from ai_edge_litert.interpreter import Interpreter  # pylint: disable=g-import-not-at-top
     where = f'{directory}/{MANIFEST}'
-    self.file = _get(entry, 'file', where)
+    self.file = get_entry(entry, 'file', where)
     self.path = os.path.join(directory, self.file)
     if not os.path.isfile(self.path):
       raise FileNotFoundError(f'{self.path}: listed in {MANIFEST} but missing')
-    self.inputs = _get(entry, 'inputs', where)
-    self.outputs = _get(entry, 'outputs', where)
+    self.inputs = get_entry(entry, 'inputs', where)
+    self.outputs = get_entry(entry, 'outputs', where)
     try:
       self._interp = Interpreter(model_path=self.path, num_threads=num_threads)
     except (ValueError, RuntimeError) as e:  # e.g. not a valid Flatbuffer.
@@ -108,8 +101,9 @@ class TFLitePipeline:
     if not os.path.isfile(path):
       raise FileNotFoundError(f'{path}: no manifest (not an exported folder)')
     m = jsonfile.read_object(path, ManifestError, 'manifest')
+    check_manifest(m, path)  # Before any .tflite or tokenizer loads.
     self.directory, self.manifest = directory, m
-    g = lambda key: _get(m, key, path)
+    g = lambda key: get_entry(m, key, path)
     self.height, self.width = int(g('height')), int(g('width'))
     self.static = g('modulation') == 'static'
     self.guidance_embed = bool(g('guidance_embed'))
@@ -149,12 +143,11 @@ class TFLitePipeline:
   # --------------------------------------------------------------------------
   def tokenize(self, prompt: str) -> tuple[np.ndarray, np.ndarray | None]:
     """-> (t5_ids [1, T], clip_ids [1, 77] or None) int32, padded/truncated
-    as FluxPipeline.tokenize does."""
-    ids = lambda tok, n: np.asarray(tok([prompt], padding='max_length',
-                                        max_length=n, truncation=True)
-                                    ['input_ids'], np.int32)
-    t5 = ids(self.tokenizer_2, self.max_sequence_length)
-    clip = None if self.static else ids(self.tokenizer, self.clip_length)
+    (with FluxPipeline's warning) by the same call_args.token_ids."""
+    t5 = call_args.token_ids(self.tokenizer_2, [prompt],
+                             self.max_sequence_length, 'T5')
+    clip = None if self.static else call_args.token_ids(
+        self.tokenizer, [prompt], self.clip_length, 'CLIP')
     return t5, clip
 
   def encode_prompt(self, prompt: str) -> tuple[np.ndarray, np.ndarray | None]:
@@ -193,18 +186,10 @@ class TFLitePipeline:
     """Packed latents [1, L, C] -> uint8 image [1, H, W, 3]."""
     return self.vae_decoder(latents=packed)['image']
 
-  def _check(self, prompts, height, width, seed=None):
-    if isinstance(prompts, str):
-      prompts = [prompts]
-    if prompts is None or not isinstance(prompts, (list, tuple)):
-      raise ValueError(f'TFLitePipeline: prompts={prompts!r}; expected a '
-                       'string or a list of strings')
-    if not prompts:
-      raise ValueError('TFLitePipeline: the prompt list is empty')
-    bad = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
-    if bad:
-      raise ValueError(f'TFLitePipeline: prompts[{bad[0]}]='
-                       f'{prompts[bad[0]]!r} is not a string')
+  def _check(self, prompts, height, width, seed=None, guidance=None):
+    prompts = call_args.check_prompts('TFLitePipeline', prompts)
+    if guidance is not None:
+      call_args.check_number('TFLitePipeline', 'guidance', guidance)
     if seed is not None and (isinstance(seed, bool) or
                              not isinstance(seed, (int, np.integer)) or
                              seed < 0):
@@ -229,11 +214,14 @@ class TFLitePipeline:
       height, width: optional; must equal the exported resolution.
       seed: numpy noise seed (not the JAX pipeline's noise: pass `latents`
         to reproduce it); ignored when `latents` is given.
-      latents: packed initial noise [B, L, C].
-      guidance: for guidance-distilled models (default: manifest's).
+      latents: packed initial noise [B, L, C], every value finite.
+      guidance: for guidance-distilled models (default: manifest's); a
+        finite number.
       output_type: 'np' -> uint8 [B, H, W, 3]; 'latent' -> [B, L, C] float32.
+    Raises:
+      ValueError: naming the argument, before any model runs.
     """
-    prompts = self._check(prompts, height, width, seed)
+    prompts = self._check(prompts, height, width, seed, guidance)
     if output_type not in ('np', 'latent'):
       raise ValueError(f"TFLitePipeline: output_type={output_type!r}; "
                        "expected 'np' or 'latent'")
@@ -243,6 +231,8 @@ class TFLitePipeline:
       noise = np.random.default_rng(seed or 0).standard_normal(
           (b, self.latent_channels) + self.latent_hw).astype(np.float32)
       latents = pack(noise)
+    else:  # A NaN here gives a garbage image and no error.
+      call_args.check_finite('TFLitePipeline', 'latents', latents)
     latents = np.asarray(latents, np.float32)
     if latents.shape != shape:
       raise ValueError(f'TFLitePipeline: latents have shape '

@@ -337,12 +337,14 @@ class Flux(nn.Module):
       if kind != 'double':
         continue
       if b - a > 1:  # A scanned run: stacked outputs [n, B, L, D].
+        img, pe = resample(a, 'down', img, pe)  # Runs break at the range.
         run = scan_blocks.scanned(DoubleStreamBlock, cfg, b - a)(
             cfg, a, return_intermediates, name=scan_blocks.run_name(kind, a, b))
         (img, txt), ys = run.scan_step((img, txt), cond, pe)
         if return_intermediates:
           feats_img.extend(ys[0])
           feats_txt.extend(ys[1])
+        img, pe = resample(b - 1, 'up', img, pe)
         continue
       img, pe = resample(a, 'down', img, pe)
       img, txt = double(cfg, a, name=scan_blocks.run_name(kind, a, b))(img, txt, cond, pe)
@@ -355,12 +357,14 @@ class Flux(nn.Module):
       if kind != 'single':
         continue
       if b - a > 1:
+        x, pe = resample(cfg.depth + a, 'down', x, pe, lt)
         run = scan_blocks.scanned(SingleStreamBlock, cfg, b - a)(
             cfg, a, return_intermediates, name=scan_blocks.run_name(kind, a, b))
         x, ys = run.scan_step(x, cond, pe)
         if return_intermediates:
           feats_img.extend(ys[:, :, lt:])
           feats_txt.extend(ys[:, :, :lt])
+        x, pe = resample(cfg.depth + b - 1, 'up', x, pe, lt)
         continue
       g = cfg.depth + a
       x, pe = resample(g, 'down', x, pe, lt)

@@ -155,7 +155,12 @@ def rope(ids: Array, axes_dim: Sequence[int], theta: float) -> tuple[Array, Arra
     omega = 1.0 / theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d)
     angles.append(ids[..., i:i + 1].astype(jnp.float32) * omega)
   angle = jnp.concatenate(angles, axis=-1)[:, :, None, :]
-  return jnp.cos(angle), jnp.sin(angle)
+  # The barrier makes XLA compute cos and sin once, into buffers; without it
+  # XLA:CPU fuses both into every consumer, so each block's q and k fusions
+  # recompute them per head (in a profile of the shapes teacher at batch 8 x
+  # 88 tokens those fusions took 11% of the op time). An identity for the
+  # values; the TFLite converter drops it.
+  return jax.lax.optimization_barrier((jnp.cos(angle), jnp.sin(angle)))
 
 
 def apply_rope(x: Array, pe: tuple[Array, Array]) -> Array:
@@ -237,6 +242,26 @@ def _attention_reference(q: Array, k: Array, v: Array) -> Array:
 
 IMPLS = ('auto', 'per_head', 'xla', 'cudnn', 'splash')
 
+# CPU 'auto': one batched einsum over all heads ('xla') when one head's
+# float32 scores [B, Lq, Lk] take at most this many bytes, else 'per_head'.
+# per_head runs the heads as a loop whose every iteration handles one head's
+# [B, Lq, Lk] slab: when that slab is tiny, the loop's fixed cost per
+# iteration dominates and one batched einsum over all heads wins (up to
+# 1.4x); from a few tens of KiB on, per_head is as fast or faster, and once
+# the whole [B, H, L, L] matrix leaves the caches it wins by 2-5x. Measured by
+# experiments/benchmark_attention.py (README, Benchmarks) on a 2-core AMD
+# EPYC: at batch 1, 64 tokens (16 KiB a head) xla wins at every head count
+# from 2 to 24, at 128 tokens (64 KiB) the two are within +-20%, from 256
+# tokens per_head wins; the head count barely moves the crossover, which is
+# why the threshold is per head and not on the whole [B, H, L, L] matrix.
+BATCHED_MAX_HEAD_SCORE_BYTES = 32 * 1024
+
+
+def head_score_bytes(q_shape: Sequence[int], k_len: int | None = None) -> int:
+  """Bytes of one head's float32 scores [B, Lq, Lk], q [B, Lq, H, D]."""
+  b, lq = q_shape[0], q_shape[1]
+  return 4 * b * lq * (lq if k_len is None else k_len)
+
 
 @functools.lru_cache(maxsize=None)
 def _cudnn_works() -> bool:
@@ -253,17 +278,23 @@ def _cudnn_works() -> bool:
 
 
 def resolve_impl(impl: str, dtype=jnp.float32, backend: str | None = None,
-                 cudnn_available=None) -> str:
+                 cudnn_available=None,
+                 head_scores: int | None = None) -> str:
   """The attention implementation 'auto' stands for (others pass through).
 
   TPU: 'splash' (Pallas flash attention, nothing [B, H, L, L] in memory).
   GPU: 'cudnn' when cuDNN flash attention is available and the dtype is
-  bf16 / fp16 (the only ones it takes), else 'xla'. CPU: 'per_head'.
+  bf16 / fp16 (the only ones it takes), else 'xla'. CPU: chosen by size,
+  'xla' (one batched einsum over all heads) when `head_scores` <=
+  BATCHED_MAX_HEAD_SCORE_BYTES, else (or when the size is unknown)
+  'per_head'.
 
   Args:
     dtype: the q/k/v dtype.
     backend: default jax.default_backend().
     cudnn_available: () -> bool; default a one-off compile probe.
+    head_scores: bytes of one head's float32 scores (`head_score_bytes`),
+      or None.
   """
   if impl not in IMPLS:
     raise ValueError(f'attention: unknown implementation {impl!r}; expected '
@@ -274,7 +305,9 @@ def resolve_impl(impl: str, dtype=jnp.float32, backend: str | None = None,
   if backend == 'tpu':
     return 'splash'
   if backend == 'cpu':
-    return 'per_head'
+    small = (head_scores is not None and
+             head_scores <= BATCHED_MAX_HEAD_SCORE_BYTES)
+    return 'xla' if small else 'per_head'
   half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
   if backend in ('gpu', 'cuda') and half and (cudnn_available or
                                               _cudnn_works)():
@@ -285,12 +318,15 @@ def resolve_impl(impl: str, dtype=jnp.float32, backend: str | None = None,
 def attention(q: Array, k: Array, v: Array, impl: str = 'auto') -> Array:
   """Scaled dot-product attention (no mask), q/k/v [B, L, H, D] -> [B, L, H, D].
 
-  impl: 'per_head' (fastest exact one on CPU), 'xla' (jax.nn's fused XLA
-  path), 'cudnn' (flash attention on NVIDIA GPUs), 'splash' (Pallas flash
-  attention for TPUs, interpret mode elsewhere; `splash.py`), or 'auto'
-  (`resolve_impl`: splash on TPU, cudnn on GPU when it can, per_head on CPU).
+  impl: 'per_head' (exact, heads and query chunks one after another: the
+  fastest on CPU for large score matrices), 'xla' (jax.nn's fused XLA path,
+  all heads in one batched einsum), 'cudnn' (flash attention on NVIDIA
+  GPUs), 'splash' (Pallas flash attention for TPUs, interpret mode
+  elsewhere; `splash.py`), or 'auto' (`resolve_impl`: splash on TPU, cudnn
+  on GPU when it can, on CPU xla or per_head by the size of the scores).
   """
-  impl = resolve_impl(impl, q.dtype)
+  impl = resolve_impl(impl, q.dtype,
+                      head_scores=head_score_bytes(q.shape, k.shape[1]))
   if impl == 'per_head':
     return _attention_per_head(q, k, v)
   if impl == 'splash':

@@ -20,12 +20,12 @@ def block_runs(cfg: FluxConfig) -> list[tuple[str, int, int]]:
 
   Without `scan_blocks` every block is its own run. With it, consecutive
   blocks of one kind with the same widths (heads, MLP widths) form a run,
-  scanned when it has more than one block; blocks in the down-sampler's
-  range [downsample_start, downsample_end] stay single (the resampling
-  happens between them and their neighbours).
+  scanned when it has more than one block. The down-sampler's coarse range
+  [downsample_start, downsample_end] is its own run(s): runs break before
+  its first block (tokens go down before it) and after its last (they go
+  back up after it), so `Flux` resamples between runs.
   """
-  ds = (range(0) if cfg.downsample_start is None else
-        range(cfg.downsample_start, cfg.downsample_end + 1))
+  ds = cfg.downsample_start, cfg.downsample_end
   kinds = (('double', 0, tuple(zip(cfg.double_heads, cfg.double_mlp_img,
                                    cfg.double_mlp_txt))),
            ('single', cfg.depth, tuple(zip(cfg.single_heads,
@@ -35,7 +35,7 @@ def block_runs(cfg: FluxConfig) -> list[tuple[str, int, int]]:
     for i, w in enumerate(widths):
       joins = (cfg.scan_blocks and runs and runs[-1][0] == kind and
                runs[-1][2] == i and widths[i - 1] == w and
-               offset + i not in ds and offset + i - 1 not in ds)
+               offset + i != ds[0] and offset + i - 1 != ds[1])
       if joins:
         runs[-1] = (kind, runs[-1][1], i + 1)
       else:

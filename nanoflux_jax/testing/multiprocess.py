@@ -12,6 +12,7 @@ as it spans the hosts of a pod slice.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -68,8 +69,10 @@ def launch(script: str, args: Sequence[str] = (), *, num_processes: int = 2,
   """Runs `python script *args` as `num_processes` processes; their logs.
 
   Raises:
-    WorkerError: a process failed or timed out; the message has the tail of
-      every process's log (the others are killed).
+    WorkerError: a process failed (noticed within 0.2 s, whichever it is:
+      the message names it and its exit status or signal) or the run timed
+      out; the message has the tail of every process's log (the processes
+      still running are killed).
   """
   addr = f'127.0.0.1:{free_port()}'
   procs, files = [], []
@@ -86,30 +89,51 @@ def launch(script: str, args: Sequence[str] = (), *, num_processes: int = 2,
     procs.append(subprocess.Popen([sys.executable, script, *args], env=e,
                                   cwd=cwd, stdout=f, stderr=subprocess.STDOUT,
                                   text=True))
-  deadline = time.time() + timeout
-  # One failed process leaves the others waiting in a collective: stop all.
-  while any(p.poll() is None for p in procs):
-    if time.time() > deadline or any(
-        p.returncode not in (None, 0) for p in procs):
+  t0 = time.time()
+  # Every process is polled (not only process 0): one that dies leaves the
+  # others waiting in a collective, so the first failure stops them all.
+  while True:
+    codes = [p.poll() for p in procs]
+    failed = [i for i, rc in enumerate(codes) if rc not in (None, 0)]
+    if failed or None not in codes or time.time() - t0 > timeout:
       break
     time.sleep(0.2)
-  timed_out = any(p.poll() is None for p in procs)
-  for p in procs:
-    if p.poll() is None:
-      p.kill()
-      p.wait()
+  elapsed = time.time() - t0
+  stopped = [i for i, rc in enumerate(codes) if rc is None]
+  for i in stopped:
+    procs[i].kill()
+    procs[i].wait()
   outs = []
   for f in files:
     f.seek(0)
     outs.append(f.read())
     f.close()
-  failed = [i for i, p in enumerate(procs) if p.returncode != 0]
-  if failed:
-    tails = '\n'.join(f'--- process {i} (rc {procs[i].returncode}) ---\n'
-                      f'{_tail(outs[i])}' for i in range(num_processes))
-    why = f'timed out after {timeout:.0f}s' if timed_out else 'failed'
-    raise WorkerError(f'{script}: processes {failed} {why}\n{tails}')
+  if failed or stopped:
+    tails = '\n'.join(f'--- process {i} ({_how(procs[i].returncode)}'
+                      f'{", stopped by launch" if i in stopped else ""}) ---'
+                      f'\n{_tail(outs[i])}' for i in range(num_processes))
+    if failed:
+      why = '; '.join(f'process {i} {_how(codes[i])}' for i in failed)
+      why += f' after {elapsed:.1f}s'
+    else:
+      why = f'timed out after {timeout:.0f}s'
+    others = f'; stopped the processes still running: {stopped}' if (
+        stopped) else ''
+    raise WorkerError(f'{script}: {why}{others}\n{tails}')
   return outs
+
+
+def _how(returncode: int | None) -> str:
+  """'exited with status 3' / 'was killed by signal SIGKILL'."""
+  if returncode is None:
+    return 'still running'
+  if returncode < 0:
+    try:
+      name = signal.Signals(-returncode).name
+    except ValueError:
+      name = str(-returncode)
+    return f'was killed by signal {name}'
+  return f'exited with status {returncode}'
 
 
 def _tail(log: str, n: int = 6000) -> str:

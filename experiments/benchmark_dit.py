@@ -38,7 +38,6 @@ import time
 
 from absl import app
 from absl import flags
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -355,7 +354,7 @@ def run_cpu():
           f'{med[k] * 1e3:11.2f}{f / med[k] / 1e9:10.1f}')
   frac_med = (flops / med['ours']) / (mm_flops / med['jnp matmul'])
   frac_cpu = (flops / cpu['ours']) / (mm_flops / cpu['jnp matmul'])
-  print(f'CPU seconds per call (all threads): ' + ', '.join(
+  print('CPU seconds per call (all threads): ' + ', '.join(
       f'{k} {v * 1e3:.2f} ms' for k, v in cpu.items()) +
         f'; ours / jnp matmul rate by CPU time: {frac_cpu:.3f}, diffusers / '
         f'ours: {cpu["diffusers"] / cpu["ours"]:.3f}')

@@ -46,10 +46,10 @@ MUTANTS = (
     Mutant('bfl_qk_norm_swap',
            'query/key norm scales swapped in the BFL map, both directions '
            '(import and export), so a BFL round trip still agrees',
-           (('nanoflux_jax/convert/flux.py',
+           (('nanoflux_jax/convert/flux_keys.py',
              "plan[f'{dst}/{s}_attn/{n}_norm/scale'] = same(f'{a}.norm.{n}_norm.scale')",
              "plan[f'{dst}/{s}_attn/{n}_norm/scale'] = same(f'{a}.norm.{ {\"query\": \"key\", \"key\": \"query\"}[n]}_norm.scale')"),
-            ('nanoflux_jax/convert/flux.py',
+            ('nanoflux_jax/convert/flux_keys.py',
              "out[f'{d}_attn.norm.{n}_norm.scale'] = p[f'{b}_attn/{n}_norm/scale']",
              "out[f'{d}_attn.norm.{ {\"query\": \"key\", \"key\": \"query\"}[n]}_norm.scale'] = p[f'{b}_attn/{n}_norm/scale']")),
            # (test_bfl_key_map_matches_diffusers_converter, at FLUX's full
@@ -57,7 +57,7 @@ MUTANTS = (
            (F + 'test_bfl_export_and_import_follow_the_documented_map',)),
     Mutant('diffusers_qk_norm_swap',
            'norm_q / norm_k swapped in the diffusers map (double blocks)',
-           (('nanoflux_jax/convert/flux.py',
+           (('nanoflux_jax/convert/flux_keys.py',
              "plan[f'{dst}/{s}_attn/query_norm/scale'] = same(f'{a}.{nq}q.weight')\n"
              "      plan[f'{dst}/{s}_attn/key_norm/scale'] = same(f'{a}.{nq}k.weight')",
              "plan[f'{dst}/{s}_attn/query_norm/scale'] = same(f'{a}.{nq}k.weight')\n"
@@ -65,7 +65,7 @@ MUTANTS = (
            (F + 'test_forward_matches_diffusers[kw0-1-4-6]',)),
     Mutant('img_txt_qkv_swap',
            "the image stream's to_q/k/v loaded into the text stream and back",
-           (('nanoflux_jax/convert/flux.py',
+           (('nanoflux_jax/convert/flux_keys.py',
              "('img', 'norm1', ('to_q', 'to_k', 'to_v'), 'to_out.0', 'ff', 'norm_'),\n"
              "        ('txt', 'norm1_context', ('add_q_proj', 'add_k_proj', 'add_v_proj'),",
              "('img', 'norm1', ('add_q_proj', 'add_k_proj', 'add_v_proj'), 'to_out.0', 'ff', 'norm_'),\n"
@@ -108,7 +108,7 @@ MUTANTS = (
     Mutant('grad_accum_no_mean',
            'accumulated gradients summed over micro-batches, not averaged '
            "(Adam's first step hides the scale from the params)",
-           (('nanoflux_jax/distill/trainer.py',
+           (('nanoflux_jax/distill/loop.py',
              'grads, metrics = jax.tree.map(lambda x: x / grad_accum, (grads, metrics))',
              'metrics = jax.tree.map(lambda x: x / grad_accum, metrics)'),),
            ('tests/test_trainer.py::test_grad_accumulation_matches_one_big_batch',)),
@@ -146,14 +146,14 @@ MUTANTS = (
     Mutant('linear1_split_hardcoded',
            "BFL single-block linear1 split at 3 * hidden rows instead of the "
            "block's heads (a known anchor bug; pruned students break)",
-           (('nanoflux_jax/convert/flux.py',
+           (('nanoflux_jax/convert/flux_keys.py',
              "    n = 3 * h * hd\n    plan.update(_static_or_adaln(cfg, f'{src}.modulation.lin',",
              "    n = 3 * cfg.hidden_size\n    plan.update(_static_or_adaln(cfg, f'{src}.modulation.lin',"),),
            ('tests/test_convert.py::test_pruned_widths_are_inferred',)),
     Mutant('resume_one_step_off',
            'a resumed run starts from the batch of the step after its '
            'checkpoint',
-           (('nanoflux_jax/distill/trainer.py',
+           (('nanoflux_jax/distill/loop.py',
              'first = jax.tree.map(np.asarray, data.batch(start, jax.process_index(),',
              'first = jax.tree.map(np.asarray, data.batch(start + (latest is not None), jax.process_index(),'),),
            ('tests/test_trainer.py::test_fit_resume_reads_the_step_it_stopped_at',)),

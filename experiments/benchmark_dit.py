@@ -15,10 +15,8 @@ mlp]), a per-part breakdown, and as the last line one JSON object: its
 speed_ratio (diffusers ms / ours ms) and matmul_fraction (our GFLOP/s / the
 matmul's) come from the median times; the same figures from the minimum
 times (*_min) and from process CPU time per call (*_cpu_time) are there too.
-On a machine shared with other jobs a sample is the intrinsic time plus a
-random wait: the median pays a typical wait, the minimum favours the short
-matmul (more likely to find both cores free than a forward of seconds), and
-CPU time counts no waiting at all; on an idle machine the three agree.
+On a shared machine the median pays a typical wait, the minimum favours the
+short matmul and CPU time counts no waiting; on an idle one they agree.
 
   python experiments/benchmark_dit.py [--size=shapes_teacher]
       [--grid=32 --txt_len=128 --batch=1 --repeats=7]
@@ -43,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import nanoflux_jax as nf
+from nanoflux_jax import compress
 from nanoflux_jax.convert import flux as convert_flux
 from nanoflux_jax.models import flux, layers
 
@@ -62,43 +61,13 @@ _PARTS = flags.DEFINE_bool('parts', True, 'Also time blocks / attention / matmul
 _TOL = flags.DEFINE_float('tol', 1e-4, 'Max relative error allowed vs diffusers.')
 _SCHNELL_GPU = flags.DEFINE_bool('schnell_gpu', False, 'Schnell-size bf16 run on CUDA.')
 _GPU_ATTENTION = flags.DEFINE_string('gpu_attention', 'cudnn', "'cudnn' or 'xla'.")
-_GPU_SMOKE = flags.DEFINE_bool(
-    'gpu_smoke', False, 'Run the --schnell_gpu code path with a tiny model '
-    'on the default jax/torch devices (CPU check of the script).')
+_GPU_SMOKE = flags.DEFINE_bool('gpu_smoke', False, 'The --schnell_gpu path '
+                                'with a tiny model on the default devices.')
 
 
 # ----------------------------------------------------------------------------
 # FLOPs and timing.
 # ----------------------------------------------------------------------------
-def forward_flops(cfg, img_len: int, txt_len: int, batch: int = 1) -> int:
-  """Matmul FLOPs (2 x MACs) of one forward, attention QK^T and PV included."""
-  try:  # Prefer the library's counter when there is one.
-    from nanoflux_jax.compress import count_flops  # pylint: disable=g-import-not-at-top
-    return int(count_flops(cfg, img_len=img_len, txt_len=txt_len, batch=batch))
-  except Exception:  # pylint: disable=broad-except
-    pass
-  d, hd, n = cfg.hidden_size, cfg.head_dim, img_len + txt_len
-  mm = lambda tokens, i, o: 2 * tokens * i * o
-  f = mm(img_len, cfg.in_channels, d) + mm(txt_len, cfg.context_in_dim, d)
-  if cfg.modulation == 'adaln':
-    f += mm(1, 256, d) + mm(1, d, d) + mm(1, cfg.vec_in_dim, d) + mm(1, d, d)
-    if cfg.guidance_embed:
-      f += mm(1, 256, d) + mm(1, d, d)
-    f += 2 * mm(1, d, 6 * d) * cfg.depth + mm(1, d, 3 * d) * \
-        cfg.depth_single_blocks + mm(1, d, 2 * d)
-  for i in range(cfg.depth):
-    a = cfg.double_heads[i] * hd
-    for tokens, m in ((img_len, cfg.double_mlp_img[i]),
-                      (txt_len, cfg.double_mlp_txt[i])):
-      f += mm(tokens, d, 3 * a) + mm(tokens, a, d) + 2 * mm(tokens, d, m)
-    f += 2 * mm(n, n, a)  # QK^T and PV.
-  for i in range(cfg.depth_single_blocks):
-    a, m = cfg.single_heads[i] * hd, cfg.single_mlp[i]
-    f += mm(n, d, 3 * a + m) + mm(n, a + m, d) + 2 * mm(n, n, a)
-  f += mm(img_len, d, cfg.out_dim)
-  return batch * f
-
-
 def time_interleaved(fns: dict, repeats: int, warmup: int,
                      inner: dict | None = None, stat=statistics.median,
                      cpu: dict | None = None) -> dict:
@@ -318,7 +287,7 @@ def run_cpu():
   b = jnp.asarray(np.random.default_rng(1).standard_normal((mn, mm), np.float32))
   ta, tb = torch.from_numpy(np.array(a)), torch.from_numpy(np.array(b))
   mm_flops = 2 * mk * mn * mm
-  flops = forward_flops(cfg, grid * grid, txt_len, batch)
+  flops = compress.count_flops(cfg, grid * grid, txt_len, batch)
   # Short calls repeat inside a round so each name gets a similar time.
   cpu = {}
   samples = time_interleaved({
@@ -373,15 +342,13 @@ def run_cpu():
         print(f'{k:40s}{p[k] * 1e3:9.1f}' +
               (f'{tv * 1e3:9.1f}' if tv is not None else ''))
     attn = p[f'attention {_ATTENTION.value}']
-    nb = cfg.depth + cfg.depth_single_blocks
-    blocks = cfg.depth * p['double block'] + cfg.depth_single_blocks * p[
-        'single block']
-    mms = cfg.depth * p['double block matmuls'] + cfg.depth_single_blocks * p[
-        'single block matmuls']
+    n2, n1 = cfg.depth, cfg.depth_single_blocks
+    blocks = n2 * p['double block'] + n1 * p['single block']
+    mms = n2 * p['double block matmuls'] + n1 * p['single block matmuls']
     print(f'forward estimate from parts: blocks {blocks * 1e3:.0f} ms = '
-          f'attention {nb * attn * 1e3:.0f} + block matmuls {mms * 1e3:.0f} + '
+          f'attention {(n1 + n2) * attn * 1e3:.0f} + block matmuls {mms * 1e3:.0f} + '
           f'rest (norms, RoPE, modulation, GELU, copies) '
-          f'{(blocks - nb * attn - mms) * 1e3:.0f}; whole forward '
+          f'{(blocks - (n1 + n2) * attn - mms) * 1e3:.0f}; whole forward '
           f'{t["ours"] * 1e3:.0f} ms')
 
   if err > _TOL.value:
@@ -504,7 +471,7 @@ def run_schnell_gpu(smoke: bool = False):
                      ref_fn().float().cpu().numpy())
   t = time_interleaved({'ours': ours_fn, 'diffusers': ref_fn},
                        max(_REPEATS.value, 5), _WARMUP.value)
-  flops = forward_flops(cfg, li, lt)
+  flops = compress.count_flops(cfg, li, lt)
   print(f'\nFLUX.1-{"tiny" if smoke else "schnell"}-size forward, bf16, '
         f'{li} image + {lt} text tokens, '
         f'{jax.devices()[0].device_kind}, attention {cfg.attention_impl}')

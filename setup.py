@@ -13,8 +13,8 @@ setuptools.setup(
     python_requires='>=3.10',
     packages=setuptools.find_packages(include=['nanoflux_jax', 'nanoflux_jax.*']),
     # The shipped shapes-world teacher and classifier (orbax folders,
-    # tokenizers, READMEs): see nanoflux_jax/data/assets/*/README.md.
-    package_data={'nanoflux_jax': ['data/assets/**/*']},
+    # tokenizers, READMEs): see nanoflux_jax/shapes/assets/*/README.md.
+    package_data={'nanoflux_jax': ['shapes/assets/**/*']},
     include_package_data=True,
     install_requires=[
         'jax>=0.7',

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from nanoflux_jax import sampling
 from nanoflux_jax.configs import FluxConfig
 from nanoflux_jax.distill import loop
-from nanoflux_jax.distill import memory_bytes
+from nanoflux_jax.ladder import memory_bytes
 from nanoflux_jax.distill import trainer
 from nanoflux_jax.models import flux
 from nanoflux_jax.models import layers

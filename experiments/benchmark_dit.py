@@ -141,7 +141,7 @@ def _inputs(cfg, grid, txt_len, seed=0, batch=1):
 def _size():
   """(config, grid, txt_len, batch) of --size, flags overriding."""
   if _SIZE.value == 'shapes_teacher':
-    from nanoflux_jax.data import shapes  # pylint: disable=g-import-not-at-top
+    from nanoflux_jax.shapes import world as shapes  # pylint: disable=g-import-not-at-top
     file = os.path.join(shapes.teacher_path(), 'transformer',
                         'nanoflux_config.json')
     with open(file) as f:

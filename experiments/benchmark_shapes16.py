@@ -31,9 +31,9 @@ import config_flag  # experiments/config_flag.py, beside this binary.
 from nanoflux_jax import parallel
 from nanoflux_jax.compress import count_flops
 from nanoflux_jax.configs import ClipConfig, T5Config, VAEConfig
-from nanoflux_jax.data import shapes
-from nanoflux_jax.distill import shapes_encoders
-from nanoflux_jax.distill import shapes_teacher
+from nanoflux_jax.shapes import world as shapes
+from nanoflux_jax.shapes import t5_pretrain as shapes_encoders
+from nanoflux_jax.shapes import teacher as shapes_teacher
 from nanoflux_jax.distill import trainer
 from nanoflux_jax.models import sharding
 from nanoflux_jax.models.t5 import T5Encoder

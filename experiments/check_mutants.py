@@ -185,7 +185,7 @@ MUTANTS = (
     Mutant('ladder_static_tables_off_schedule',
            "the static-modulation rung builds its tables at each step's end "
            'instead of its start',
-           (('nanoflux_jax/distill/rungs.py',
+           (('nanoflux_jax/ladder/rungs.py',
              'ctx.schedule[:-1]', 'ctx.schedule[1:]'),),
            ('tests/test_ladder.py::'
             'test_cli_writes_report_checkpoints_samples_then_resumes',)),

@@ -17,7 +17,7 @@ import config_flag  # experiments/config_flag.py, beside this binary.
 from nanoflux_jax import parallel
 from nanoflux_jax.distill import loop
 from nanoflux_jax.distill import stop_reason
-from nanoflux_jax.distill import text_encoder
+from nanoflux_jax.distill import t5_distill as text_encoder
 from nanoflux_jax.distill import workdir_lock
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints and the student.',

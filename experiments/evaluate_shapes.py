@@ -17,10 +17,9 @@ from absl import app
 from absl import flags
 
 from nanoflux_jax import jsonfile
-from nanoflux_jax.data import shapes
-from nanoflux_jax.evaluate import classifier as clf_lib
-from nanoflux_jax.evaluate import toy
-
+from nanoflux_jax.shapes import world as shapes
+from nanoflux_jax.shapes import classifier as clf_lib
+from nanoflux_jax.shapes import scoring as toy
 _PIPELINE = flags.DEFINE_string('pipeline', '', 'A FluxPipeline folder.')
 _TFLITE = flags.DEFINE_multi_string('tflite', [], 'TFLite bundle folders.')
 _REPORT = flags.DEFINE_string(
@@ -35,7 +34,7 @@ _TXT_LEN = flags.DEFINE_integer('txt_len', 24, 'T5 sequence length.')
 _RES = flags.DEFINE_integer('resolution', 64, 'Image side in pixels.')
 _WORLD_NAME = flags.DEFINE_enum(
     'world', 'shapes', list(shapes.WORLDS),
-    "The shapes world (data/shapes.py); 'shapes9' is judged by geometry.")
+    "The shapes world (shapes/world.py); 'shapes9' is judged by geometry.")
 _THREADS = flags.DEFINE_integer('num_threads', 2, 'LiteRT threads.')
 
 

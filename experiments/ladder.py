@@ -17,8 +17,8 @@ import jax
 
 import config_flag  # experiments/config_flag.py, beside this binary.
 from nanoflux_jax import parallel
-from nanoflux_jax.distill import ladder
-from nanoflux_jax.distill import provenance
+from nanoflux_jax.ladder import runner as ladder
+from nanoflux_jax.ladder import provenance
 from nanoflux_jax.distill import stop_reason
 from nanoflux_jax.distill import workdir_lock
 

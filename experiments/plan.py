@@ -17,9 +17,8 @@ from absl import app
 from absl import flags
 
 import config_flag  # experiments/config_flag.py, beside this binary.
-from nanoflux_jax.distill import memory_bytes
-from nanoflux_jax.distill import memory_plan
-
+from nanoflux_jax.ladder import memory_bytes
+from nanoflux_jax.ladder import memory_plan
 _CONFIG = config_flag.define_config_file('config', 'Ladder config file.')
 _DEVICES = flags.DEFINE_integer('devices', 64, 'Devices in the slice.')
 _HBM_GB = flags.DEFINE_float('hbm_gb', 95.0, 'Memory per device, GB (1e9).')

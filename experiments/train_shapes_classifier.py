@@ -1,7 +1,7 @@
 r"""Trains the toy-GenEval judge and writes it where the package ships it.
 
   python experiments/train_shapes_classifier.py \
-      --out=nanoflux_jax/data/assets/shapes_classifier
+      --out=nanoflux_jax/shapes/assets/shapes_classifier
 
 Deterministic: the same flags give the same classifier. Prints its accuracy
 on real renderings of a held-out world and writes it, with this command, to
@@ -13,9 +13,8 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from nanoflux_jax.data import shapes
-from nanoflux_jax.evaluate import classifier
-
+from nanoflux_jax.shapes import world as shapes
+from nanoflux_jax.shapes import classifier
 _OUT = flags.DEFINE_string(
     'out', os.path.join(os.path.dirname(shapes.__file__), 'assets',
                         'shapes_classifier'), 'Output folder (replaced).')
@@ -32,7 +31,7 @@ def main(argv):
   with open(os.path.join(_OUT.value, 'README.md'), 'w') as f:
     f.write(
         '# The shapes-world classifier (toy-GenEval judge)\n\n'
-        'An `AttributeCNN` (nanoflux_jax/evaluate/classifier.py) trained on '
+        'An `AttributeCNN` (nanoflux_jax/shapes/classifier.py) trained on '
         'real renderings of world 10000. Reproduce with:\n\n'
         '```bash\npython experiments/train_shapes_classifier.py '
         f'--steps={_STEPS.value} --batch={_BATCH.value}\n```\n\n'

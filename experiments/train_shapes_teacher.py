@@ -4,7 +4,7 @@ r"""Trains the shapes-world teacher, scores it and writes the shipped asset.
       --config=experiments/configs/shapes.py:teacher --workdir=/tmp/teacher
 
 (`:teacher16` for the 16x16-token 'shapes9' world, judged by the geometric
-judge, evaluate/geometry.py, since the shipped classifier knows only the
+judge, shapes/geometry.py, since the shipped classifier knows only the
 classic world.)
 
 1. trains (or resumes) the teacher of config.teacher.shapes in
@@ -15,8 +15,8 @@ classic world.)
    workdir/eval.json and workdir/eval.png;
 3. with --out, copies the pipeline there (atomically) with a README.md that
    records this command, the training time and the scores. The package
-   ships it as nanoflux_jax/data/assets/shapes_teacher
-   (`nanoflux_jax.data.shapes.teacher_path()`).
+   ships it as nanoflux_jax/shapes/assets/shapes_teacher
+   (`nanoflux_jax.shapes.world.teacher_path()`).
 """
 import json
 import os
@@ -31,9 +31,9 @@ import jax
 import config_flag  # experiments/config_flag.py, beside this binary.
 from nanoflux_jax import atomic
 from nanoflux_jax import images
-from nanoflux_jax.distill import shapes_teacher
-from nanoflux_jax.evaluate import classifier
-from nanoflux_jax.evaluate import toy
+from nanoflux_jax.shapes import teacher as shapes_teacher
+from nanoflux_jax.shapes import classifier
+from nanoflux_jax.shapes import scoring as toy
 from nanoflux_jax.pipeline import PIPELINE_FILE
 
 _CONFIG = config_flag.define_config_file('config', 'Config file.')
@@ -93,7 +93,7 @@ def main(argv):
   ev = dict(toy.scores(clf, imgs, s, None), num_prompts=len(s.prompts),
             world_seed=_WORLD_SEED.value, num_steps=num_steps,
             judge=('the shipped classifier' if not judge else
-                   'the geometric judge (evaluate/geometry.py)'))
+                   'the geometric judge (shapes/geometry.py)'))
   ev.pop('psnr')
   logging.info('teacher: %s', ev)
   with open(os.path.join(_WORKDIR.value, 'eval.json'), 'w') as f:

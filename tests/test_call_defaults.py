@@ -16,10 +16,10 @@ import pytest
 import nanoflux_jax as nf
 from nanoflux_jax import call_args
 from nanoflux_jax.call_args import CallDefaults
-from nanoflux_jax.data import shapes
-from nanoflux_jax.distill import shapes_teacher
+from nanoflux_jax.shapes import world as shapes
+from nanoflux_jax.shapes import teacher as shapes_teacher
 from nanoflux_jax.errors import CheckpointError
-from nanoflux_jax.evaluate import classifier
+from nanoflux_jax.shapes import classifier
 from nanoflux_jax.evaluate import metrics
 from nanoflux_jax.export import runner
 

@@ -12,11 +12,11 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from nanoflux_jax.compress import text_encoder as te_student
-from nanoflux_jax.distill import clip_eval
+from nanoflux_jax.compress import student_t5 as te_student
+from nanoflux_jax.ladder import clip_eval
 from nanoflux_jax.distill import data as data_lib
-from nanoflux_jax.distill import ladder
-from nanoflux_jax.distill import rungs as rungs_lib
+from nanoflux_jax.ladder import runner as ladder
+from nanoflux_jax.ladder import rungs as rungs_lib
 from nanoflux_jax.evaluate import clip_fid
 from nanoflux_jax.testing.tiny_clip import make_tiny_clip_model
 from nanoflux_jax.testing.tiny_flux import make_tiny_flux_pipeline

@@ -11,7 +11,7 @@ from nanoflux_jax.configs import ClipConfig
 from nanoflux_jax.configs import ClipModelConfig
 from nanoflux_jax.configs import ClipVisionConfig
 from nanoflux_jax.convert import clip_model
-from nanoflux_jax.data import shapes
+from nanoflux_jax.shapes import world as shapes
 from nanoflux_jax.errors import CheckpointError
 from nanoflux_jax.evaluate import clip_score
 from nanoflux_jax.models import clip_vision

@@ -2,8 +2,9 @@
 import numpy as np
 import pytest
 
-from nanoflux_jax.data import shapes
-from nanoflux_jax.evaluate import classifier, metrics
+from nanoflux_jax.shapes import world as shapes
+from nanoflux_jax.evaluate import metrics
+from nanoflux_jax.shapes import classifier
 
 
 @pytest.fixture(scope='module')

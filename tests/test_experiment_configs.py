@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from nanoflux_jax.distill import ladder
+from nanoflux_jax.ladder import runner as ladder
 from nanoflux_jax.distill import loop
 from nanoflux_jax.distill import trainer
 

@@ -165,8 +165,8 @@ def test_shapes_configs_start_from_the_shipped_teacher():
   """quick and full start from the packaged teacher; retrain and micro
   train one; every variant passes the ladder's config check."""
   import importlib.util  # pylint: disable=g-import-not-at-top
-  from nanoflux_jax.data import shapes  # pylint: disable=g-import-not-at-top
-  from nanoflux_jax.distill import ladder  # pylint: disable=g-import-not-at-top
+  from nanoflux_jax.shapes import world as shapes  # pylint: disable=g-import-not-at-top
+  from nanoflux_jax.ladder import runner as ladder  # pylint: disable=g-import-not-at-top
   spec = importlib.util.spec_from_file_location(
       'shapes_cfg', os.path.join(ROOT, 'experiments/configs/shapes.py'))
   mod = importlib.util.module_from_spec(spec)

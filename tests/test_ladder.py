@@ -19,8 +19,7 @@ import numpy as np
 import pytest
 
 from nanoflux_jax import checkpoint
-from nanoflux_jax.distill import ladder
-
+from nanoflux_jax.ladder import runner as ladder
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, 'experiments', 'configs', 'ladder_tiny.py')
 # The CLI runs compile the same programs (one device each): a persistent
@@ -177,7 +176,7 @@ def test_origin_feature_pairs_follow_depth_and_skip_coarse_blocks():
   it descends from (after block removal), coarse down-sampled blocks out;
   the trainer itself refuses the name."""
   from nanoflux_jax.configs import FluxConfig  # pylint: disable=g-import-not-at-top
-  from nanoflux_jax.distill import rungs  # pylint: disable=g-import-not-at-top
+  from nanoflux_jax.ladder import rungs  # pylint: disable=g-import-not-at-top
   from nanoflux_jax.distill import trainer  # pylint: disable=g-import-not-at-top
   ctx = rungs.Context(None, None, (4, 4), (1.0, 0.0), '')
   cfg = FluxConfig.tiny(depth=1, depth_single_blocks=3)

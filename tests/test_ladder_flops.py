@@ -1,8 +1,6 @@
 """The ladder report's FLOP-ratio column and its 'speed-up >= 0.8 x FLOP
-ratio' check per main rung (distill/ladder_eval.py), on a hand-made report."""
-from nanoflux_jax.distill import ladder_eval
-
-
+ratio' check per main rung (shapes/evaluation.py), on a hand-made report."""
+from nanoflux_jax.shapes import evaluation as ladder_eval
 def _row(name, gflops, denoise_ms, kind='prune', **kw):
   ev = dict(denoise_ms=denoise_ms, jax_ms=None if denoise_ms is None else
             denoise_ms + 1, litert_ms=None, geneval=0.9, geneval_ci=None,

@@ -11,8 +11,8 @@ import pytest
 
 from nanoflux_jax import parallel
 from nanoflux_jax.configs import FluxConfig
-from nanoflux_jax.distill import memory_bytes as mb
-from nanoflux_jax.distill import memory_plan as mp
+from nanoflux_jax.ladder import memory_bytes as mb
+from nanoflux_jax.ladder import memory_plan as mp
 from nanoflux_jax.distill import trainer
 from nanoflux_jax.models import scan_blocks
 

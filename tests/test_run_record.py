@@ -28,9 +28,9 @@ import pytest
 
 from nanoflux_jax import atomic
 from nanoflux_jax import parallel
-from nanoflux_jax.distill import ladder
+from nanoflux_jax.ladder import runner as ladder
 from nanoflux_jax.distill import loop
-from nanoflux_jax.distill import provenance
+from nanoflux_jax.ladder import provenance
 from nanoflux_jax.distill import stop_reason
 from nanoflux_jax.distill import workdir_lock
 from nanoflux_jax.testing import multiprocess

@@ -11,7 +11,7 @@ from nanoflux_jax import parallel
 from nanoflux_jax import sampling
 from nanoflux_jax.compress import layout
 from nanoflux_jax.configs import FluxConfig
-from nanoflux_jax.distill import rungs
+from nanoflux_jax.ladder import rungs
 from nanoflux_jax.distill import trainer
 from nanoflux_jax.models import flux
 from nanoflux_jax.models import scan_blocks

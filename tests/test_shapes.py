@@ -1,9 +1,7 @@
 """The shapes world is deterministic, varied and captioned from its attributes."""
 import numpy as np
 
-from nanoflux_jax.data import shapes
-
-
+from nanoflux_jax.shapes import world as shapes
 def test_deterministic_per_seed_and_index():
   a, b = shapes.ShapesWorld(seed=3), shapes.ShapesWorld(seed=3)
   for i in (0, 1, 17):

@@ -12,19 +12,19 @@ import pytest
 from scipy import ndimage
 
 from nanoflux_jax import sampling
-from nanoflux_jax.compress import text_encoder as te_student
+from nanoflux_jax.compress import student_t5 as te_student
 from nanoflux_jax.compress import token_downsample
 from nanoflux_jax.configs import FluxConfig, T5Config
-from nanoflux_jax.data import shapes
+from nanoflux_jax.shapes import world as shapes
 from nanoflux_jax.distill import data as data_lib
-from nanoflux_jax.distill import ladder
+from nanoflux_jax.ladder import runner as ladder
 from nanoflux_jax.distill import losses
-from nanoflux_jax.distill import rungs
-from nanoflux_jax.distill import shapes_encoders
-from nanoflux_jax.distill import text_encoder as te
-from nanoflux_jax.evaluate import classifier
+from nanoflux_jax.ladder import rungs
+from nanoflux_jax.shapes import t5_pretrain as shapes_encoders
+from nanoflux_jax.distill import t5_distill as te
+from nanoflux_jax.shapes import classifier
 from nanoflux_jax.evaluate import metrics
-from nanoflux_jax.evaluate import toy
+from nanoflux_jax.shapes import scoring as toy
 from nanoflux_jax.models import flux as flux_lib
 from nanoflux_jax.models.t5 import StudentTextEncoder
 from nanoflux_jax.models.t5 import T5Encoder

@@ -7,11 +7,10 @@ import numpy as np
 import pytest
 
 import nanoflux_jax as nf
-from nanoflux_jax.data import shapes
-from nanoflux_jax.evaluate import classifier
+from nanoflux_jax.shapes import world as shapes
+from nanoflux_jax.shapes import classifier
 from nanoflux_jax.evaluate import metrics
-from nanoflux_jax.evaluate import toy
-
+from nanoflux_jax.shapes import scoring as toy
 DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
     __file__))), 'docs', 'shapes_full')
 

@@ -3,16 +3,14 @@ import jax
 import numpy as np
 import pytest
 
-from nanoflux_jax.data import shapes
+from nanoflux_jax.shapes import world as shapes
 import nanoflux_jax as nf
 from nanoflux_jax.distill import data as data_lib
-from nanoflux_jax.distill import shapes_encoders
-from nanoflux_jax.distill import shapes_teacher
-from nanoflux_jax.evaluate import classifier
+from nanoflux_jax.shapes import t5_pretrain as shapes_encoders
+from nanoflux_jax.shapes import teacher as shapes_teacher
+from nanoflux_jax.shapes import classifier
 from nanoflux_jax.evaluate import metrics
-from nanoflux_jax.evaluate import toy
-
-
+from nanoflux_jax.shapes import scoring as toy
 @pytest.fixture(scope='module')
 def pipe(tmp_path_factory):
   c = shapes_teacher.default_config()

@@ -18,7 +18,7 @@ from nanoflux_jax import compress
 from nanoflux_jax import parallel
 from nanoflux_jax import sampling
 from nanoflux_jax.configs import FluxConfig
-from nanoflux_jax.distill import rungs
+from nanoflux_jax.ladder import rungs
 from nanoflux_jax.models import sharding
 
 SCALED_SCHNELL = dict(hidden_size=256, num_heads=2, head_dim=128,

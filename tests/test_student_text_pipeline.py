@@ -5,7 +5,7 @@ import pytest
 
 import nanoflux_jax as nf
 from nanoflux_jax import checkpoint
-from nanoflux_jax.compress import text_encoder as te_student
+from nanoflux_jax.compress import student_t5 as te_student
 from nanoflux_jax.export import bundle
 from nanoflux_jax.models.t5 import StudentTextEncoder
 

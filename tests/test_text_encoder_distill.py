@@ -14,9 +14,9 @@ from nanoflux_jax import checkpoint
 from nanoflux_jax import parallel
 from nanoflux_jax import sampling
 from nanoflux_jax.configs import FluxConfig, T5Config
-from nanoflux_jax.compress import text_encoder as te_student
+from nanoflux_jax.compress import student_t5 as te_student
 from nanoflux_jax.distill import data as data_lib
-from nanoflux_jax.distill import text_encoder as te
+from nanoflux_jax.distill import t5_distill as te
 from nanoflux_jax.models import flux as flux_lib
 from nanoflux_jax.models.t5 import T5Encoder
 

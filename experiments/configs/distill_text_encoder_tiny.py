@@ -9,9 +9,7 @@ With a pipeline folder (nanoflux `FluxPipeline.save` or diffusers FLUX):
 (lambda_vis=0, the embedding-MSE-only baseline; vis is still logged).
 """
 from nanoflux_jax.config_arg import parse_arg
-from nanoflux_jax.distill import text_encoder
-
-
+from nanoflux_jax.distill import t5_distill as text_encoder
 def get_config(arg: str = ''):
   a = parse_arg(arg, runlocal=False, ablation=False)
   c = text_encoder.default_config()

@@ -21,7 +21,7 @@ text-encoder and export rungs cannot run. Rungs follow the paper's order:
 Each rung is distilled from the original schnell teacher.
 """
 from nanoflux_jax.config_arg import parse_arg
-from nanoflux_jax.distill import text_encoder
+from nanoflux_jax.distill import t5_distill as text_encoder
 from nanoflux_jax.distill import trainer
 
 import ml_collections
@@ -59,7 +59,7 @@ def get_config(arg: str = ''):
   c.samples = {'prompts': 'builtin', 'num': 8, 'seed': 0, 'scale': 4}
   c.timing = {'repeats': 5}
   # CLIP score and CLIP-FID (vs the teacher's images, same noise) of the
-  # teacher and every rung, in report.json/md (distill/clip_eval.py). Off
+  # teacher and every rung, in report.json/md (ladder/clip_eval.py). Off
   # while clip_path is empty; set it to a local save of
   # openai/clip-vit-large-patch14 (CLIPModel + tokenizer + processor) and
   # prompts to a file (one per line, or JSONL), e.g. 500 held-out prompts.

@@ -4,7 +4,7 @@ r"""The NanoFLUX recipe on the procedural shapes world (the default job).
       --workdir=/tmp/nanoflux_shapes
 
 As a real run starts from FLUX.1-schnell, the ladder starts from the
-teacher shipped with the package (`nanoflux_jax.data.shapes.teacher_path()`,
+teacher shipped with the package (`nanoflux_jax.shapes.world.teacher_path()`,
 trained by `experiments/train_shapes_teacher.py` with the `teacher` variant
 below). Each rung compresses the current student and distils it from that
 teacher: output KD on cached teacher trajectories plus the rectified-flow
@@ -27,7 +27,7 @@ Variants (the part after ':'; options after a comma):
   teacher  only config.teacher.shapes matters: the shipped teacher's
            training (experiments/train_shapes_teacher.py).
   teacher16  the same for the 'shapes9' world (below).
-  full16   the whole method on the 'shapes9' world (data/shapes.py: 128 px,
+  full16   the whole method on the 'shapes9' world (shapes/world.py: 128 px,
            16x16 image tokens, 1-3 objects at 9 positions) with a toy T5
            sized like FLUX's (4 layers, 0.86M parameters: 37% of the 2.31M
            DiT; FLUX: T5-XXL 4.7B beside the 12B DiT). Its teacher is
@@ -39,7 +39,7 @@ Variants (the part after ':'; options after a comma):
            budget without the down-sampler; (b) the text encoder by
            embedding MSE alone and by the frozen denoiser's velocity
            (DistillT5) against the main rung's embedding MSE + visual cue.
-           Judged by the geometric judge (evaluate/geometry.py: nothing
+           Judged by the geometric judge (shapes/geometry.py: nothing
            trained, it reads each position by the world's own geometry).
   micro16  full16's code path at micro scale (the CI smoke run).
 
@@ -87,8 +87,8 @@ the first two rows; the rest are estimates from them):
 import ml_collections
 
 from nanoflux_jax.config_arg import parse_arg
-from nanoflux_jax.data import shapes
-from nanoflux_jax.distill import shapes_teacher
+from nanoflux_jax.shapes import world as shapes
+from nanoflux_jax.shapes import teacher as shapes_teacher
 from nanoflux_jax.distill import trainer
 
 _VARIANTS = ('quick', 'micro', 'full', 'teacher', 'teacher16', 'full16',
@@ -362,7 +362,7 @@ def get_config(arg: str = 'quick'):
                       'full16': 512}.get(variant, 0),
       'noise_seed': 0, 'num_reference': 64 if micro else 512,
       # '' = the shipped classifier (data.shapes; classic world only);
-      # 'geometry' = evaluate/geometry.py (any world, nothing trained).
+      # 'geometry' = shapes/geometry.py (any world, nothing trained).
       'classifier': 'geometry' if variant in _WORLD16 else '',
       # LiteRT ms of every rung costs an fp32 export per rung (the export
       # rung's files are always timed).

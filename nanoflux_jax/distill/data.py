@@ -28,8 +28,7 @@ from nanoflux_jax import parallel
 from nanoflux_jax import pipeline as pipeline_lib
 from nanoflux_jax import sampling
 from nanoflux_jax.configs import FluxConfig
-from nanoflux_jax.data import shapes
-
+from nanoflux_jax.shapes import world as shapes
 BUILTIN_PROMPTS = (
     'a photo of a red cat sitting on a blue sofa',
     'a watercolor painting of a lighthouse at dawn',

@@ -6,10 +6,8 @@ from typing import Sequence
 import numpy as np
 import scipy.linalg
 
-from nanoflux_jax.data import shapes
-from nanoflux_jax.evaluate import classifier as clf_lib
-
-
+from nanoflux_jax.shapes import world as shapes
+from nanoflux_jax.shapes import classifier as clf_lib
 def geneval_per_image(clf: clf_lib.Classifier, images: np.ndarray,
                       scenes: Sequence[shapes.Scene]) -> np.ndarray:
   """bool [N]: is every prompted object read back from image i?

@@ -242,7 +242,7 @@ class T5Encoder(nn.Module):
 class StudentTextEncoder(nn.Module):
   """A T5 encoder followed by a Dense projection to the teacher's width.
 
-  The distilled text encoder (distill/text_encoder.py trains it); it lives
+  The distilled text encoder (distill/t5_distill.py trains it); it lives
   here so that the pipeline and the exporter can run it without importing
   the training code.
 

@@ -27,8 +27,8 @@ import numpy as np
 
 from nanoflux_jax import atomic
 from nanoflux_jax import images
-from nanoflux_jax.evaluate import classifier as clf_lib
-from nanoflux_jax.evaluate import toy
+from nanoflux_jax.shapes import classifier as clf_lib
+from nanoflux_jax.shapes import scoring as toy
 from nanoflux_jax.export import bundle
 from nanoflux_jax.export import runner
 

@@ -31,12 +31,12 @@ from nanoflux_jax import compress
 from nanoflux_jax.compress import layout
 from nanoflux_jax.configs import FluxConfig
 from nanoflux_jax.convert.text_encoders import load_t5_encoder
-from nanoflux_jax.data import shapes
+from nanoflux_jax.shapes import world as shapes
 from nanoflux_jax.distill import data as data_lib
 from nanoflux_jax.distill import loop
-from nanoflux_jax.distill import shapes_teacher
+from nanoflux_jax.shapes import teacher as shapes_teacher
 from nanoflux_jax.distill import teacher as teacher_lib
-from nanoflux_jax.distill import text_encoder
+from nanoflux_jax.distill import t5_distill as text_encoder
 from nanoflux_jax.distill import trainer
 from nanoflux_jax.export import bundle
 from nanoflux_jax.export import tflite

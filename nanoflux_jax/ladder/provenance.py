@@ -39,9 +39,8 @@ import ml_collections
 
 from nanoflux_jax import atomic
 from nanoflux_jax.distill import loop
-from nanoflux_jax.distill import rungs as rungs_lib
-from nanoflux_jax.distill import text_encoder
-
+from nanoflux_jax.ladder import rungs as rungs_lib
+from nanoflux_jax.distill import t5_distill as text_encoder
 SETTINGS_FILE = 'settings.json'
 # Cache of the teacher files' hashes, keyed by their sizes and mtimes.
 HASH_CACHE_FILE = 'teacher_hash.json'

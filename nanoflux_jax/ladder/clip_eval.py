@@ -36,7 +36,7 @@ from nanoflux_jax import images
 from nanoflux_jax import parallel
 from nanoflux_jax import sampling
 from nanoflux_jax.distill import data as data_lib
-from nanoflux_jax.distill import rungs as rungs_lib
+from nanoflux_jax.ladder import rungs as rungs_lib
 from nanoflux_jax.evaluate import clip_fid as fid_lib
 from nanoflux_jax.evaluate import clip_score as score_lib
 

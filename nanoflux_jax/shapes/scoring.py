@@ -16,8 +16,8 @@ import statistics
 import time
 import numpy as np
 
-from nanoflux_jax.data import shapes
-from nanoflux_jax.evaluate import classifier as clf_lib
+from nanoflux_jax.shapes import world as shapes
+from nanoflux_jax.shapes import classifier as clf_lib
 from nanoflux_jax.evaluate import metrics
 
 

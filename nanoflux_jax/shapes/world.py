@@ -287,7 +287,7 @@ def vocabulary(world: str = 'shapes') -> list[str]:
 
 
 # ---------------------------------------------------------------------------
-# Trained artefacts shipped with the package (nanoflux_jax/data/assets).
+# Trained artefacts shipped with the package (nanoflux_jax/shapes/assets).
 # ---------------------------------------------------------------------------
 _ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'assets')
 
@@ -306,14 +306,14 @@ def teacher_path() -> str:
   Load it with `nf.FluxPipeline.from_pretrained(teacher_path())`. A FLUX DiT
   (hidden 128, 2 double + 4 single blocks, 2.3M parameters) over 8x8 tokens
   of a PCA patch autoencoder, a word-level T5 pretrained on the captions'
-  structure (distill/shapes_encoders.py) and a random CLIP, both frozen.
+  structure (shapes/t5_pretrain.py) and a random CLIP, both frozen.
   Trained with rectified flow for 6000 steps at batch 32 on 2 CPU cores
   (80 minutes) by
 
     python experiments/train_shapes_teacher.py \
         --config=experiments/configs/shapes.py:teacher \
         --workdir=/tmp/shapes_teacher \
-        --out=nanoflux_jax/data/assets/shapes_teacher
+        --out=nanoflux_jax/shapes/assets/shapes_teacher
 
   toy-GenEval on 512 held-out prompts (world 1000, 8 Euler steps): 0.984,
   95% CI [0.969, 0.992]; two-object prompts 0.977 [0.951, 0.990] (n=264).

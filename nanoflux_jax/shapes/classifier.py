@@ -18,9 +18,8 @@ import numpy as np
 import optax
 
 from nanoflux_jax import checkpoint
-from nanoflux_jax.data import shapes
-from nanoflux_jax.evaluate import geometry
-
+from nanoflux_jax.shapes import world as shapes
+from nanoflux_jax.shapes import geometry
 POSITIONS = tuple(shapes.POSITIONS)
 SHAPE_CLASSES = ('none',) + shapes.SHAPES
 COLOUR_CLASSES = tuple(shapes.COLOURS)

@@ -71,14 +71,14 @@ from nanoflux_jax import images
 from nanoflux_jax import parallel
 from nanoflux_jax import sampling
 from nanoflux_jax.configs import FluxConfig
-from nanoflux_jax.distill import clip_eval
+from nanoflux_jax.ladder import clip_eval
 from nanoflux_jax.distill import data as data_lib
-from nanoflux_jax.distill import ladder_eval
+from nanoflux_jax.shapes import evaluation as ladder_eval
 from nanoflux_jax.distill import loop
-from nanoflux_jax.distill import provenance
-from nanoflux_jax.distill import rungs as rungs_lib
+from nanoflux_jax.ladder import provenance
+from nanoflux_jax.ladder import rungs as rungs_lib
 from nanoflux_jax.distill import workdir_lock
-from nanoflux_jax.distill.rungs import Context, RUNG_KINDS, RungKind, Student
+from nanoflux_jax.ladder.rungs import Context, RUNG_KINDS, RungKind, Student
 from nanoflux_jax.evaluate import metrics
 from nanoflux_jax.models import flux as flux_lib
 from nanoflux_jax.models import sharding

@@ -27,8 +27,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw
 
-from nanoflux_jax.data import shapes
-
+from nanoflux_jax.shapes import world as shapes
 _PALETTE = np.array(list(shapes.COLOURS.values()), np.float32)   # [K, 3]
 _SUPERSAMPLE = 4
 _CORE = 0.35      # core disc radius / the small size's half-extent.

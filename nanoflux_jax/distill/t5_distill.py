@@ -51,7 +51,7 @@ import numpy as np
 
 from nanoflux_jax import parallel
 from nanoflux_jax import sampling
-from nanoflux_jax.compress import text_encoder as te_student
+from nanoflux_jax.compress import student_t5 as te_student
 from nanoflux_jax.configs import FluxConfig, T5Config
 from nanoflux_jax.distill import data as data_lib
 from nanoflux_jax.distill import losses

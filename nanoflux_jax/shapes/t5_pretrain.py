@@ -25,7 +25,7 @@ import numpy as np
 import optax
 
 from nanoflux_jax.configs import T5Config
-from nanoflux_jax.data import shapes
+from nanoflux_jax.shapes import world as shapes
 from nanoflux_jax.models.t5 import T5Encoder
 
 

@@ -46,12 +46,12 @@ import jax.numpy as jnp
 import ml_collections
 
 from nanoflux_jax import parallel
-from nanoflux_jax.compress import text_encoder as te_student
+from nanoflux_jax.compress import student_t5 as te_student
 from nanoflux_jax import sampling
 from nanoflux_jax.configs import FluxConfig, T5Config
 from nanoflux_jax.distill import loop
-from nanoflux_jax.distill import memory_bytes as mb
-from nanoflux_jax.distill import rungs
+from nanoflux_jax.ladder import memory_bytes as mb
+from nanoflux_jax.ladder import rungs
 from nanoflux_jax.distill import trainer
 from nanoflux_jax.models import sharding
 from nanoflux_jax.models.t5 import StudentTextEncoder, T5Encoder

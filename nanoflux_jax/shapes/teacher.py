@@ -39,9 +39,9 @@ from nanoflux_jax import parallel
 from nanoflux_jax.call_args import CallDefaults
 from nanoflux_jax import sampling
 from nanoflux_jax.configs import ClipConfig, FluxConfig, T5Config, VAEConfig
-from nanoflux_jax.data import shapes
+from nanoflux_jax.shapes import world as shapes
 from nanoflux_jax.distill import data as data_lib
-from nanoflux_jax.distill import shapes_encoders
+from nanoflux_jax.shapes import t5_pretrain as shapes_encoders
 from nanoflux_jax.distill import trainer
 from nanoflux_jax.models import sharding
 from nanoflux_jax.models.clip import ClipTextModel

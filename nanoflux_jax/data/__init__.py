@@ -1,1 +1,0 @@
-"""Data: the procedural shapes world and prompt sources."""

@@ -1,0 +1,1 @@
+"""The compression ladder: rung kinds, the stage they pass on, the run."""

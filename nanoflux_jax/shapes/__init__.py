@@ -1,0 +1,1 @@
+"""The toy shapes world: its data, its teacher and its evaluation."""

@@ -88,7 +88,7 @@ def train_compile(cfg: FluxConfig, grid: int, txt_len: int, device):
   tx = loop.make_optimizer(c)
   spec = trainer.DistillSpec(
       student=cfg, teacher=None, grid=(grid, grid),
-      schedule=tuple(sampling.get_schedule(4, grid * grid, shift=False)),
+      schedule=tuple(sampling.schedule_for(cfg, 4, grid * grid)),
       weights=(('rf', 1.0),))
   params = {'student': flux.param_shapes(cfg)}
   state = jax.eval_shape(lambda p: loop.TrainState(

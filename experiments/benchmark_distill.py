@@ -46,7 +46,7 @@ def student_config(teacher: FluxConfig) -> tuple[FluxConfig, str]:
   """
   n_d, n_s = teacher.depth, teacher.depth_single_blocks
   mlp = int(teacher.hidden_size * teacher.mlp_ratio) // 2
-  sched = tuple(sampling.get_schedule(4, _GRID[0] * _GRID[1], shift=False))[:-1]
+  sched = tuple(sampling.schedule_for(teacher, 4, _GRID[0] * _GRID[1]))[:-1]
   cfg = teacher.replace(
       double_heads=(teacher.num_heads // 2,) * n_d,
       single_heads=(teacher.num_heads // 2,) * n_s,
@@ -73,7 +73,7 @@ def main(argv):
   state = jax.jit(lambda p: loop.TrainState(
       step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p),
       rng=jax.random.PRNGKey(0)), out_shardings=state_sh)(params)
-  schedule = tuple(sampling.get_schedule(4, _GRID[0] * _GRID[1], shift=False))
+  schedule = tuple(sampling.schedule_for(teacher, 4, _GRID[0] * _GRID[1]))
   spec = trainer.DistillSpec(student=student, teacher=teacher,
                              schedule=schedule, grid=_GRID,
                              weights=(('output_kd', 1.0),))

@@ -195,7 +195,7 @@ def main(argv):
     def image():
       txt = m_t5(input_ids=ids)['t5_embeds']
       y = lat
-      ts = np.linspace(1, 0, 5, dtype=np.float32)
+      ts = np.asarray(nf.sampling.schedule_for(cfg, 4, g * g), np.float32)
       for i in range(4):
         v = models['int8'](img=y, txt=txt, step=np.array([i], np.int32))
         y = y + (ts[i + 1] - ts[i]) * v['velocity']

@@ -36,6 +36,7 @@ from absl import flags
 import numpy as np
 
 import nanoflux_jax as nf
+from nanoflux_jax.call_args import DEFAULT_GUIDANCE
 from nanoflux_jax.compress import count_params
 from nanoflux_jax.export import components, streaming, student, tflite
 from nanoflux_jax.models import flux
@@ -131,7 +132,7 @@ def main(argv):
     inputs['timesteps'] = np.asarray([0.75], np.float32)
     inputs['y'] = rng.standard_normal((1, cfg.vec_in_dim), np.float32)
     if cfg.guidance_embed:
-      inputs['guidance'] = np.asarray([3.5], np.float32)
+      inputs['guidance'] = np.asarray([DEFAULT_GUIDANCE], np.float32)
 
   out = os.path.join(_OUT.value, f'{_PRESET.value}_{quantize}')
   shutil.rmtree(out, ignore_errors=True)

@@ -15,7 +15,8 @@ without the file (e.g. a diffusers FLUX folder) keeps `CallDefaults()`,
 diffusers' FLUX.1 defaults. It plays the part of transformers'
 `generation_config.json`: diffusers ignores the extra file, so a
 diffusers-layout folder may carry it too. `guidance` null means the model's
-default (3.5 for guidance-distilled models, unused otherwise).
+default (DEFAULT_GUIDANCE, 3.5, for guidance-distilled models, unused
+otherwise).
 """
 from __future__ import annotations
 
@@ -33,6 +34,9 @@ from nanoflux_jax import jsonfile
 from nanoflux_jax.errors import CheckpointError
 
 CALL_DEFAULTS_FILE = 'call_defaults.json'
+# The guidance scale a guidance-distilled (dev-like) model gets when none is
+# given: diffusers' FluxPipeline guidance_scale. The library's one copy.
+DEFAULT_GUIDANCE = 3.5
 
 
 # ---------------------------------------------------------------------------
@@ -120,7 +124,7 @@ class CallDefaults:
   """What `pipe(prompts)` uses for the arguments it is not given.
 
   The defaults are diffusers' for FLUX.1-schnell: 512 x 512, 4 steps, 256 T5
-  tokens; guidance None: 3.5 for guidance-distilled models.
+  tokens; guidance None: DEFAULT_GUIDANCE for guidance-distilled models.
   """
   height: int = 512
   width: int = 512

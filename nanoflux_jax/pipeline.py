@@ -27,6 +27,7 @@ from nanoflux_jax import checkpoint
 from nanoflux_jax import pipeline_checks
 from nanoflux_jax import sampling
 from nanoflux_jax.call_args import CallDefaults
+from nanoflux_jax.call_args import DEFAULT_GUIDANCE
 from nanoflux_jax.call_args import check_int
 from nanoflux_jax.call_args import check_prompts
 from nanoflux_jax.configs import ClipConfig, FluxConfig, T5Config, VAEConfig
@@ -43,7 +44,6 @@ PIPELINE_FILE = 'nanoflux_pipeline.json'
 _COMPONENTS = ('transformer', 'text_encoder', 'text_encoder_2', 'vae')
 _TOKENIZERS = ('tokenizer', 'tokenizer_2')
 CLIP_MAX_LENGTH = 77
-DEFAULT_GUIDANCE = 3.5  # diffusers' default guidance_scale for FLUX.1-dev.
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -406,7 +406,8 @@ class FluxPipeline:
       seed: noise seed (ignored when `latents` is given); None means 0.
       latents: initial noise, packed [B, (H/16)(W/16), 64] as diffusers';
         every value finite.
-      guidance: guidance scale for guidance-distilled models (default 3.5).
+      guidance: guidance scale for guidance-distilled models (default
+        DEFAULT_GUIDANCE, 3.5).
       max_sequence_length: T5 tokens.
       output_type: 'np' -> uint8 [B, H, W, 3]; 'latent' -> final packed
         latents [B, (H/16)(W/16), 64] float32.

@@ -177,14 +177,15 @@ def test_origin_feature_pairs_follow_depth_and_skip_coarse_blocks():
   the trainer itself refuses the name."""
   from nanoflux_jax.configs import FluxConfig  # pylint: disable=g-import-not-at-top
   from nanoflux_jax.ladder import rungs  # pylint: disable=g-import-not-at-top
+  from nanoflux_jax.ladder.stage import Stage  # pylint: disable=g-import-not-at-top
   from nanoflux_jax.distill import trainer  # pylint: disable=g-import-not-at-top
-  ctx = rungs.Context(None, None, (4, 4), (1.0, 0.0), '')
   cfg = FluxConfig.tiny(depth=1, depth_single_blocks=3)
-  assert rungs.origin_pairs(ctx, cfg) == ((0, 0), (1, 1), (2, 2), (3, 3))
-  ctx.teacher_blocks = (0, 2, 3, 5)
-  assert rungs.origin_pairs(ctx, cfg) == ((0, 0), (1, 2), (2, 3), (3, 5))
+  stage = Stage(cfg, num_steps=4, grid=(4, 4))
+  assert rungs.origin_pairs(stage, cfg) == ((0, 0), (1, 1), (2, 2), (3, 3))
+  stage = stage.__class__(cfg, 4, (4, 4), teacher_blocks=(0, 2, 3, 5))
+  assert rungs.origin_pairs(stage, cfg) == ((0, 0), (1, 2), (2, 3), (3, 5))
   coarse = cfg.replace(downsample_start=0, downsample_end=2)
-  assert rungs.origin_pairs(ctx, coarse) == ((3, 5),)
+  assert rungs.origin_pairs(stage, coarse) == ((3, 5),)
   with pytest.raises(ValueError, match="feature_pairs='origin'"):
     trainer.feature_pairs('origin', cfg, cfg)
 

@@ -15,9 +15,9 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from nanoflux_jax import parallel
+from nanoflux_jax import sampling
 from nanoflux_jax.compress import counting
 from nanoflux_jax.configs import FluxConfig
 from nanoflux_jax.models import flux as flux_model
@@ -127,7 +127,9 @@ def to_static_modulation(cfg: FluxConfig, params: dict,
 
 def removed_params(cfg: FluxConfig, num_steps: int = 4) -> int:
   """Parameters static modulation removes from `cfg` (net of the tables)."""
+  # A count depends on the tables' row count only, not on the resolution
+  # the schedule is shifted for.
+  rows = sampling.schedule_for(cfg, num_steps, image_seq_len=1024)[:-1]
   static = cfg.replace(modulation='static', guidance_embed=False,
-                       static_timesteps=tuple(np.linspace(1, 0, num_steps + 1)
-                                              [:-1]))
+                       static_timesteps=tuple(rows))
   return counting.count_params(cfg) - counting.count_params(static)

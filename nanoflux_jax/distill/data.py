@@ -27,6 +27,7 @@ import numpy as np
 from nanoflux_jax import parallel
 from nanoflux_jax import pipeline as pipeline_lib
 from nanoflux_jax import sampling
+from nanoflux_jax.call_args import DEFAULT_GUIDANCE
 from nanoflux_jax.configs import FluxConfig
 from nanoflux_jax.shapes import world as shapes
 BUILTIN_PROMPTS = (
@@ -180,14 +181,16 @@ def teacher_trajectory(cfg: FluxConfig, params, noise, txt, y,
     txt, y: prompt embeddings.
     schedule: n + 1 timesteps from 1 to 0.
     guidance: the guidance scale, for a teacher with a guidance embedder
-      (None there means 3.5, FluxPipeline's default); ignored otherwise.
+      (None there means DEFAULT_GUIDANCE, FluxPipeline's default); ignored
+      otherwise.
   Returns:
     (xs [B, n, L, C] state at schedule[k], vs [B, n, L, C] teacher velocity
     there, x_final [B, L, C] the sample at schedule[-1]), float32.
   """
   g = None
   if cfg.guidance_embed:
-    g = jnp.full((noise.shape[0],), 3.5 if guidance is None else guidance,
+    g = jnp.full((noise.shape[0],),
+                 DEFAULT_GUIDANCE if guidance is None else guidance,
                  jnp.float32)
   return sampling.trajectory(cfg, params, noise, txt, y, jnp.asarray(
       schedule, jnp.float32), g, img_grid=tuple(grid))

@@ -51,6 +51,7 @@ import numpy as np
 
 from nanoflux_jax import parallel
 from nanoflux_jax import sampling
+from nanoflux_jax.call_args import DEFAULT_GUIDANCE
 from nanoflux_jax.compress import student_t5 as te_student
 from nanoflux_jax.configs import FluxConfig, T5Config
 from nanoflux_jax.distill import data as data_lib
@@ -67,7 +68,6 @@ from nanoflux_jax.pipeline import FluxPipeline
 
 Array = jax.Array
 STUDENT_DIR = 'student_text_encoder'
-DEFAULT_GUIDANCE = 3.5  # diffusers' FLUX.1-dev default; unused for schnell.
 
 
 # ---------------------------------------------------------------------------

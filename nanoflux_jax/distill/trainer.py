@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import numbers
 import os
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -54,6 +55,8 @@ def check_config(c: ml_collections.ConfigDict) -> None:
     raise ValueError('no config given (pass --config=<file>)')
   loop.check_loop_config(c)
   config_checks.check_int(c, 'num_sampling_steps', 1)
+  if c.get('teacher_num_sampling_steps') is not None:
+    config_checks.check_int(c, 'teacher_num_sampling_steps', 1)
   config_checks.check_int(c, 'data.txt_len', 1)
   grid = config_checks.config_field(c, 'data.grid')
   if not (isinstance(grid, (tuple, list)) and len(grid) == 2 and all(
@@ -75,7 +78,7 @@ class DistillSpec:
   """Everything static the Flux loss needs (hashable)."""
   student: FluxConfig            # with the compute dtype.
   teacher: FluxConfig | None     # None: from-scratch rectified flow.
-  schedule: tuple[float, ...]
+  schedule: tuple[float, ...]    # the student's sampling schedule, 1 -> 0.
   grid: tuple[int, int]
   weights: tuple[tuple[str, float], ...]
   pairs: tuple[tuple[int, int], ...] = ()
@@ -86,6 +89,12 @@ class DistillSpec:
   # Guidance scale fed to every model with a guidance embedder (FLUX.1-dev
   # style), teacher and student alike; ignored by the others.
   guidance: float = DEFAULT_GUIDANCE
+  # The teacher's sampling schedule (its trajectories); None: `schedule`.
+  teacher_schedule: tuple[float, ...] | None = None
+
+  @property
+  def trajectory_schedule(self) -> tuple[float, ...]:
+    return self.teacher_schedule or self.schedule
 
 
 def distill_loss(params, frozen, batch, rng, *, spec: DistillSpec):
@@ -188,14 +197,21 @@ def feature_pairs(spec, student: FluxConfig, teacher: FluxConfig | None
 def distill_spec(c: ml_collections.ConfigDict, s_cfg: FluxConfig,
                  t_cfg: FluxConfig | None) -> 'DistillSpec':
   """The loss's static settings from the config: compute dtype, the fixed
-  sampling schedule over c.data.grid, loss weights, feature pairs,
+  sampling schedules over c.data.grid (the student's, and the teacher's
+  when c.teacher_num_sampling_steps differs), loss weights, feature pairs,
   timestep sampling and guidance."""
   grid = tuple(c.data.grid)
+  length = grid[0] * grid[1]
+  t_steps = c.get('teacher_num_sampling_steps')
+  t_sched = None
+  if t_cfg is not None and t_steps and t_steps != c.num_sampling_steps:
+    t_sched = tuple(sampling.schedule_for(t_cfg, t_steps, length))
   return DistillSpec(
       student=s_cfg.replace(dtype=c.compute_dtype),
       teacher=None if t_cfg is None else t_cfg.replace(dtype=c.compute_dtype),
-      schedule=tuple(sampling.get_schedule(c.num_sampling_steps,
-                                           grid[0] * grid[1], shift=False)),
+      schedule=tuple(sampling.schedule_for(s_cfg, c.num_sampling_steps,
+                                           length)),
+      teacher_schedule=t_sched,
       grid=grid, weights=tuple(sorted(dict(c.loss.weights).items())),
       pairs=feature_pairs(c.loss.feature_pairs, s_cfg, t_cfg),
       t_mode=c.timesteps.mode, logit_mean=c.timesteps.logit_mean,
@@ -204,10 +220,13 @@ def distill_spec(c: ml_collections.ConfigDict, s_cfg: FluxConfig,
       guidance=float(c.get('guidance') or DEFAULT_GUIDANCE))
 
 
+LossFn = Callable[..., tuple[jax.Array, dict]]
+
+
 @workdir_lock.holding('trainer')  # One run per workdir.
 def train(c: ml_collections.ConfigDict, workdir: str, *, teacher=None,
           student=None, data=None, embed_fn=None, latents_fn=None,
-          sample_fn=None, mesh=None):
+          sample_fn=None, mesh=None, loss: LossFn | None = None):
   """Distils `student` from `teacher` (or trains it from scratch) in workdir.
 
   Args:
@@ -224,6 +243,11 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, teacher=None,
       for the rectified-flow term on real data (loss.weights.rf > 0).
     sample_fn: (step, params) -> uint8 images, for the sample-grid hook.
     mesh: default parallel.create_mesh(c.mesh).
+    loss: fn(params, frozen, batch, rng, *, spec: DistillSpec) -> (loss,
+      metrics), pure and jittable; default `distill_loss`. params has
+      'student' (and 'proj' with feature KD across widths), frozen
+      'teacher'; batch the data's arrays (with the teacher's cached
+      trajectory on spec.trajectory_schedule, when cached).
   Returns:
     (final TrainState, history of logged metrics).
   Raises:
@@ -263,7 +287,13 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, teacher=None,
     s_params = sharding.init_flux(s_cfg, mesh, jax.random.PRNGKey(c.seed),
                                   rules)[0]
   spec = distill_spec(c, s_cfg, t_cfg)
-  grid, schedule, pairs = spec.grid, spec.schedule, spec.pairs
+  if loss is None and spec.teacher_schedule is not None:
+    raise ValueError(
+        f'config.teacher_num_sampling_steps={c.teacher_num_sampling_steps} '
+        f'differs from num_sampling_steps={c.num_sampling_steps}: the '
+        'default distillation loss matches the teacher step for step; pass '
+        'a loss that maps the two schedules (e.g. the step_distill rung)')
+  grid, schedule, pairs = spec.grid, spec.trajectory_schedule, spec.pairs
   params, sh = {'student': s_params}, {'student': s_sh}
   if t_cfg is not None and pairs and t_cfg.hidden_size != s_cfg.hidden_size:
     proj = losses.FeatureProjection(pairs, s_cfg.hidden_size,
@@ -287,7 +317,7 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, teacher=None,
   frozen = {} if t_cfg is None else {'teacher': t_params}
   frozen_sh = {} if t_cfg is None else {'teacher': t_sh}
   state, history = loop.fit(
-      c, workdir, loss_fn=functools.partial(distill_loss, spec=spec),
+      c, workdir, loss_fn=functools.partial(loss or distill_loss, spec=spec),
       params=params, param_sh=sh, frozen=frozen, frozen_sh=frozen_sh,
       data=data, mesh=mesh, sample_fn=sample_fn,
       tokens_per_example=grid[0] * grid[1] + c.data.txt_len)
@@ -308,6 +338,8 @@ def default_config() -> ml_collections.ConfigDict:
   loop.add_loop_defaults(c)
   c.remat = False
   c.num_sampling_steps = 4         # the fixed schedule (schnell: 4, no shift).
+  c.teacher_num_sampling_steps = None  # the teacher's, if other (a custom
+                                   # loss maps the two; see `train`).
   c.guidance = None                # models with a guidance embedder (dev):
                                    # the scale both see; None: 3.5.
   # feature_pairs: ((student block, teacher block), ...) or 'identity'.

@@ -38,7 +38,6 @@ FORMAT = 'nanoflux-tflite'
 VERSION = 1
 DEFAULT_CHUNK_BYTES = 1 << 30  # ~1 GB per denoiser file.
 CLIP_LENGTH = 77
-DEFAULT_GUIDANCE = 3.5
 PACKING = ('latents [1, C, 2*gh, 2*gw] -> packed [1, gh*gw, 4*C]: '
            "'b c (h ph) (w pw) -> b (h w) (c ph pw)', ph = pw = 2")
 
@@ -166,7 +165,7 @@ def export_pipeline(pipe, out_dir: str, height: int | None = None,
   num_steps = d.num_steps if num_steps is None else num_steps
   if max_sequence_length is None:
     max_sequence_length = d.max_sequence_length
-  guidance = DEFAULT_GUIDANCE if d.guidance is None else d.guidance
+  guidance = call_args.DEFAULT_GUIDANCE if d.guidance is None else d.guidance
   f = 2 * vae_cfg.downsample_factor
   check_export_args(out_dir, height, width, num_steps=num_steps,
                     max_sequence_length=max_sequence_length,

@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from nanoflux_jax import compress
+from nanoflux_jax import sampling
+from nanoflux_jax.call_args import DEFAULT_GUIDANCE
 from nanoflux_jax.configs import FluxConfig
 from nanoflux_jax.models import flux as flux_lib
 
@@ -31,7 +33,10 @@ class Recipe:
   kept does not matter for shapes: the first ones). keep_double /
   keep_single: blocks kept (the first ones of each kind). downsample:
   (start, end) global block indices of the down-sampled range, negative
-  end counted from the last block. num_steps: static-modulation rows.
+  end counted from the last block. num_steps: static-modulation rows, the
+  sampling schedule's for `image_seq_len` packed tokens (1024: 512 x 512
+  px; it matters only for a guidance-distilled base, whose schedule is
+  shifted by resolution).
   """
   keep_heads: float = 0.5
   keep_mlp: float = 0.3125
@@ -39,6 +44,7 @@ class Recipe:
   keep_single: int = 27
   downsample: tuple[int, int] | None = (4, -5)
   num_steps: int = 4
+  image_seq_len: int = 1024
 
 
 NANOFLUX = Recipe()
@@ -88,13 +94,15 @@ def compressed_shapes(cfg: FluxConfig, recipe: Recipe
       single_blocks=blocks(cfg.depth_single_blocks, recipe.keep_single))
   cfg, shapes = run(lambda p: compress.prune(cfg, p, mask), shapes)
   if cfg.modulation == 'adaln':
-    ts = tuple(float(t) for t in np.linspace(1, 0, recipe.num_steps + 1)[:-1])
+    ts = tuple(sampling.schedule_for(cfg, recipe.num_steps,
+                                     recipe.image_seq_len)[:-1])
     pooled = jax.ShapeDtypeStruct((2, cfg.vec_in_dim), jnp.float32)
     box2 = {}
 
     def static(p, y):
       box2['cfg'], out = compress.to_static_modulation(
-          cfg, p, ts, y, guidance=3.5 if cfg.guidance_embed else None)
+          cfg, p, ts, y,
+          guidance=DEFAULT_GUIDANCE if cfg.guidance_embed else None)
       return out
     shapes = jax.eval_shape(static, shapes, pooled)
     cfg = box2['cfg']

@@ -40,7 +40,6 @@ import ml_collections
 from nanoflux_jax import atomic
 from nanoflux_jax.distill import loop
 from nanoflux_jax.ladder import rungs as rungs_lib
-from nanoflux_jax.distill import t5_distill as text_encoder
 SETTINGS_FILE = 'settings.json'
 # Cache of the teacher files' hashes, keyed by their sizes and mtimes.
 HASH_CACHE_FILE = 'teacher_hash.json'
@@ -199,12 +198,7 @@ def base_distill(config: ml_collections.ConfigDict, kind: str
                  ) -> ml_collections.ConfigDict | None:
   """The config a rung's `distill` overrides apply to; None for kinds that
   train nothing (their overrides are recorded as given)."""
-  spec = rungs_lib.RUNG_KINDS[kind]
-  if spec.distills_denoiser:
-    return ml_collections.ConfigDict(config.distill.to_dict())
-  if kind == 'text_encoder':  # Trains through text_encoder.train_text_encoder.
-    return text_encoder.default_config()
-  return None
+  return rungs_lib.RUNG_KINDS[kind].base_distill(config)
 
 
 def effective_distill(config: ml_collections.ConfigDict, rung: Mapping

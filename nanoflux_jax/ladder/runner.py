@@ -3,26 +3,26 @@
 `run_ladder(config, workdir)` walks `config.rungs` in order. Each rung is a
 dict with a `kind` from `RUNG_KINDS` (see rungs.py: prune, depth,
 static_modulation, downsample, finetune, text_encoder, export; extend with
-`rungs.register_rung`), that kind's options, `distill`: overrides of
+`rungs.register_rung`; kinds.py lists the built-in ones), that kind's options, `distill`: overrides of
 `config.distill` (a `trainer.default_config()`) for the distillation that
 follows the compression, and `ablation` (default False). The student of
-rung i is distilled from the ORIGINAL teacher in workdir/rung_{i}_{kind} and
-becomes the input of rung i + 1, unless rung i is an ablation: then it is
-only reported, against the main rung it stands in for.
+rung i is distilled from the ORIGINAL teacher in workdir/rung_{i}_{kind}, and
+the stage it ends with (stage.py: its DiT, lineage, text encoder and
+sampling steps) is the input of rung i + 1, unless rung i is an ablation:
+then it is only reported, against the main rung it stands in for.
 
 Layout of workdir:
   teacher.json                 the teacher's report row (computed once)
   rung_{i}_{kind}/
-    student_config.json        the compressed config (written before training)
-    lineage.json               the teacher block each student block descends
-                               from; sample PSNR right after compressing
+    compressed.json            the stage right after compressing (written
+                               before training) and its sample PSNR then
     checkpoints/               the trainer's orbax CheckpointManager
     metrics.jsonl              one line per logged training step
     student/                   final student (nanoflux_jax.checkpoint)
     settings.json              the effective settings it trains with
                                (provenance.py), written before any work
+    stage.json                 the stage the rung ends with
     done.json                  marker: the rung's options and report row
-                               (and a text_encoder rung's student T5)
   samples/{teacher,rung_i_kind}.png   same prompts and noise (decoded with
                                the teacher pipeline's VAE, else latent
                                previews)
@@ -39,9 +39,10 @@ and its .tflite files (workdir/tflite/{fp32,int8}), and
 config.evaluate scores every rung after the last one (ladder_eval.py:
 {rung dir}/eval.json, samples/eval_*.png, report sections).
 
-Resume: a rung with done.json is loaded from its student/ and skipped; an
+Resume: a rung with done.json is skipped and its stage.json restored; an
 unfinished rung restarts its compression only if the trainer had not saved a
-checkpoint yet, and otherwise resumes inside `trainer.train` at the saved step.
+checkpoint yet, and otherwise resumes inside `trainer.train` at the saved step
+from compressed.json.
 Either way its settings.json must match what the config now gives (options,
 effective distillation config, the teacher's identity), else the run stops
 naming each difference; config.accept_changed_settings=True goes on and
@@ -50,6 +51,7 @@ The whole config is validated before the teacher is even loaded.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -70,15 +72,16 @@ from nanoflux_jax.compress import layout
 from nanoflux_jax import images
 from nanoflux_jax import parallel
 from nanoflux_jax import sampling
-from nanoflux_jax.configs import FluxConfig
 from nanoflux_jax.ladder import clip_eval
 from nanoflux_jax.distill import data as data_lib
 from nanoflux_jax.shapes import evaluation as ladder_eval
 from nanoflux_jax.distill import loop
 from nanoflux_jax.ladder import provenance
 from nanoflux_jax.ladder import rungs as rungs_lib
+from nanoflux_jax.ladder import stage as stage_lib
 from nanoflux_jax.distill import workdir_lock
 from nanoflux_jax.ladder.rungs import Context, RUNG_KINDS, RungKind, Student
+from nanoflux_jax.ladder.stage import Stage
 from nanoflux_jax.evaluate import metrics
 from nanoflux_jax.models import flux as flux_lib
 from nanoflux_jax.models import sharding
@@ -130,9 +133,9 @@ def check_config(config: ml_collections.ConfigDict) -> list[dict]:
                        f"{r['ablation']!r}")
     opts = {**spec.defaults, 'ablation': False, **r,
             'distill': dict(r.get('distill') or {})}
-    if spec.distills_denoiser:  # trainer.train options must exist.
-      rungs_lib.override(ml_collections.ConfigDict(config.distill.to_dict()),
-                opts['distill'], f'{where}.distill')
+    base = spec.base_distill(config)
+    if base is not None:  # The overrides must name existing options.
+      rungs_lib.override(base, opts['distill'], f'{where}.distill')
     if spec.check is not None:
       spec.check(config, opts, where)
     rungs.append(opts)
@@ -160,7 +163,7 @@ def _forward_ms(ctx: Context, student: Student, repeats: int) -> float:
   return statistics.median(times[1:])
 
 
-def _sample(ctx: Context, student: Student) -> np.ndarray:
+def _sample(ctx: Context, stage: Stage, student: Student) -> np.ndarray:
   """Final latents [N, L, C] for the fixed sample prompts and noise."""
   cfg, params = student
   s = ctx.config.samples
@@ -173,7 +176,7 @@ def _sample(ctx: Context, student: Student) -> np.ndarray:
   out = sampling.denoise(
       cfg, params, jnp.asarray(noise), sampling.image_ids(n, h, w),
       jnp.asarray(emb['txt']), sampling.text_ids(n, emb['txt'].shape[1]),
-      jnp.asarray(emb['y']), jnp.asarray(ctx.schedule, jnp.float32),
+      jnp.asarray(emb['y']), jnp.asarray(stage.schedule, jnp.float32),
       img_grid=rungs_lib.img_grid(cfg, ctx.grid))
   return np.asarray(out)
 
@@ -216,13 +219,14 @@ def _teacher_latents_file(workdir: str) -> str:
   return os.path.join(workdir, 'samples', 'teacher_latents.npy')
 
 
-def _measure(ctx: Context, student: Student, name: str, workdir: str,
-             reference: np.ndarray | None) -> tuple[dict, np.ndarray]:
+def _measure(ctx: Context, stage: Stage, student: Student, name: str,
+             workdir: str, reference: np.ndarray | None
+             ) -> tuple[dict, np.ndarray]:
   """(report row, sample latents); writes samples/{name}.png."""
   cfg, _ = student
   h, w = ctx.grid
   t = ctx.config.distill.data.txt_len
-  latents = _sample(ctx, student)
+  latents = _sample(ctx, stage, student)
   png = os.path.join('samples', f'{name}.png')
   if jax.process_index() == 0:
     images.save_grid(_sample_images(ctx, latents), os.path.join(workdir, png))
@@ -298,48 +302,44 @@ def _write_report(workdir: str, report: dict) -> None:
 # ---------------------------------------------------------------------------
 # The ladder.
 # ---------------------------------------------------------------------------
-def _compressed(ctx: Context, kind: RungKind, rung: dict,
-                student: Callable[[], Student]) -> Student:
-  """The rung's compressed student, or only its config when resuming.
+def _compressed(ctx: Context, kind: RungKind, rung: dict, stage: Stage,
+                student: Callable[[], Student]) -> tuple[Student, Stage]:
+  """The rung's compressed student and stage; only the config when resuming.
 
-  Also writes rung_dir/lineage.json: the teacher block each student block
-  descends from, and the PSNR of the new student's samples before any
-  distillation (how much the compression alone lost).
+  Also writes rung_dir/compressed.json: the stage (with the teacher block
+  each student block descends from) and the PSNR of the new student's
+  samples before any distillation (how much the compression alone lost).
   """
   rung_dir = ctx.rung_dir
-  cfg_file = os.path.join(rung_dir, 'student_config.json')
-  if (kind.distills_denoiser and os.path.isfile(cfg_file) and
+  path = os.path.join(rung_dir, stage_lib.COMPRESSED_FILE)
+  saved = stage_lib.load(path, ctx.workdir)
+  if (kind.trains_denoiser and saved is not None and
       loop.latest_step(rung_dir) is not None):
     # trainer.train restores the values and needs only the config; this
     # also skips re-running the sensitivity analysis.
     logging.info('ladder: %s resumes from its trainer checkpoint', rung_dir)
-    _read_lineage(ctx, rung_dir)
-    with open(cfg_file) as f:
-      return FluxConfig.from_json(f.read()), None
+    return (saved[0].dit_config, None), saved[0]
   logging.info('ladder: %s: compressing (%s)', rung_dir, kind.name)
+  stages = []
+
+  def transform(s: Student) -> Student:
+    out, new = kind.compress(ctx, stage, s, rung)
+    stages.append(new)
+    return out
   # Transforms see unrolled blocks; a scanned student is re-scanned after.
-  out = layout.compress_unrolled(lambda s: kind.compress(ctx, s, rung),
-                                 student(), ctx.mesh)
-  psnr = (_sample_psnr(ctx, _sample(ctx, out)) if kind.distills_denoiser
-          else None)
-  _write_atomic(os.path.join(rung_dir, 'lineage.json'), json.dumps(dict(
-      teacher_blocks=ctx.teacher_blocks, sample_psnr_init=psnr)))
-  _write_atomic(cfg_file, out[0].to_json())
-  return out
+  out = layout.compress_unrolled(transform, student(), ctx.mesh)
+  new = dataclasses.replace(stages[0], dit_config=out[0])
+  psnr = None
+  if kind.trains_denoiser:  # Its values will be trained into rung_dir/student.
+    new = dataclasses.replace(new, dit=os.path.join(rung_dir, 'student'))
+    psnr = _sample_psnr(ctx, _sample(ctx, new, out))
+  if jax.process_index() == 0:
+    stage_lib.save(path, new, ctx.workdir, sample_psnr_init=psnr)
+  return out, new
 
 
 def _rung_dir(workdir: str, i: int, rung: dict) -> str:
   return os.path.join(workdir, f"rung_{i}_{rung['kind']}")
-
-
-def _read_lineage(ctx: Context, rung_dir: str) -> dict:
-  """rung_dir/lineage.json ({} before the rung compressed); sets
-  ctx.teacher_blocks from it."""
-  lineage = _read_json(os.path.join(rung_dir, 'lineage.json')) or {}
-  if 'teacher_blocks' in lineage:
-    blocks = lineage['teacher_blocks']
-    ctx.teacher_blocks = None if blocks is None else tuple(blocks)
-  return lineage
 
 
 def run_ladder(config: ml_collections.ConfigDict, workdir: str, *,
@@ -380,8 +380,7 @@ def _run_ladder(config: ml_collections.ConfigDict, workdir: str,
                 config.to_json_best_effort(indent=2, sort_keys=True))
   dc = config.distill
   grid = tuple(dc.data.grid)
-  ctx = Context(config, mesh, grid, tuple(sampling.get_schedule(
-      dc.num_sampling_steps, grid[0] * grid[1], shift=False)), workdir)
+  ctx = Context(config, mesh, grid, workdir)
   report = dict(setup=dict(img_len=grid[0] * grid[1], txt_len=dc.data.txt_len,
                            device=jax.devices()[0].device_kind,
                            repeats=config.timing.repeats),
@@ -389,20 +388,33 @@ def _run_ladder(config: ml_collections.ConfigDict, workdir: str,
                 rungs=[], complete=False)
   ref_file = _teacher_latents_file(workdir)
   if report['teacher'] is None or not os.path.isfile(ref_file):
-    row, ref = _measure(ctx, ctx.teacher, 'teacher', workdir, None)
+    row, ref = _measure(ctx, ctx.teacher_stage, ctx.teacher, 'teacher',
+                        workdir, None)
     report['teacher'] = dict(row, kind='-')
     if jax.process_index() == 0:
       atomic.write_file(ref_file, lambda f: np.save(f, ref), 'wb')
     _write_atomic(os.path.join(workdir, 'teacher.json'),
                   json.dumps(report['teacher'], indent=2))
 
-  # Students are loaded lazily: a finished rung is only read back when the
-  # next rung needs its student, so a finished ladder reruns in seconds.
-  load = lambda path: checkpoint.load(
-      path, shardings=sharding.loading_shardings(mesh))
-  student = lambda: ctx.teacher
-  # What each report row measures: its DiT, its T5 and, for exports, files.
-  stages = [dict(row=report['teacher'], dit=student, text_encoder=None,
+  # A stage's DiT is loaded lazily and kept while it is the newest one: a
+  # finished rung is only read back when the next rung needs its student,
+  # so a finished ladder reruns in seconds.
+  loaded = {}
+
+  def dit(st: Stage) -> Student:
+    if st.dit is None:
+      return ctx.teacher
+    if st.dit not in loaded:
+      loaded.clear()
+      loaded[st.dit] = checkpoint.load(
+          st.dit, shardings=sharding.loading_shardings(mesh))
+    return loaded[st.dit]
+
+  current = None  # The main line's stage; None: the teacher's (built on
+  # first use: a resumed ladder may never need to load the teacher).
+  # What each report row measures: its stage and, for exports, files.
+  stages = [dict(row=report['teacher'], dit=lambda: ctx.teacher,
+                 text_encoder=None, stage=None,
                  dir=os.path.join(workdir, 'teacher'))]
   for i, rung in enumerate(rungs):
     kind = RUNG_KINDS[rung['kind']]
@@ -411,46 +423,48 @@ def _run_ladder(config: ml_collections.ConfigDict, workdir: str,
     done = _read_json(os.path.join(rung_dir, 'done.json'))
     settings = provenance.check_rung(config, workdir, rung_dir, rung,
                                      teacher_id, done, write=True)
-    before = ctx.teacher_blocks  # An ablation's student is not passed on.
-    # This rung's denoiser and T5; text_encoder and export keep the DiT.
-    rung_student, te = student, ctx.text_encoder
+    stage_file = os.path.join(rung_dir, stage_lib.STAGE_FILE)
     if done is not None:
       logging.info('ladder: %s already done; skipping', name)
       row = done['row']
-      _read_lineage(ctx, rung_dir)
-      out_dir = os.path.join(rung_dir, 'student')
-      if checkpoint.is_checkpoint(out_dir):  # The rung's own denoiser.
-        rung_student = functools.partial(load, out_dir)
-      if done.get('text_encoder'):
-        te = os.path.join(rung_dir, done['text_encoder'])
+      saved = stage_lib.load(stage_file, workdir)
+      if saved is None:
+        raise FileNotFoundError(f'{rung_dir}: done.json without '
+                                f'{stage_lib.STAGE_FILE}; rerun this rung '
+                                '(remove its done.json)')
+      new = saved[0]
     else:
-      result = kind.run(ctx, _compressed(ctx, kind, rung, student), rung)
+      before = current or ctx.teacher_stage
+      student, compressed = _compressed(
+          ctx, kind, rung, before, functools.partial(dit, before))
+      result = kind.run(ctx, compressed, student, rung)
       if not result.finished:
         logging.info('ladder: %s stopped early (distill.stop_after); rerun '
                      'to resume', name)
         _write_report(workdir, report)
         return report
+      new = result.stage or compressed
       if result.student is not None:
-        rung_student = lambda current=result.student: current
-      te = result.text_encoder or te
-      row, _ = _measure(ctx, rung_student(), name, workdir, np.load(ref_file))
+        loaded.clear()
+        loaded[new.dit] = result.student
+      initial = stage_lib.load(os.path.join(
+          rung_dir, stage_lib.COMPRESSED_FILE), workdir)
+      row, _ = _measure(ctx, new, dit(new), name, workdir, np.load(ref_file))
       row.update(result.fields, kind=kind.name, ablation=rung['ablation'],
-                 sample_psnr_init=_read_lineage(ctx, rung_dir).get(
+                 sample_psnr_init=(initial or (None, {}))[1].get(
                      'sample_psnr_init'))
-      marker = dict(rung=provenance.marker_key(rung), row=row)
-      if result.text_encoder:
-        marker['text_encoder'] = os.path.relpath(result.text_encoder, rung_dir)
-      _write_atomic(os.path.join(rung_dir, 'done.json'),
-                    json.dumps(marker, indent=2))
+      if jax.process_index() == 0:
+        stage_lib.save(stage_file, new, workdir)
+      _write_atomic(os.path.join(rung_dir, 'done.json'), json.dumps(
+          dict(rung=provenance.marker_key(rung), row=row), indent=2))
       logging.info('ladder: %s done: %s', name, row)
     row = dict(row, settings=provenance.summary(settings, config))
     report['rungs'].append(row)
     _write_report(workdir, report)
-    if rung['ablation']:
-      ctx.teacher_blocks = before
-    else:
-      student, ctx.text_encoder = rung_student, te
-    stages.append(dict(row=row, dit=rung_student, text_encoder=te,
+    if not rung['ablation']:
+      current = new
+    stages.append(dict(row=row, dit=functools.partial(dit, new),
+                       text_encoder=new.text_encoder, stage=new,
                        dir=rung_dir, exports=row.get('exports')))
     if clip_eval.score_stages(ctx, stages, report):  # The teacher, then each.
       _write_report(workdir, report)

@@ -47,7 +47,8 @@ from nanoflux_jax.models import sharding
 from nanoflux_jax.models.clip import ClipTextModel
 from nanoflux_jax.models.t5 import T5Encoder
 from nanoflux_jax.models import vae as vae_lib
-from nanoflux_jax.pipeline import PIPELINE_FILE, FluxPipeline
+from nanoflux_jax.pipeline import FluxPipeline
+from nanoflux_jax.pipeline import is_pipeline
 from nanoflux_jax.testing import tiny_flux
 
 # Scenes the tokenizers are fitted on: enough to see every word many times.
@@ -242,10 +243,6 @@ def call_defaults(c: ml_collections.ConfigDict) -> CallDefaults:
                       max_sequence_length=c.txt_len)
 
 
-def _is_pipeline(path: str) -> bool:
-  return os.path.isfile(os.path.join(path, PIPELINE_FILE))
-
-
 def load_or_train(c: ml_collections.ConfigDict, directory: str, *,
                   mesh=None) -> FluxPipeline:
   """The trained teacher pipeline in directory/pipeline, trained if absent.
@@ -253,11 +250,11 @@ def load_or_train(c: ml_collections.ConfigDict, directory: str, *,
   An interrupted training resumes from directory/train's checkpoints.
   """
   final = os.path.join(directory, 'pipeline')
-  if _is_pipeline(final):
+  if is_pipeline(final):
     logging.info('shapes teacher: loading the cached %s', final)
     return FluxPipeline.load(final)
   init = os.path.join(directory, 'init')
-  if not _is_pipeline(init):
+  if not is_pipeline(init):
     with tempfile.TemporaryDirectory() as tmp:
       build_pipeline(c, tmp).save(init)
   pipe = FluxPipeline.load(init)

@@ -17,17 +17,20 @@ backend, or on a GPU with --backend=gpu.
    interpret mode off TPU, so its figure there is the kernel's tiles as XLA
    interprets them).
 
-3. the same train-step compile for the student after the ladder's prune
-   rung (`ladder_schnell.py`'s rung 0: half the heads, 75% of the MLP
-   channels in every block; its shapes from the rung's real transform on
-   abstract params, `memory_bytes.transform_shapes`), unrolled and scanned.
+3. the same train-step compile for the student after a rung of a ladder
+   config (--ladder_config, --rung; default `ladder_schnell.py`'s rung 0,
+   the prune rung: half the heads, 75% of the MLP channels in every block;
+   its shapes from the rung kind's own transform on abstract params,
+   `memory_plan.rung_shapes`), unrolled and scanned.
 
 Last line: one JSON object {"forward_unrolled_s", "forward_scanned_s",
-"train_unrolled_s", "train_scanned_s", "prune_train_unrolled_s",
-"prune_train_scanned_s"}.
+"train_unrolled_s", "train_scanned_s", "<kind>_train_unrolled_s",
+"<kind>_train_scanned_s"} (<kind>: the rung's kind, e.g. prune).
 """
 import functools
+import importlib.util
 import json
+import os
 import time
 
 from absl import app
@@ -39,6 +42,8 @@ from nanoflux_jax import sampling
 from nanoflux_jax.configs import FluxConfig
 from nanoflux_jax.distill import loop
 from nanoflux_jax.ladder import memory_bytes
+from nanoflux_jax.ladder import memory_plan
+from nanoflux_jax.ladder.stage import Stage
 from nanoflux_jax.distill import trainer
 from nanoflux_jax.models import flux
 from nanoflux_jax.models import layers
@@ -49,6 +54,33 @@ _BACKEND = flags.DEFINE_string('backend', 'cpu', 'jax backend to compile for.')
 _GRID = flags.DEFINE_integer('grid', 64, 'Image token grid side (64: 1024 px).')
 _TXT = flags.DEFINE_integer('txt_len', 512, 'Text tokens.')
 _MEMORY = flags.DEFINE_bool('memory', True, 'Measure attention memory.')
+_LADDER = flags.DEFINE_string(
+    'ladder_config', os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                  'configs', 'ladder_schnell.py'),
+    'Ladder config file whose rung --rung gives the student of step 3.')
+_RUNG = flags.DEFINE_integer('rung', 0, 'Index into the ladder\'s rungs; the '
+                             'rungs before it are applied first.')
+
+
+def _ladder_rungs(path: str) -> list:
+  """config.rungs of the ladder config file at path (its get_config())."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'--ladder_config {path!r} does not exist')
+  spec = importlib.util.spec_from_file_location('ladder_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return list(module.get_config().rungs)
+
+
+def rung_student(cfg: FluxConfig, rungs, index: int):
+  """(cfg, abstract params, kind) after rungs[0..index] on cfg (4 steps)."""
+  if not 0 <= index < len(rungs):
+    raise ValueError(f'--rung={index}: the ladder has {len(rungs)} rungs')
+  student = (cfg, memory_bytes.abstract_params(cfg, None))
+  stage = Stage(cfg, 4, (_GRID.value, _GRID.value))
+  for rung in rungs[:index + 1]:
+    student, stage = memory_plan.rung_shapes(rung, stage, student)
+  return student[0], student[1], rungs[index]['kind']
 
 
 def _abstract(tree, device):
@@ -143,18 +175,19 @@ def main(argv):
       out[f'{what}_{layout}_s'] = round(lower_s + compile_s, 2)
       print(f'{what:8s} {layout:9s} lower {lower_s:7.2f} s  compile '
             f'{compile_s:7.2f} s', flush=True)
-  # The student after the prune rung (scope='block': equal widths per
-  # block, so each kind is still one scanned run).
-  pruned, _ = memory_bytes.transform_shapes(
-      'prune', base, memory_bytes.abstract_params(base, None),
-      {'keep_heads': 0.5, 'keep_mlp': 0.75}, (1.0, 0.0), base.vec_in_dim)
-  print(f'prune rung student: heads {pruned.double_heads[0]}, MLP '
-        f'{pruned.double_mlp_img[0]} per block')
+  # The student after a ladder rung (the default, ladder_schnell's prune
+  # with scope='block': equal widths per block, so each kind is still one
+  # scanned run).
+  student, _, kind = rung_student(base, _ladder_rungs(_LADDER.value),
+                                  _RUNG.value)
+  print(f'rung {_RUNG.value} ({kind}) student: {student.num_blocks} blocks, '
+        f'heads {student.double_heads[0]}, MLP {student.double_mlp_img[0]} '
+        'per block')
   for layout in ('unrolled', 'scanned'):
-    cfg = pruned.replace(scan_blocks=layout == 'scanned')
+    cfg = student.replace(scan_blocks=layout == 'scanned')
     lower_s, compile_s, _ = train_compile(cfg, grid, txt, device)
-    out[f'prune_train_{layout}_s'] = round(lower_s + compile_s, 2)
-    print(f'prune train {layout:9s} lower {lower_s:7.2f} s  compile '
+    out[f'{kind}_train_{layout}_s'] = round(lower_s + compile_s, 2)
+    print(f'{kind} train {layout:9s} lower {lower_s:7.2f} s  compile '
           f'{compile_s:7.2f} s', flush=True)
   if _MEMORY.value:
     length = grid * grid + txt

@@ -9,14 +9,17 @@ The same random weights go into diffusers' FluxTransformer2DModel (torch,
 no_grad, eval) and, through a diffusers `save_pretrained` folder and
 `load_flux_transformer`, into ours (jax.jit). Prints the parity error, a
 timing table (ms after warm-up, runs interleaved so machine load hits
-both alike; min and median of the samples), our achieved GFLOP/s next to a
-plain jnp matmul's of the model's widest shape ([tokens, hidden] x [hidden,
-mlp]), a per-part breakdown, and as the last line one JSON object: its
-speed_ratio (diffusers ms / ours ms) and matmul_fraction (our GFLOP/s / the
-matmul's) come from the median times; the same figures from the minimum
-times (*_min) and from process CPU time per call (*_cpu_time) are there too.
-On a shared machine the median pays a typical wait, the minimum favours the
-short matmul and CPU time counts no waiting; on an idle one they agree.
+both alike; min and median of the samples), our achieved GFLOP/s next to
+two matmul references (experiments/matmul_reference.py): (1) a plain jnp
+matmul of the model's widest shape ([tokens, hidden] x [hidden, mlp]), the
+large-GEMM rate, and (2) the forward's own GEMMs back to back in one jit,
+the practical limit at this size; a per-part breakdown; and as the last line
+one JSON object: speed_ratio (diffusers ms / ours ms), matmul_fraction (our
+GFLOP/s / reference 1's) and matmul_fraction_same_gemms (/ reference 2's)
+from the median times; the same from the minimum times (*_min) and from
+process CPU time per call (*_cpu_time). On a shared machine the median pays
+a typical wait, the minimum favours short calls and CPU time counts no
+waiting; on an idle one they agree.
 
   python experiments/benchmark_dit.py [--size=shapes_teacher]
       [--grid=32 --txt_len=128 --batch=1 --repeats=7]
@@ -45,6 +48,9 @@ from nanoflux_jax import compress
 from nanoflux_jax.convert import flux as convert_flux
 from nanoflux_jax.models import flux, layers
 
+import matmul_reference  # experiments/matmul_reference.py, beside this binary.
+from matmul_reference import time_interleaved
+
 _SIZE = flags.DEFINE_enum('size', 'benchmark', ['benchmark', 'shapes_teacher'],
                           'Model config and default token counts / batch.')
 _GRID = flags.DEFINE_integer('grid', None, 'Image token grid side (tokens = '
@@ -66,34 +72,8 @@ _GPU_SMOKE = flags.DEFINE_bool('gpu_smoke', False, 'The --schnell_gpu path '
 
 
 # ----------------------------------------------------------------------------
-# FLOPs and timing.
+# Helpers (the timer is matmul_reference.time_interleaved).
 # ----------------------------------------------------------------------------
-def time_interleaved(fns: dict, repeats: int, warmup: int,
-                     inner: dict | None = None, stat=statistics.median,
-                     cpu: dict | None = None) -> dict:
-  """name -> stat (median) of the seconds samples (`stat=None`: the
-  samples). Each round runs every fn once (`inner[name]` times for short
-  ones, all samples kept), so load drifts hit all alike. `cpu`, a dict, gets
-  name -> process CPU seconds per call (all threads; waiting for a core
-  does not count, so this survives a machine shared with other jobs)."""
-  inner = inner or {}
-  for fn in fns.values():
-    for _ in range(warmup):
-      fn()
-  times = {k: [] for k in fns}
-  cpu_s = {k: 0. for k in fns}
-  for _ in range(repeats):
-    for k, fn in fns.items():
-      for _ in range(inner.get(k, 1)):
-        c, t = time.process_time(), time.perf_counter()
-        fn()
-        times[k].append(time.perf_counter() - t)
-        cpu_s[k] += time.process_time() - c
-  if cpu is not None:
-    cpu.update({k: v / len(times[k]) for k, v in cpu_s.items()})
-  return times if stat is None else {k: stat(v) for k, v in times.items()}
-
-
 def _jax_call(f, *args):
   return lambda: jax.block_until_ready(f(*args))
 
@@ -280,7 +260,8 @@ def run_cpu():
   ref_fn = _torch_forward(ref, inp, torch)
   err = _max_rel_err(ours_fn(), ref_fn().numpy())
 
-  # The model's widest matmul: [tokens, hidden] x [hidden, mlp].
+  # Reference 1 (matmul_fraction): the model's widest matmul, [tokens,
+  # hidden] x [hidden, mlp], repeated: the large-GEMM rate.
   mk = batch * (grid * grid + txt_len)
   mn, mm = cfg.hidden_size, int(cfg.hidden_size * cfg.mlp_ratio)
   a = jnp.asarray(np.random.default_rng(0).standard_normal((mk, mn), np.float32))
@@ -288,18 +269,22 @@ def run_cpu():
   ta, tb = torch.from_numpy(np.array(a)), torch.from_numpy(np.array(b))
   mm_flops = 2 * mk * mn * mm
   flops = compress.count_flops(cfg, grid * grid, txt_len, batch)
+  # Reference 2 (matmul_fraction_same_gemms): the forward's own GEMMs, back
+  # to back in one jit: the practical matmul limit at this size.
+  gemms = matmul_reference.forward_gemms(cfg, grid * grid, txt_len, batch)
+  if matmul_reference.gemm_flops(gemms) != flops:
+    raise SystemExit(f'matmul_reference: {matmul_reference.gemm_flops(gemms)} FLOPs != {flops}')
+  same = _jax_call(*matmul_reference.reference_fn(gemms))
   # Short calls repeat inside a round so each name gets a similar time.
   cpu = {}
   samples = time_interleaved({
-      'ours': ours_fn, 'diffusers': ref_fn,
+      'ours': ours_fn, 'diffusers': ref_fn, 'same GEMMs': same,
       'jnp matmul': _jax_call(jax.jit(jnp.matmul), a, b),
       'torch matmul': lambda: ta @ tb}, _REPEATS.value, _WARMUP.value,
       inner={k: max(1, min(50, int(flops / mm_flops)))
              for k in ('jnp matmul', 'torch matmul')}, stat=None, cpu=cpu)
   t = {k: min(v) for k, v in samples.items()}
   med = {k: statistics.median(v) for k, v in samples.items()}
-  gflops = flops / t['ours'] / 1e9
-  mm_gflops = mm_flops / t['jnp matmul'] / 1e9
   load = os.getloadavg()
 
   print(f'\nFLUX DiT forward ({_SIZE.value}), {cfg.depth} double + '
@@ -314,22 +299,32 @@ def run_cpu():
   print(f'forward FLOPs (matmuls incl. QK^T, PV): {flops / 1e9:.2f} GFLOP; '
         f'{len(samples["ours"])} samples each')
   mm_name = f'{mk}x{mn}x{mm}'
-  print(f'{"":30s}{"min ms":>10s}{"GFLOP/s":>10s}{"median ms":>11s}'
+  print(f'references: (1) large GEMM = jnp / torch matmul {mm_name}, the '
+        'widest shape, repeated -> matmul_fraction; (2) same GEMMs = the '
+        f'forward\'s own {sum(g.count for g in gemms)} GEMMs ({len(gemms)} '
+        'shapes; top: ' + matmul_reference.describe(gemms, 3) +
+        '), back to back in one jit -> matmul_fraction_same_gemms')
+  print(f'{"":34s}{"min ms":>10s}{"GFLOP/s":>10s}{"median ms":>11s}'
         f'{"GFLOP/s":>10s}')
   for k, f in (('ours', flops), ('diffusers', flops),
-               ('jnp matmul', mm_flops), ('torch matmul', mm_flops)):
-    name = k + (f' {mm_name}' if 'matmul' in k else '')
-    print(f'{name:30s}{t[k] * 1e3:10.2f}{f / t[k] / 1e9:10.1f}'
+               ('jnp matmul', mm_flops), ('torch matmul', mm_flops),
+               ('same GEMMs', flops)):
+    name = (f'(1) {k} {mm_name}' if 'matmul' in k else
+            '(2) same GEMMs, jit' if k == 'same GEMMs' else k)
+    print(f'{name:34s}{t[k] * 1e3:10.2f}{f / t[k] / 1e9:10.1f}'
           f'{med[k] * 1e3:11.2f}{f / med[k] / 1e9:10.1f}')
-  frac_med = (flops / med['ours']) / (mm_flops / med['jnp matmul'])
-  frac_cpu = (flops / cpu['ours']) / (mm_flops / cpu['jnp matmul'])
+  frac, frac_stats = {}, {'min': t, 'median': med, 'cpu': cpu}
+  for r, rf in (('jnp matmul', mm_flops), ('same GEMMs', flops)):
+    for stat, v in frac_stats.items():  # Our FLOP rate / the reference's.
+      frac[r, stat] = (flops / v['ours']) / (rf / v[r])
   print('CPU seconds per call (all threads): ' + ', '.join(
       f'{k} {v * 1e3:.2f} ms' for k, v in cpu.items()) +
-        f'; ours / jnp matmul rate by CPU time: {frac_cpu:.3f}, diffusers / '
-        f'ours: {cpu["diffusers"] / cpu["ours"]:.3f}')
+        f'; diffusers / ours: {cpu["diffusers"] / cpu["ours"]:.3f}')
   print(f'speed ratio diffusers_ms / ours_ms: {t["diffusers"] / t["ours"]:.3f}'
-        f' (min), {med["diffusers"] / med["ours"]:.3f} (median); ours / jnp '
-        f'matmul rate: {gflops / mm_gflops:.3f} (min), {frac_med:.3f} (median)')
+        f' (min), {med["diffusers"] / med["ours"]:.3f} (median)')
+  for r, what in (('jnp matmul', '(1) large GEMM: matmul_fraction'),
+                  ('same GEMMs', '(2) same GEMMs: matmul_fraction_same_gemms')):
+    print(f'ours / {what} ' + ', '.join(f'{frac[r, s]:.3f} ({s})' for s in frac_stats))
 
   if _PARTS.value:
     p = _parts(cfg, params, ref, grid, txt_len, torch, _REPEATS.value,
@@ -360,10 +355,15 @@ def run_cpu():
       'speed_ratio': round(med['diffusers'] / med['ours'], 4),
       'gflops': round(flops / med['ours'] / 1e9, 2),
       'matmul_gflops': round(mm_flops / med['jnp matmul'] / 1e9, 2),
-      'matmul_fraction': round(frac_med, 4),
+      'matmul_fraction': round(frac['jnp matmul', 'median'], 4),
+      'same_gemms_ms': round(med['same GEMMs'] * 1e3, 3),
+      'matmul_fraction_same_gemms': round(frac['same GEMMs', 'median'], 4),
       'speed_ratio_min': round(t['diffusers'] / t['ours'], 4),
-      'matmul_fraction_min': round(gflops / mm_gflops, 4),
-      'matmul_fraction_cpu_time': round(frac_cpu, 4),
+      'matmul_fraction_min': round(frac['jnp matmul', 'min'], 4),
+      'matmul_fraction_same_gemms_min': round(frac['same GEMMs', 'min'], 4),
+      'matmul_fraction_cpu_time': round(frac['jnp matmul', 'cpu'], 4),
+      'matmul_fraction_same_gemms_cpu_time': round(
+          frac['same GEMMs', 'cpu'], 4),
       'speed_ratio_cpu_time': round(cpu['diffusers'] / cpu['ours'], 4),
       'samples': len(samples['ours']), 'load_avg': round(load[0], 2),
       'max_rel_err': err}))

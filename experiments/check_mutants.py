@@ -185,8 +185,9 @@ MUTANTS = (
     Mutant('ladder_static_tables_off_schedule',
            "the static-modulation rung builds its tables at each step's end "
            'instead of its start',
-           (('nanoflux_jax/ladder/rungs.py',
-             'ctx.schedule[:-1]', 'ctx.schedule[1:]'),),
+           (('nanoflux_jax/ladder/compress_rungs.py',
+             "stage.schedule[:-1], ctx.embed(prompts)['y'],",
+             "stage.schedule[1:], ctx.embed(prompts)['y'],"),),
            ('tests/test_ladder.py::'
             'test_cli_writes_report_checkpoints_samples_then_resumes',)),
 )

@@ -17,8 +17,10 @@ from absl import app
 from absl import flags
 
 from nanoflux_jax import jsonfile
+from nanoflux_jax.ladder.rungs import RUNG_KINDS
 from nanoflux_jax.shapes import world as shapes
 from nanoflux_jax.shapes import classifier as clf_lib
+from nanoflux_jax.shapes import evaluation
 from nanoflux_jax.shapes import scoring as toy
 _PIPELINE = flags.DEFINE_string('pipeline', '', 'A FluxPipeline folder.')
 _TFLITE = flags.DEFINE_multi_string('tflite', [], 'TFLite bundle folders.')
@@ -47,16 +49,20 @@ def _settings() -> tuple[dict, dict]:
   if not _REPORT.value:
     return s, {}
   report = jsonfile.read_object(_REPORT.value, ValueError, 'ladder report')
-  ev = report.get('evaluation')
-  if not ev:
-    raise ValueError(f'{_REPORT.value}: no evaluation section (the ladder '
-                     'ran without config.evaluate)')
-  s.update({k: ev[k] for k in s if k in ev})
+  setup, results = evaluation.results(report)
+  s.update({k: setup[k] for k in s if k in setup})
+  # The final student: the last main rung that is not an export (by the
+  # role its rung kind declares).
+  role = lambda r: getattr(RUNG_KINDS.get(r.get('kind')), 'role', None)
   main = [r for r in report['rungs'] if not r.get('ablation')]
-  final = [r for r in main if r.get('kind') not in ('export',)][-1]
-  expected = {'pipeline': final['eval']['geneval']}
+  final = [r for r in main if role(r) != 'export'][-1]
+  if final['name'] not in results:
+    raise ValueError(f"{_REPORT.value}: the final student {final['name']} "
+                     'was not evaluated')
+  s['num_steps'] = results[final['name']]['num_steps']
+  expected = {'pipeline': results[final['name']]['geneval']}
   for r in main:
-    for q, x in (r['eval'].get('exports') or {}).items():
+    for q, x in ((results.get(r['name']) or {}).get('exports') or {}).items():
       expected[q] = x['geneval']
   return s, expected
 

@@ -19,6 +19,7 @@ import config_flag  # experiments/config_flag.py, beside this binary.
 from nanoflux_jax import parallel
 from nanoflux_jax.ladder import runner as ladder
 from nanoflux_jax.ladder import provenance
+from nanoflux_jax.ladder import report as report_lib
 from nanoflux_jax.distill import stop_reason
 from nanoflux_jax.distill import workdir_lock
 
@@ -41,7 +42,7 @@ def main(argv):
       report = ladder.run_ladder(_CONFIG.value, _WORKDIR.value)
   except (provenance.SettingsChanged, workdir_lock.WorkdirLocked) as e:
     raise app.UsageError(str(e)) from e  # The message, no traceback.
-  print(ladder.report_markdown(report))
+  print(report_lib.report_markdown(report))
   print('ladder complete' if report['complete'] else
         'ladder stopped early; rerun to resume')
 

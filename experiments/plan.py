@@ -8,8 +8,9 @@ r"""Per-rung, per-device memory plan of a ladder config; allocates nothing.
 Prints a markdown table (GiB per device: teacher params, student params,
 gradients, Adam state, batch, activation estimate with remat, total vs the
 budget, largest tensor) and ends with one JSON line. Shapes come from
-`jax.eval_shape` of each rung's real transform and shardings from
-`parallel.RULES` on an abstract mesh of --devices (no devices needed).
+`jax.eval_shape` of each rung kind's `shapes` (its compression on abstract
+params, `memory_plan.rung_shapes`) and shardings from `parallel.RULES` on
+an abstract mesh of --devices (no devices needed).
 """
 import json
 

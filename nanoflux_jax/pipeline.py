@@ -84,6 +84,7 @@ def _load_tokenizer(path: str):
 
 
 def is_pipeline(path: str) -> bool:
+  """True for a folder `FluxPipeline.save` wrote (it has PIPELINE_FILE)."""
   return os.path.isfile(os.path.join(path, PIPELINE_FILE))
 
 

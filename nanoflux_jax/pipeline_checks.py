@@ -128,7 +128,9 @@ def _flat_shapes(tree) -> dict[str, tuple[int, ...]]:
 def stored_shapes(path: str) -> dict[str, tuple[int, ...]] | None:
   """{param path: shape} of checkpoint folder `path`'s params, read from
   orbax's metadata (no array is read); None when it has no params/."""
-  params = os.path.join(path, 'params')
+  # Absolute: orbax reads no metadata from a relative path (it then
+  # returns an empty tree, and every param would look missing).
+  params = os.path.abspath(os.path.join(path, 'params'))
   if not os.path.isdir(params):
     return None  # checkpoint.load says what is missing.
   try:

@@ -78,33 +78,32 @@ def schedule_for(config: FluxConfig, num_steps: int,
   static-modulation table and export asks here, so a dev teacher is
   distilled on the schedule its pipeline samples.
 
+  A static-modulation model keeps the timesteps its tables were built for
+  (`to_static_modulation` drops guidance_embed, so the rule can no longer
+  tell a dev-derived table from a schnell one): with S table rows and S / k
+  steps it samples every k-th row (a fewer-step schedule of either rule is
+  a subset of the S-step one at the same resolution), then 0. A step count
+  that does not divide S falls back to the rule, and the model maps each
+  timestep to its nearest row.
+
   Args:
-    config: the denoiser's config; only `guidance_embed` is read.
+    config: the denoiser's config; reads `guidance_embed`, and for a
+      static-modulation model `static_timesteps`.
     num_steps: Euler steps (>= 1).
     image_seq_len: packed image tokens (grid_h * grid_w), mu's input.
   Returns:
-    [num_steps + 1] Python floats, decreasing, first 1.0 and last 0.0.
+    [num_steps + 1] Python floats, decreasing from 1.0 (the table's first
+    row for a static model) to 0.0.
   """
   if num_steps < 1:
     raise ValueError(f'schedule_for: num_steps={num_steps} must be >= 1')
+  table = config.static_timesteps if config.modulation == 'static' else ()
+  if table and len(table) % num_steps == 0:
+    return [float(v) for v in table[::len(table) // num_steps]] + [0.0]
   t = np.linspace(1, 0, num_steps + 1, dtype=np.float64)
   if config.guidance_embed:
     t = time_shift(shift_mu(image_seq_len), 1.0, t)
   return [float(v) for v in t]
-
-
-def get_schedule(num_steps: int, image_seq_len: int,
-                 shift: bool = True) -> list[float]:
-  """Transitional: `schedule_for` with the rule given by `shift`.
-
-  Kept only for the callers in ladder/ and distill/trainer.py until they ask
-  `schedule_for` with their config; tests/test_sampling.py lists them and
-  fails once none is left, so this alias is then deleted. New code must
-  call `schedule_for`.
-  """
-  # guidance_embed is the only field schedule_for reads.
-  rule = FluxConfig.tiny(guidance_embed=bool(shift))
-  return schedule_for(rule, num_steps, image_seq_len)
 
 
 @functools.partial(jax.jit, static_argnums=0,

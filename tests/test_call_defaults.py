@@ -22,9 +22,10 @@ from nanoflux_jax.errors import CheckpointError
 from nanoflux_jax.shapes import classifier
 from nanoflux_jax.evaluate import metrics
 from nanoflux_jax.export import runner
+from nanoflux_jax.shapes import evaluation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DOCS = os.path.join(ROOT, 'docs', 'shapes_full')
+DOCS = os.path.join(ROOT, 'docs')
 # Held-out scenes (world 1000, as the reports), a handful of them.
 _, PROMPTS, SCENES = shapes.ShapesWorld(1000, 64).batch(0, 8)
 
@@ -41,13 +42,15 @@ def _teacher_settings() -> CallDefaults:
                       max_sequence_length=c.txt_len)
 
 
-def _student_settings() -> CallDefaults:
-  """The :full student's, from its report (the ladder's evaluation)."""
-  with open(os.path.join(DOCS, 'report.json')) as f:
-    e = json.load(f)['evaluation']
-  return CallDefaults(height=e['resolution'], width=e['resolution'],
-                      num_steps=e['num_steps'],
-                      max_sequence_length=e['txt_len'])
+def _student_settings(run: str) -> CallDefaults:
+  """A committed run's final student's, from its report (the ladder's
+  evaluation of its export rung)."""
+  with open(os.path.join(DOCS, run, 'report.json')) as f:
+    report = json.load(f)
+  setup, rows = evaluation.results(report)
+  return CallDefaults(height=setup['resolution'], width=setup['resolution'],
+                      num_steps=rows[report['rungs'][-1]['name']]['num_steps'],
+                      max_sequence_length=setup['txt_len'])
 
 
 @pytest.fixture(scope='module')
@@ -55,14 +58,17 @@ def teacher():
   return nf.FluxPipeline.from_pretrained(shapes.teacher_path())
 
 
-@pytest.mark.parametrize('which', ['teacher', 'full_student'])
-def test_shipped_pipelines_need_only_prompts_and_a_seed(which, teacher):
+@pytest.mark.parametrize('which, steps', [('teacher', 8), ('shapes_full', 8),
+                                          ('shapes_steps', 4)])
+def test_shipped_pipelines_need_only_prompts_and_a_seed(which, steps,
+                                                        teacher):
   if which == 'teacher':
     pipe, want = teacher, _teacher_settings()
-  else:
-    pipe = nf.FluxPipeline.from_pretrained(os.path.join(DOCS, 'pipeline'))
-    want = _student_settings()
-  assert want == CallDefaults(64, 64, 8, 24, None)
+  else:  # A committed ladder's final student (docs/<run>/pipeline).
+    pipe = nf.FluxPipeline.from_pretrained(os.path.join(DOCS, which,
+                                                        'pipeline'))
+    want = _student_settings(which)
+  assert want == CallDefaults(64, 64, steps, 24, None)
   assert pipe.call_defaults == want
   spelled = pipe(PROMPTS, seed=0, **{k: v for k, v in want.to_dict().items()
                                      if v is not None})
@@ -142,11 +148,13 @@ def test_save_writes_them_and_a_folder_without_them_keeps_todays(
   assert not os.path.exists(path)  # Loading writes nothing.
 
 
-def test_bundle_manifest_carries_the_same_defaults():
+@pytest.mark.parametrize('run', ['shapes_full', 'shapes_steps'])
+def test_bundle_manifest_carries_the_same_defaults(run):
   """The int8 bundle was exported with the student's call defaults: the
-  manifest holds them (size, schedule length, T5 length, guidance)."""
-  d = call_args.read_call_defaults(os.path.join(DOCS, 'pipeline'))
-  b = runner.TFLitePipeline(os.path.join(DOCS, 'tflite', 'int8'))
+  manifest holds them (size, schedule length, T5 length, guidance; 4 steps
+  after the step-distillation rung)."""
+  d = call_args.read_call_defaults(os.path.join(DOCS, run, 'pipeline'))
+  b = runner.TFLitePipeline(os.path.join(DOCS, run, 'tflite', 'int8'))
   assert (b.height, b.width, len(b.timesteps) - 1, b.max_sequence_length,
           b.default_guidance) == (d.height, d.width, d.num_steps,
                                   d.max_sequence_length, d.guidance)

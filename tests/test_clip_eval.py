@@ -1,6 +1,7 @@
-"""CLIP score / CLIP-FID of whole pipelines: every ladder rung (config
-.clip_eval) on a tiny FLUX.1-schnell-shaped teacher pipeline, and
-experiments/evaluate_pipeline.py, with a tiny random CLIP."""
+"""CLIP score / CLIP-FID of whole pipelines: every ladder rung (the 'clip'
+evaluator of config.evaluate) on a tiny FLUX.1-schnell-shaped teacher
+pipeline, and experiments/evaluate_pipeline.py, with a tiny random CLIP."""
+import dataclasses
 import importlib.util
 import json
 import os
@@ -12,6 +13,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from nanoflux_jax import checkpoint
 from nanoflux_jax.compress import student_t5 as te_student
 from nanoflux_jax.ladder import clip_eval
 from nanoflux_jax.distill import data as data_lib
@@ -36,18 +38,25 @@ def folders(tmp_path_factory):
   return str(root / 'pipe'), str(root / 'clip'), clip
 
 
-def _perturb(ctx, student, opts):
+def _perturb(ctx, stage, student, opts):
   """A test rung's compression: the DiT's output layer scaled, so its images
-  differ from the teacher's without a training run."""
+  differ from the teacher's without a training run; sampled in 1 step."""
   del ctx
   cfg, params = student
   params = jax.tree_util.tree_map_with_path(
       lambda p, x: x * opts['scale'] if 'final_linear' in jax.tree_util.keystr(
           p) else x, params)
-  return cfg, params
+  return (cfg, params), dataclasses.replace(stage, num_steps=1)
 
 
-def _random_t5(ctx, student, opts):
+def _save_student(ctx, stage, student, opts):
+  """A test rung's run: the compressed DiT saved as it is (no training)."""
+  del opts
+  checkpoint.save(stage.dit, *student)
+  return rungs_lib.RungResult(True, {}, stage, student)
+
+
+def _random_t5(ctx, stage, student, opts):
   """A test rung's run: a random 1-layer student T5 (no training), saved as
   a text_encoder rung saves its student; the DiT is kept."""
   del opts
@@ -58,7 +67,8 @@ def _random_t5(ctx, student, opts):
   te_student.save_student(path, cfg, out_dim, te_student.init_student(
       cfg, out_dim, jax.random.PRNGKey(0)))
   del student
-  return rungs_lib.RungResult(True, {}, None, text_encoder=path)
+  return rungs_lib.RungResult(True, {}, dataclasses.replace(
+      stage, text_encoder=path))
 
 
 def _config(pipe, clip):
@@ -73,7 +83,8 @@ def _config(pipe, clip):
   c.rungs = [{'kind': 'clip_test_perturb', 'scale': 0.5},
              {'kind': 'clip_test_t5'}]
   # 6 prompts in batches of 8 (one image per data shard of the 8 devices).
-  c.clip_eval = {'clip_path': clip, 'prompts': 'builtin', 'num': 6}
+  c.evaluate = [dict(type='clip', every=1, clip_path=clip, prompts='builtin',
+                     num=6)]
   return c
 
 
@@ -81,21 +92,25 @@ def test_ladder_reports_clip_score_and_fid_for_every_rung(
     folders, tmp_path, monkeypatch):
   pipe, clip, _ = folders
   monkeypatch.setitem(rungs_lib.RUNG_KINDS, 'clip_test_perturb',
-                      rungs_lib.RungKind(
-                          'clip_test_perturb', _perturb, {'scale': 1.0},
-                          lambda ctx, student, opts: rungs_lib.RungResult(
-                              True, {}, student)))
+                      rungs_lib.RungKind('clip_test_perturb', _perturb,
+                                         {'scale': 1.0}, _save_student))
   monkeypatch.setitem(rungs_lib.RUNG_KINDS, 'clip_test_t5', rungs_lib.RungKind(
-      'clip_test_t5', rungs_lib.unchanged, {}, _random_t5))
+      'clip_test_t5', rungs_lib.unchanged, {}, _random_t5,
+      role='text_encoder'))
   c, workdir = _config(pipe, clip), str(tmp_path / 'wd')
   report = ladder.run_ladder(c, workdir)
-  rows = [report['teacher']] + report['rungs']
-  assert [r['name'] for r in rows] == [
-      'teacher', 'rung_0_clip_test_perturb', 'rung_1_clip_test_t5']
+  names = ['teacher', 'rung_0_clip_test_perturb', 'rung_1_clip_test_t5']
+  assert [r['name'] for r in [report['teacher']] + report['rungs']] == names
+  clip = report['evaluation']['clip']
+  assert list(clip['rows']) == names
+  rows = [clip['rows'][n] for n in names]
   for r in rows:
     assert 0 <= r['clip_score'] <= 100 and r['clip_score_se'] > 0, r
     assert r['clip_n'] == 6 and np.isfinite(r['clip_fid'])
     assert os.path.isfile(os.path.join(workdir, r['clip_grid']))
+  # Each stage samples with its own steps: the perturbed rung (and the T5
+  # rung after it) in 1 step, the teacher in ladder_tiny's 2.
+  assert [r['num_steps'] for r in rows] == [2, 1, 1]
   # The teacher against its own images; the students moved away from them.
   assert rows[0]['clip_fid'] == pytest.approx(0.0, abs=1e-6)
   assert rows[1]['clip_fid'] > 1e-4
@@ -103,39 +118,36 @@ def test_ladder_reports_clip_score_and_fid_for_every_rung(
   # the prompts went through its (random) student T5; with the teacher's
   # T5 the deterministic run would repeat rung 0's numbers exactly.
   assert abs(rows[2]['clip_score'] - rows[1]['clip_score']) > 1e-3
-  assert rows[2]['sample_mse'] == rows[1]['sample_mse']  # Same DiT.
+  assert report['rungs'][1]['sample_mse'] == report['rungs'][0]['sample_mse']
   assert rows[1]['clip_score'] != rows[0]['clip_score']
   on_disk = json.loads(open(os.path.join(workdir, 'report.json')).read())
-  assert [r['clip_fid'] for r in on_disk['rungs']] == [
-      r['clip_fid'] for r in report['rungs']]
-  assert on_disk['clip_eval']['num_prompts'] == 6
+  assert on_disk['evaluation']['clip']['rows'] == clip['rows']
+  assert on_disk['evaluation']['clip']['setup']['num_prompts'] == 6
   md = open(os.path.join(workdir, 'report.md')).read()
   section = md.split('## CLIP score')[1]
-  assert '| rung | kind | CLIP score | change | CLIP-FID | grid |' in section
-  assert section.count('| rung_') == 2 and '| teacher | - |' in section
+  assert ('| rung | kind | steps | CLIP score | change | CLIP-FID | grid |'
+          in section)
+  assert section.count('| rung_') == 2 and '| teacher | - | 2 |' in section
 
   # A rerun reads every stage's cached result back (no CLIP is loaded).
   clip_eval._scorer.cache_clear()  # pylint: disable=protected-access
   again = ladder.run_ladder(c, workdir)
   # pylint: disable-next=protected-access
   assert clip_eval._scorer.cache_info().misses == 0
-  assert again['rungs'] == report['rungs']
-  assert again['teacher']['clip_score'] == report['teacher']['clip_score']
+  assert again['evaluation']['clip'] == clip
 
 
 def test_clip_eval_config_is_checked_up_front(folders, tmp_path):
   pipe, clip, _ = folders
-  c = _config(pipe, clip)
-  c.rungs = [{'kind': 'finetune'}]
   (tmp_path / 'one.txt').write_text('only one prompt\n')
   for field, value, match in (
-      ('clip_path', str(tmp_path), 'not a CLIPModel folder'),
-      ('num', -1, 'clip_eval.num'),
+      ('clip_path', str(tmp_path), r'config.evaluate\[0\].*not a CLIPModel'),
+      ('num', -1, r'config.evaluate\[0\].*num=-1'),
       ('prompts', str(tmp_path / 'one.txt'), 'at least 2'),
-      ('bogus', 1, 'unknown clip_eval options')):
+      ('bogus', 1, r"config.evaluate\[0\].*unknown keys \['bogus'\]")):
     bad = _config(pipe, clip)
-    bad.rungs = c.rungs
-    bad.clip_eval[field] = value
+    bad.rungs = [{'kind': 'finetune'}]
+    bad.evaluate[0][field] = value
     with pytest.raises((ValueError, FileNotFoundError), match=match):
       ladder.check_config(bad)
   bare = _config(pipe, clip)

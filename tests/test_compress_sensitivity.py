@@ -72,7 +72,9 @@ def test_loss_finds_useless_head(planted):
   # score 0 too: nothing they do reaches the output).
   live = np.concatenate([np.asarray(v) for v in scores.double_heads])
   assert live[b * cfg.num_heads + h] < 1e-10 < np.sort(live)[1]
-  np.testing.assert_array_equal(scores.single_heads[IDENTITY_BLOCK], 0)
+  # Zero up to fp32 rounding (how XLA fuses the block decides the last bit).
+  np.testing.assert_array_less(np.abs(scores.single_heads[IDENTITY_BLOCK]),
+                               1e-10)
   # The identity block costs nothing either; every other block does.
   blocks = np.concatenate([scores.double_blocks, scores.single_blocks])
   assert np.argmin(blocks) == cfg.depth + IDENTITY_BLOCK

@@ -103,3 +103,28 @@ def test_parse_arg_is_the_one_config_arg_parser():
     parse_arg('huge', variants=('quick', 'full'))
   with pytest.raises(ValueError, match="unknown option 'typo'"):
     _load('shapes.py').get_config('full,typo')
+
+
+def test_configs_name_their_evaluators(tmp_path):
+  """config.evaluate is a list of {type, every, ...}: the shapes variants
+  name the 'shapes' evaluator; ladder_schnell names 'clip' when given a
+  CLIP folder, and its check refuses a bad one by index and option."""
+  from nanoflux_jax.ladder import evaluators  # pylint: disable=g-import-not-at-top
+  shapes_cfg = _load('shapes.py')
+  for arg, world, judge in (('quick', 'shapes', ''), ('full16', 'shapes9',
+                                                     'geometry')):
+    c = shapes_cfg.get_config(arg)
+    [(ev, opts)] = evaluators.check_config(c)
+    assert ev is evaluators.EVALUATORS['shapes'] and opts['every'] == 1
+    assert (opts['world'], opts['classifier']) == (world, judge)
+  assert 'min_control_slowdown' in shapes_cfg.get_config(
+      'full').evaluate[0]['targets']
+  schnell = _load('ladder_schnell.py')
+  assert schnell.get_config('').evaluate == []
+  c = schnell.get_config(f'clip_path={tmp_path},eval_every=2')
+  assert [(e['type'], e['every'], e['clip_path']) for e in c.evaluate] == [
+      ('clip', 2, str(tmp_path))]
+  c.teacher.pipeline = str(tmp_path)
+  with pytest.raises(FileNotFoundError,
+                     match=r"config.evaluate\[0\] \('clip'\): clip_path"):
+    ladder.check_config(c)

@@ -70,8 +70,8 @@ def test_shapes_ladder_micro_end_to_end(tmp_path):
   # The depth rung keeps 3 of the teacher's 4 blocks; feature KD pairs each
   # student block with the teacher block it descends from, and leaves out
   # the down-sampler's coarse blocks [0, 1].
-  origin = json.loads((work / 'rung_1_depth' / 'lineage.json').read_text())[
-      'teacher_blocks']
+  origin = json.loads((work / 'rung_1_depth' / 'stage.json').read_text())[
+      'stage']['teacher_blocks']
   assert len(origin) == 3 and origin == sorted(origin) and origin[-1] <= 3
   assert rungs['rung_1_depth']['feature_pairs'] == [
       [i, t] for i, t in enumerate(origin)]
@@ -92,12 +92,17 @@ def test_shapes_ladder_micro_end_to_end(tmp_path):
   assert rungs['rung_6_downsample']['params'] > rungs['rung_4_prune']['params']
   assert rungs['rung_7_prune']['params'] < rungs['rung_4_prune']['params']
   rows = [report['teacher']] + report['rungs']
+  # The shapes evaluator ran on every stage (every=1; report.json sorts
+  # the names).
+  evals = report['evaluation']['shapes']['rows']
+  assert sorted(evals) == sorted(r['name'] for r in rows)
   # Every student differs from the teacher, and is not noise: its images
   # are far closer to the teacher's than uniform noise is (<= 11 dB).
   for r in report['rungs']:
-    assert r['sample_mse'] > 0 and r['eval']['psnr'] > 15, r['name']
+    assert r['sample_mse'] > 0 and evals[r['name']]['psnr'] > 15, r['name']
   for r in rows:
-    ev = r['eval']
+    ev = evals[r['name']]
+    assert ev['num_steps'] == 8  # micro: no rung changes the steps.
     assert 0.0 <= ev['geneval'] <= 1.0 and np.isfinite(ev['fid'])
     lo, hi = ev['geneval_ci']
     assert 0.0 <= lo <= ev['geneval'] <= hi <= 1.0 and hi - lo > 0.05
@@ -110,7 +115,7 @@ def test_shapes_ladder_micro_end_to_end(tmp_path):
     grid = np.asarray(Image.open(work / ev['grid']))
     assert grid.shape == (2 + 3 * 66, 2 + 3 * 66, 3)  # 8 images of 64 px.
   assert rows[-2]['params'] < rows[0]['params']
-  exports = report['rungs'][-1]['eval']['exports']
+  exports = evals[report['rungs'][-1]['name']]['exports']
   assert list(exports) == ['fp32', 'int8']
   for q in exports:
     for f in ('manifest.json', 't5.tflite', 'denoiser.tflite',
@@ -127,18 +132,22 @@ def test_shapes_ladder_micro_end_to_end(tmp_path):
 
   md = (work / 'report.md').read_text()
   assert md.count('![') == len(rows)
-  for heading in ('| rung | kind | DiT params | GFLOPs | JAX denoise ms / '
-                  'img | denoise speed-up | FLOP ratio | JAX ms / img | '
-                  'LiteRT ms / img | toy-GenEval [95% CI] | toy-FID | PSNR '
-                  '(dB) |', '## Ablations', '## Targets',
+  for heading in ('| rung | kind | Euler steps | DiT params | GFLOPs | JAX '
+                  'denoise ms / img | denoise speed-up | FLOP ratio | JAX ms '
+                  '/ img | LiteRT ms / img | toy-GenEval [95% CI] | toy-FID | '
+                  'PSNR (dB) |', '## Ablations', '## Targets',
                   '### TFLite exports', '### toy-GenEval by number of '
                   'prompted objects'):
     assert heading in md, heading
   ablations = md.split('## Ablations')[1].split('## Targets')[0]
-  for text in ('(a) Without the token down-sampler (rung_5_finetune',
-               '(b) Text encoder trained on embedding MSE only '
-               '(rung_9_text_encoder)', '| rung_4_prune (main) |',
-               '| rung_3_prune | output_kd 1 |'):
+  # Compared by role, ablation flag and size: the finetune ablation (a
+  # control: the student it started from, trained longer) against the
+  # down-sampler rung after it; the text-encoder ablation against the main
+  # text-encoder rung; the loss ablation against the next main prune.
+  for text in ("(a) Without rung_6_downsample's compression (downsample): "
+               'rung_5_finetune', '(b) Text-encoder ablation '
+               'rung_9_text_encoder (compared with rung_8_text_encoder',
+               '| rung_4_prune (main) |', '| rung_3_prune | output_kd 1 |'):
     assert text in ablations, (text, ablations)
   # micro checks the full ladder's targets: params, denoise and total
   # speed-up, retention, 2 exports, teacher, 6 main rung drops, the
@@ -176,7 +185,7 @@ def test_shapes_configs_start_from_the_shipped_teacher():
   assert not quick.teacher.shapes
   assert [r['kind'] for r in ladder.check_config(quick)] == [
       'prune', 'static_modulation', 'export']
-  assert quick.evaluate.num_prompts >= 512
+  assert quick.evaluate[0]['num_prompts'] >= 512
   assert quick.distill.loss.weights.rf > 0  # real renderings, too.
   for arg in ('full', 'micro', 'quick,retrain', 'full,train_only'):
     c = mod.get_config(arg)

@@ -259,11 +259,13 @@ def _noise(batch, seed=0):
   return np.asarray(nf.sampling.pack(x))
 
 
-def test_manifest(fp32):
+def test_manifest(fp32, jax_pipe):
   m = _manifest(fp32)
   assert m['latent']['packed_shape'] == [1, (H // 4) * (W // 4), 64]
-  assert m['schedule']['timesteps'] == nf.sampling.get_schedule(
-      STEPS, 96, shift=False)
+  # The one schedule owner, with the exported (schnell-like) denoiser.
+  assert not jax_pipe.flux_cfg.guidance_embed
+  assert m['schedule']['timesteps'] == nf.sampling.schedule_for(
+      jax_pipe.flux_cfg, STEPS, 96)
   assert m['vae']['scaling_factor'] == pytest.approx(0.3611)
   assert m['files']['t5']['inputs']['input_ids'] == {
       'shape': [1, T], 'dtype': 'int32'}

@@ -340,15 +340,17 @@ def test_bad_folder_or_input(case, tmp_path, folders):
 
 
 # ------------------------------------------------- behaviour beyond errors --
-def test_intact_folders_and_bundle_load(folders, tmp_path):
+def test_intact_folders_and_bundle_load(folders, tmp_path, monkeypatch):
   """The checks pass what is right: both folder kinds, a pipeline with a
-  student T5 (its out_dim, not its d_model, meets context_in_dim), and the
-  unedited bundle."""
+  student T5 (its out_dim, not its d_model, meets context_in_dim), the
+  unedited bundle, and a folder named by a relative path."""
   for name in ('diffusers', 'saved'):
     nf.FluxPipeline.from_pretrained(folders[name])
   runner.TFLitePipeline(BUNDLE)
   student = os.path.join(ROOT, 'docs', 'shapes_full', 'pipeline')
   nf.FluxPipeline.from_pretrained(student)
+  monkeypatch.chdir(os.path.dirname(folders['saved']))
+  nf.FluxPipeline.from_pretrained(os.path.basename(folders['saved']))
 
 
 def test_tflite_truncation_warns_as_flux_pipeline(bundle, caplog):

@@ -133,7 +133,7 @@ def test_interrupted_rung_resumes_at_its_step_to_the_same_student(
     ([{'kind': 'prune'}, {'kind': 'quantize'}],
      r"rung 1: unknown kind 'quantize'; known kinds: \['depth', "
      r"'downsample', 'export', 'finetune', 'prune', 'static_modulation', "
-     r"'text_encoder'\]"),
+     r"'step_distill', 'text_encoder'\]"),
     ([{'kind': 'prune', 'keep_head': 0.5}], r"unknown options \['keep_head'\]"),
     ([{'kind': 'finetune', 'ablation': 'yes'}],
      r"rung 0 \('finetune'\): ablation must be True or False, got 'yes'"),

@@ -2,11 +2,14 @@
 config its transient terms were fitted to, and on two they were not), the
 gathered weights of a scanned step bounded by a block, and the
 FLUX.1-schnell ladder on abstract slices (nothing allocated)."""
+import dataclasses
 import functools
 import importlib.util
+import math
 import os
 
 import jax
+import ml_collections
 import pytest
 
 from nanoflux_jax import parallel
@@ -14,6 +17,8 @@ from nanoflux_jax.configs import FluxConfig
 from nanoflux_jax.ladder import memory_bytes as mb
 from nanoflux_jax.ladder import memory_plan as mp
 from nanoflux_jax.distill import trainer
+from nanoflux_jax.ladder import rungs
+from nanoflux_jax.ladder.stage import Stage
 from nanoflux_jax.models import scan_blocks
 
 # FLUX.1-schnell's block shapes (head_dim 128, RoPE (16, 56, 56)), scaled.
@@ -41,10 +46,10 @@ def _scaled_step_config():
 def test_plan_matches_compiled_memory_analysis():
   mesh = parallel.create_mesh({'data': 2, 'fsdp': 2, 'tensor': 2})
   t_cfg = FluxConfig.schnell(**SCALED)
-  t_params = mb.abstract_params(t_cfg, None)  # pylint: disable=protected-access
-  s_cfg, s_params = mb.transform_shapes(
-      'prune', t_cfg, t_params, dict(keep_heads=0.5, keep_mlp=0.75),
-      (1.0, 0.75, 0.5, 0.25, 0.0), t_cfg.vec_in_dim)
+  t_params = mb.abstract_params(t_cfg, None)
+  (s_cfg, s_params), _ = mp.rung_shapes(
+      dict(kind='prune', keep_heads=0.5, keep_mlp=0.75),
+      Stage(t_cfg, 4, (8, 8)), (t_cfg, t_params))
   assert s_cfg.single_heads == (1, 1) and s_cfg.single_mlp == (768, 768)
   c = _scaled_step_config()
   plan = mp.dit_rung_plan('prune', c, s_cfg, s_params, t_cfg, t_params, mesh,
@@ -88,9 +93,9 @@ def _case(name: str, depth: int = 2, singles: int = 3):
       depth_single_blocks=singles, context_in_dim=64, vec_in_dim=32,
       attention_impl='xla', scan_blocks=case['scan'])
   t_params = mb.abstract_params(t_cfg, None)
-  s_cfg, s_params = mb.transform_shapes(
-      'downsample', t_cfg, t_params, dict(start=1, end=-2, factor=2),
-      (1.0, 0.5, 0.0), t_cfg.vec_in_dim)
+  (s_cfg, s_params), _ = mp.rung_shapes(
+      dict(kind='downsample', start=1, end=-2, factor=2),
+      Stage(t_cfg, 2, (8, 8)), (t_cfg, t_params))
   c = trainer.default_config()
   c.remat = case['remat']
   c.compute_dtype = 'bfloat16'
@@ -201,3 +206,59 @@ def test_schnell_ladder_plan_on_64_devices_allocates_nothing():
   assert plans[4].teacher > plans[3].student      # T5-XXL + denoiser.
   text = mp.format_plan(plans, mesh, int(95e9))
   assert text.count('| yes |') == 5
+
+
+@pytest.fixture
+def halve_steps_kind():
+  """A test kind that, like a step-distillation rung, changes only the
+  stage's sampling steps (compress and shapes alike)."""
+  def fewer(stage, student, opts):
+    del opts
+    return student, dataclasses.replace(stage, num_steps=stage.num_steps // 2)
+  rungs.register_rung('_test_halve_steps', {}, shapes=fewer)(
+      lambda ctx, stage, student, opts: fewer(stage, student, opts))
+  yield '_test_halve_steps'
+  del rungs.RUNG_KINDS['_test_halve_steps']
+
+
+def _tiny_ladder(*rung_list):
+  config = ml_collections.ConfigDict()
+  config.teacher = {'preset': 'tiny', 'overrides': dict(
+      depth=2, depth_single_blocks=2, attention_impl='xla')}
+  config.distill = trainer.default_config()
+  config.distill.num_sampling_steps = 8
+  config.distill.data.grid = (4, 4)
+  config.rungs = list(rung_list)
+  return config
+
+
+def test_plan_follows_the_stage_and_skips_ablations(halve_steps_kind):
+  """A rung that halves the sampling steps: the static-modulation rung
+  after it builds 4 table rows, not config.distill's 8, and the rungs are
+  planned at 4 steps; an ablation's student is planned, but the next rung
+  continues from the one before it; an export rung trains nothing."""
+  config = _tiny_ladder(
+      dict(kind='depth', keep=(0, 2), ablation=True),
+      dict(kind=halve_steps_kind),
+      dict(kind='static_modulation'),
+      dict(kind='export'))
+  mesh = mb.abstract_mesh({'data': 1, 'fsdp': -1, 'tensor': 1}, 1)
+  plans = mp.plan_ladder(config, mesh, 1 << 40, teacher_dtype=None)
+  assert [p.name for p in plans] == ['0 depth', '1 _test_halve_steps',
+                                     '2 static_modulation']
+  t_cfg, t_params = mp.teacher_shapes(config)
+  n = lambda tree: sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+  assert plans[0].params_count < n(t_params) == plans[1].params_count
+  # The static student: AdaLN [D, 6D] per block -> 4 rows of [6, D].
+  (s_cfg, _), stage = mp.rung_shapes(
+      config.rungs[2], Stage(t_cfg, 4, (4, 4)), (t_cfg, t_params))
+  assert len(s_cfg.static_timesteps) == stage.num_steps == 4
+  assert plans[2].params_count == n(mb.abstract_params(s_cfg, None))
+  # Rung 1 (the teacher's DiT) is planned at 4 steps, not 8.
+  at = {}
+  for steps in (4, 8):
+    c = ml_collections.ConfigDict(config.distill.to_dict())
+    c.num_sampling_steps = steps
+    at[steps] = mp.dit_rung_plan('x', c, t_cfg, t_params, t_cfg, t_params,
+                                 mesh, 1 << 40, 'splash').activations
+  assert plans[1].activations == at[4] < at[8]

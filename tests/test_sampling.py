@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from nanoflux_jax import sampling
+from nanoflux_jax.configs import FluxConfig
 
 from flux_utils import make_diffusers_flux, random_inputs, run_diffusers
 from refs import max_rel_err, require
@@ -21,9 +22,13 @@ def _diffusers_sigmas(num_steps, seq_len, dynamic):
   return sched.sigmas.numpy()
 
 
+SCHNELL_LIKE = FluxConfig.tiny()                     # no guidance embedder
+DEV_LIKE = FluxConfig.tiny(guidance_embed=True)      # guidance-distilled
+
+
 @pytest.mark.parametrize('steps,seq_len', [(4, 1024), (28, 4096), (1, 256)])
 def test_schnell_schedule_is_linspace(steps, seq_len):
-  got = sampling.get_schedule(steps, seq_len, shift=False)
+  got = sampling.schedule_for(SCHNELL_LIKE, steps, seq_len)
   np.testing.assert_allclose(got, np.linspace(1, 0, steps + 1), atol=1e-12)
   np.testing.assert_allclose(got, _diffusers_sigmas(steps, seq_len, False),
                              atol=1e-6)
@@ -31,7 +36,7 @@ def test_schnell_schedule_is_linspace(steps, seq_len):
 
 @pytest.mark.parametrize('steps,seq_len', [(4, 1024), (28, 4096), (50, 300)])
 def test_dev_schedule_matches_bfl_formula_and_diffusers(steps, seq_len):
-  got = np.asarray(sampling.get_schedule(steps, seq_len, shift=True))
+  got = np.asarray(sampling.schedule_for(DEV_LIKE, steps, seq_len))
   # BFL: mu = lin(256 -> 0.5, 4096 -> 1.15); t' = e^mu / (e^mu + 1/t - 1).
   mu = 0.5 + (1.15 - 0.5) / (4096 - 256) * (seq_len - 256)
   t = np.linspace(1, 0, steps + 1)[:-1]
@@ -40,6 +45,46 @@ def test_dev_schedule_matches_bfl_formula_and_diffusers(steps, seq_len):
   assert got[-1] == 0.0
   np.testing.assert_allclose(got, _diffusers_sigmas(steps, seq_len, True),
                              atol=1e-6)
+
+
+def test_schedule_rule_on_hand_computed_numbers():
+  """Shift iff guidance_embed, on numbers worked out by hand: at 256 tokens
+  mu = 0.5 and at 4096 mu = 1.15; e^mu / (e^mu + 1/t - 1) is
+  sigmoid(mu - log(1/t - 1)), so t = 3/4, 1/2, 1/4 go to sigmoid(mu + ln 3),
+  sigmoid(mu), sigmoid(mu - ln 3)."""
+  assert sampling.schedule_for(SCHNELL_LIKE, 4, 256) == [1.0, .75, .5, .25, 0.]
+  assert sampling.schedule_for(SCHNELL_LIKE, 2, 4096) == [1.0, 0.5, 0.0]
+  np.testing.assert_allclose(
+      sampling.schedule_for(DEV_LIKE, 4, 256),
+      [1.0, 0.8318243439635804, 0.6224593312018546, 0.3546612443924434, 0.0],
+      rtol=1e-12, atol=0)
+  np.testing.assert_allclose(sampling.schedule_for(DEV_LIKE, 2, 4096),
+                             [1.0, 0.7595109169491110, 0.0], rtol=1e-12)
+  # Only guidance_embed picks the rule: FLUX.1-dev's and schnell's sizes
+  # give the tiny configs' schedules.
+  assert (sampling.schedule_for(FluxConfig.schnell(), 4, 1024) ==
+          sampling.schedule_for(SCHNELL_LIKE, 4, 1024))
+  assert (sampling.schedule_for(FluxConfig.dev(), 4, 1024) ==
+          sampling.schedule_for(DEV_LIKE, 4, 1024))
+  with pytest.raises(ValueError, match='num_steps=0'):
+    sampling.schedule_for(SCHNELL_LIKE, 0, 256)
+
+
+def test_static_model_samples_its_tables_timesteps():
+  """`to_static_modulation` bakes guidance in (guidance_embed=False), so a
+  dev-derived static student must keep its shifted table's timesteps, not
+  fall back to schnell's linspace; fewer steps take every k-th row."""
+  dev8 = sampling.schedule_for(DEV_LIKE, 8, 1024)
+  static = DEV_LIKE.replace(modulation='static', guidance_embed=False,
+                            static_timesteps=tuple(dev8[:-1]))
+  assert sampling.schedule_for(static, 8, 1024) == dev8
+  np.testing.assert_allclose(sampling.schedule_for(static, 4, 1024),
+                             sampling.schedule_for(DEV_LIKE, 4, 1024),
+                             rtol=1e-12)
+  np.testing.assert_allclose(sampling.schedule_for(static, 1, 1024), [1, 0])
+  # A count that does not divide the table: the rule (nearest rows).
+  assert (sampling.schedule_for(static, 3, 1024) ==
+          sampling.schedule_for(SCHNELL_LIKE, 3, 1024))
 
 
 def test_pack_matches_diffusers_and_roundtrips():

@@ -8,10 +8,10 @@ import numpy as np
 from nanoflux_jax import checkpoint
 from nanoflux_jax import compress
 from nanoflux_jax import parallel
-from nanoflux_jax import sampling
 from nanoflux_jax.compress import layout
 from nanoflux_jax.configs import FluxConfig
 from nanoflux_jax.ladder import rungs
+from nanoflux_jax.ladder.stage import Stage
 from nanoflux_jax.distill import trainer
 from nanoflux_jax.models import flux
 from nanoflux_jax.models import scan_blocks
@@ -54,9 +54,8 @@ def _context(mesh, teacher):
   config.distill.data.grid = GRID
   config.distill.data.txt_len = 8
   config.teacher = {'path': '', 'preset': 'tiny', 'seed': 1}
-  schedule = tuple(sampling.get_schedule(4, GRID[0] * GRID[1], shift=False))
-  ctx = rungs.Context(config, mesh, GRID, schedule, '/nonexistent')
-  ctx.__dict__['teacher'] = teacher  # The cached property, preset.
+  ctx = rungs.Context(config, mesh, GRID, '/nonexistent')
+  ctx._loaded['teacher'] = teacher  # pylint: disable=protected-access
   return ctx
 
 
@@ -80,8 +79,11 @@ def test_scanned_ladder_gives_the_unrolled_students():
   for kind, opts in RUNGS:
     opts = {**rungs.RUNG_KINDS[kind].defaults, **opts}
     fn = rungs.RUNG_KINDS[kind].compress
-    u = layout.compress_unrolled(lambda x: fn(ctx_u, x, opts), u, mesh)
-    s = layout.compress_unrolled(lambda x: fn(ctx_s, x, opts), s, mesh)
+    stage_u, stage_s = Stage(u[0], 4, GRID), Stage(s[0], 4, GRID)
+    u = layout.compress_unrolled(lambda x: fn(ctx_u, stage_u, x, opts)[0], u,
+                                 mesh)
+    s = layout.compress_unrolled(lambda x: fn(ctx_s, stage_s, x, opts)[0], s,
+                                 mesh)
     assert not u[0].scan_blocks and s[0] == u[0].replace(scan_blocks=True)
     _check_placed(s, mesh)
     back = layout.unrolled(s, mesh)[1]

@@ -201,7 +201,8 @@ def test_full16_final_student_carries_downsampler_and_t5(variant):
           for l in te_losses] == [(True, False), (False, False),
                                   (False, True)]
   assert c.distill.data.prompts == 'shapes9:4096'
-  assert (c.evaluate.world, c.evaluate.classifier) == ('shapes9', 'geometry')
+  assert (c.evaluate[0]['world'], c.evaluate[0]['classifier']) == (
+      'shapes9', 'geometry')
   assert c.teacher.shapes.world == 'shapes9' and not c.teacher.pipeline
   assert len(rows) == len(c.rungs)
 

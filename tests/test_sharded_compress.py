@@ -16,9 +16,9 @@ import pytest
 
 from nanoflux_jax import compress
 from nanoflux_jax import parallel
-from nanoflux_jax import sampling
 from nanoflux_jax.configs import FluxConfig
 from nanoflux_jax.ladder import rungs
+from nanoflux_jax.ladder.stage import Stage
 from nanoflux_jax.models import sharding
 
 SCALED_SCHNELL = dict(hidden_size=256, num_heads=2, head_dim=128,
@@ -34,8 +34,7 @@ def _context(mesh):
   c.distill = {'seed': 0, 'data': {'prompts': ['a red circle', 'a blue star',
                                                'a green square'],
                                    'txt_len': 4, 'grid': GRID}}
-  schedule = tuple(sampling.get_schedule(4, GRID[0] * GRID[1], shift=False))
-  return rungs.Context(c, mesh, GRID, schedule, '')
+  return rungs.Context(c, mesh, GRID, '')
 
 
 def _block_bytes(cfg, params):
@@ -77,7 +76,8 @@ def _run_rungs(ctx, student):
       ('static_modulation', {}),
       ('downsample', dict(start=1, end=-2, factor=2))):
     rk = rungs.RUNG_KINDS[kind]
-    student = rk.compress(ctx, student, {**rk.defaults, **opts})
+    student, _ = rk.compress(ctx, Stage(student[0], 4, GRID), student,
+                             {**rk.defaults, **opts})
     out.append((kind, student))
   return out
 

@@ -162,7 +162,7 @@ def test_gradient_reaches_only_the_student(models):
   before = jax.tree.map(np.array, frozen)
   spec = te.TextDistillSpec(
       student=s_cfg, teacher=t_cfg, out_dim=t_cfg.d_model, denoiser=f_cfg,
-      schedule=tuple(sampling.get_schedule(2, 8, shift=False)), grid=GRID,
+      schedule=tuple(sampling.schedule_for(f_cfg, 2, 8)), grid=GRID,
       vis_blocks=(0, 1), lambda_emb=0.0, lambda_vis=1.0)  # vis term only.
   rng = jax.random.PRNGKey(0)
 

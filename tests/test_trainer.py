@@ -281,7 +281,7 @@ def test_from_scratch_rectified_flow_mode(tmp_path):
   batch = data.batch(0)
   b = len(batch['noise'])
   k_t, _ = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(c.seed), 0))
-  schedule = sampling.get_schedule(c.num_sampling_steps, 8, shift=False)
+  schedule = sampling.schedule_for(cfg, c.num_sampling_steps, 8)
   t = np.asarray(losses.sample_timesteps(
       k_t, b, schedule, c.timesteps.mode, c.timesteps.logit_mean,
       c.timesteps.logit_std, c.timesteps.schedule_prob)[0], np.float64)

@@ -1,11 +1,10 @@
 r"""The NanoFLUX ladder on FLUX.1-schnell (TPU pod; not run in tests).
 
-  python experiments/ladder.py --config=experiments/configs/ladder_schnell.py \
+  python experiments/ladder.py --config=experiments/configs/ladder_schnell.py:\
+clip_path=/ckpt/clip-vit-large-patch14,eval_prompts=/data/eval_prompts.txt \
       --config.teacher.pipeline=/ckpt/FLUX.1-schnell \
       --config.distill.data.prompts=/data/prompts.txt \
-      --workdir=gs://bucket/ladder \
-      --config.clip_eval.clip_path=/ckpt/clip-vit-large-patch14 \
-      --config.clip_eval.prompts=/data/eval_prompts.txt
+      --workdir=gs://bucket/ladder
 Launch the same command on every host. teacher.pipeline (a diffusers
 FLUX.1-schnell folder) gives the prompts their real T5 / CLIP embeddings,
 the text-encoder rung its teacher T5 and the export rung its VAE; with
@@ -18,7 +17,13 @@ text-encoder and export rungs cannot run. Rungs follow the paper's order:
   3 downsample the ResNet token down-sampler over the middle blocks
   4 text_encoder        a small T5 learns T5-XXL through the frozen student
   5 export     int8 TFLite files of the student pipeline, 512 x 512
-Each rung is distilled from the original schnell teacher.
+Each rung is distilled from the original schnell teacher. Config args
+(comma-separated, after ':'): runlocal (2 steps per rung on one host);
+clip_path (a local save of openai/clip-vit-large-patch14: CLIPModel +
+tokenizer + processor) turns on the CLIP evaluator after every rung, on
+eval_prompts (a file, one prompt per line or JSONL; e.g. 500 held-out
+prompts) and eval_every (evaluate every N-th rung; the teacher and the last
+rung always).
 """
 from nanoflux_jax.config_arg import parse_arg
 from nanoflux_jax.distill import t5_distill as text_encoder
@@ -32,7 +37,8 @@ def _distill(steps: int) -> dict:
 
 
 def get_config(arg: str = ''):
-  a = parse_arg(arg, runlocal=False)
+  a = parse_arg(arg, runlocal=False, clip_path='', eval_prompts='builtin',
+                eval_every=1)
   c = ml_collections.ConfigDict()
   # 12B teacher + student + Adam state: FSDP over the whole pod slice.
   c.mesh = {'data': 1, 'fsdp': -1, 'tensor': 1}
@@ -59,13 +65,12 @@ def get_config(arg: str = ''):
   c.samples = {'prompts': 'builtin', 'num': 8, 'seed': 0, 'scale': 4}
   c.timing = {'repeats': 5}
   # CLIP score and CLIP-FID (vs the teacher's images, same noise) of the
-  # teacher and every rung, in report.json/md (ladder/clip_eval.py). Off
-  # while clip_path is empty; set it to a local save of
-  # openai/clip-vit-large-patch14 (CLIPModel + tokenizer + processor) and
-  # prompts to a file (one per line, or JSONL), e.g. 500 held-out prompts.
-  # batch_size 0: one image per data-parallel shard.
-  c.clip_eval = {'clip_path': '', 'prompts': 'builtin', 'num': 0, 'seed': 0,
-                 'batch_size': 0, 'grid_images': 8}
+  # teacher and the rungs, in report.json/md (ladder/clip_eval.py): on with
+  # the clip_path config arg. batch_size 0: one image per data-parallel
+  # shard.
+  c.evaluate = [dict(type='clip', every=a.eval_every, clip_path=a.clip_path,
+                     prompts=a.eval_prompts, num=0, seed=0, batch_size=0,
+                     grid_images=8)] if a.clip_path else []
   te = text_encoder.default_config()
   te.student.num_layers = 12
   te.student.d_model = 1024

@@ -25,6 +25,7 @@ from nanoflux_jax import atomic
 from nanoflux_jax import checkpoint as nf_checkpoint
 from nanoflux_jax import parallel
 from nanoflux_jax import sampling
+from nanoflux_jax.call_args import DEFAULT_GUIDANCE
 from nanoflux_jax.configs import FluxConfig
 from nanoflux_jax.distill import config_checks
 from nanoflux_jax.distill import data as data_lib
@@ -35,7 +36,6 @@ from nanoflux_jax.distill import workdir_lock
 from nanoflux_jax.models import flux as flux_lib
 from nanoflux_jax.models import sharding
 
-DEFAULT_GUIDANCE = 3.5  # As FluxPipeline: diffusers' FLUX.1-dev default.
 
 
 def _check_preset(c, path: str) -> None:
@@ -217,10 +217,74 @@ def distill_spec(c: ml_collections.ConfigDict, s_cfg: FluxConfig,
       t_mode=c.timesteps.mode, logit_mean=c.timesteps.logit_mean,
       logit_std=c.timesteps.logit_std,
       schedule_prob=c.timesteps.schedule_prob,
-      guidance=float(c.get('guidance') or DEFAULT_GUIDANCE))
+      guidance=float(DEFAULT_GUIDANCE if c.get('guidance') is None
+                     else c.guidance))
 
 
 LossFn = Callable[..., tuple[jax.Array, dict]]
+
+
+def _sharded_teacher(c, teacher, mesh, rules):
+  """(cfg, params, shardings) of the frozen teacher, laid out on the mesh;
+  Nones without one (from-scratch rectified flow)."""
+  t_cfg, t_params = (teacher if teacher is not None else
+                     teacher_lib.load_teacher(c.teacher, mesh))
+  if t_cfg is None:
+    return None, None, None
+  t_sh = sharding.param_shardings(t_cfg, mesh, rules)
+  return t_cfg, parallel.shard_like(t_params, t_sh), t_sh
+
+
+def _student(c, student, workdir: str, mesh, rules):
+  """(cfg, params, shardings) of the student. Its values come from, in
+  order: only shapes when workdir has a checkpoint (fit restores it), the
+  given params, c.init, a fresh sharded init."""
+  s_cfg, s_params = student if student is not None else (
+      teacher_lib.flux_config(c.student, 'student'), None)
+  if s_params is None and c.get('init'):
+    s_cfg = nf_checkpoint.load_config(c.init)
+  s_cfg = s_cfg.replace(remat=c.remat)
+  s_sh = sharding.param_shardings(s_cfg, mesh, rules)
+  if loop.latest_step(workdir) is not None:
+    s_params = flux_lib.param_shapes(s_cfg)
+  elif s_params is not None:
+    s_params = parallel.shard_like(s_params, s_sh)
+  elif c.get('init'):
+    s_params = nf_checkpoint.load(c.init, shardings=s_sh)[1]
+  else:
+    s_params = sharding.init_flux(s_cfg, mesh, jax.random.PRNGKey(c.seed),
+                                  rules)[0]
+  return s_cfg, s_params, s_sh
+
+
+def _projection(c, spec: DistillSpec, mesh, rules):
+  """(params, shardings) of the student -> teacher width projection of
+  feature KD."""
+  ds, dt = spec.student.hidden_size, spec.teacher.hidden_size
+  proj = losses.FeatureProjection(spec.pairs, ds, dt)
+  dummy = [jnp.zeros((1, 1, ds))] * len(spec.pairs)
+  v, v_sh = parallel.sharded_init(proj, mesh, rules,
+                                  jax.random.PRNGKey(c.seed + 1), dummy)
+  return v['params'], v_sh['params']
+
+
+def _prompt_data(c, spec: DistillSpec, prompts, t_params, embed_fn,
+                 latents_fn):
+  """The default batch source: prompts, their embeddings and noise (and
+  real latents); with c.data.cache_dir, the teacher's trajectories on
+  spec.trajectory_schedule cached to disk once."""
+  ref = spec.teacher or spec.student
+  data = data_lib.PromptData(
+      prompts, embed_fn or data_lib.random_embedder(ref, c.data.txt_len,
+                                                    c.seed),
+      ref, spec.grid, c.batch_size, c.seed,
+      latents=None if latents_fn is None else latents_fn(prompts))
+  if c.data.get('cache_dir') and spec.teacher is not None:
+    data = data_lib.build_cache(
+        c.data.cache_dir, data, spec.teacher, t_params,
+        spec.trajectory_schedule, c.data.cache_shards,
+        guidance=spec.guidance if spec.teacher.guidance_embed else None)
+  return data
 
 
 @workdir_lock.holding('trainer')  # One run per workdir.
@@ -261,31 +325,9 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, teacher=None,
   mesh = mesh or parallel.create_mesh(dict(c.mesh))
   # Bad prompt files fail before any model is built.
   prompts = data_lib.load_prompts(c.data.prompts) if data is None else None
-  if teacher is not None:
-    t_cfg, t_params = teacher
-  else:
-    t_cfg, t_params = teacher_lib.load_teacher(c.teacher, mesh)
   rules = loop.sharding_rules(c)
-  t_sh = None if t_cfg is None else sharding.param_shardings(t_cfg, mesh,
-                                                              rules)
-  if t_cfg is not None:
-    t_params = parallel.shard_like(t_params, t_sh)
-  s_cfg, s_params = student if student is not None else (
-      teacher_lib.flux_config(c.student, 'student'), None)
-  resuming = loop.latest_step(workdir)
-  if s_params is None and c.get('init'):
-    s_cfg = nf_checkpoint.load_config(c.init)
-  s_cfg = s_cfg.replace(remat=c.remat)
-  s_sh = sharding.param_shardings(s_cfg, mesh, rules)
-  if resuming is not None:  # Only shapes needed: the checkpoint has values.
-    s_params = flux_lib.param_shapes(s_cfg)
-  elif s_params is not None:
-    s_params = parallel.shard_like(s_params, s_sh)
-  elif c.get('init'):
-    s_params = nf_checkpoint.load(c.init, shardings=s_sh)[1]
-  else:
-    s_params = sharding.init_flux(s_cfg, mesh, jax.random.PRNGKey(c.seed),
-                                  rules)[0]
+  t_cfg, t_params, t_sh = _sharded_teacher(c, teacher, mesh, rules)
+  s_cfg, s_params, s_sh = _student(c, student, workdir, mesh, rules)
   spec = distill_spec(c, s_cfg, t_cfg)
   if loss is None and spec.teacher_schedule is not None:
     raise ValueError(
@@ -293,34 +335,19 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, teacher=None,
         f'differs from num_sampling_steps={c.num_sampling_steps}: the '
         'default distillation loss matches the teacher step for step; pass '
         'a loss that maps the two schedules (e.g. the step_distill rung)')
-  grid, schedule, pairs = spec.grid, spec.trajectory_schedule, spec.pairs
   params, sh = {'student': s_params}, {'student': s_sh}
-  if t_cfg is not None and pairs and t_cfg.hidden_size != s_cfg.hidden_size:
-    proj = losses.FeatureProjection(pairs, s_cfg.hidden_size,
-                                    t_cfg.hidden_size)
-    dummy = [jnp.zeros((1, 1, s_cfg.hidden_size))] * len(pairs)
-    v, v_sh = parallel.sharded_init(proj, mesh, rules,
-                                    jax.random.PRNGKey(c.seed + 1), dummy)
-    params['proj'], sh['proj'] = v['params'], v_sh['params']
+  if t_cfg is not None and spec.pairs and (
+      t_cfg.hidden_size != s_cfg.hidden_size):
+    params['proj'], sh['proj'] = _projection(c, spec, mesh, rules)
   if data is None:
-    ref = t_cfg or s_cfg
-    data = data_lib.PromptData(
-        prompts, embed_fn or data_lib.random_embedder(ref, c.data.txt_len,
-                                                      c.seed),
-        ref, grid, c.batch_size, c.seed,
-        latents=None if latents_fn is None else latents_fn(prompts))
-    if c.data.get('cache_dir') and t_cfg is not None:
-      data = data_lib.build_cache(
-          c.data.cache_dir, data, spec.teacher, t_params, schedule,
-          c.data.cache_shards,
-          guidance=spec.guidance if t_cfg.guidance_embed else None)
+    data = _prompt_data(c, spec, prompts, t_params, embed_fn, latents_fn)
   frozen = {} if t_cfg is None else {'teacher': t_params}
   frozen_sh = {} if t_cfg is None else {'teacher': t_sh}
   state, history = loop.fit(
       c, workdir, loss_fn=functools.partial(loss or distill_loss, spec=spec),
       params=params, param_sh=sh, frozen=frozen, frozen_sh=frozen_sh,
       data=data, mesh=mesh, sample_fn=sample_fn,
-      tokens_per_example=grid[0] * grid[1] + c.data.txt_len)
+      tokens_per_example=spec.grid[0] * spec.grid[1] + c.data.txt_len)
   if int(jax.device_get(state.step)) >= c.num_steps:
     nf_checkpoint.save(os.path.join(workdir, 'student'), s_cfg,
                        state.params['student'])

@@ -1,24 +1,22 @@
-"""CLIP score and CLIP-space FID of every ladder rung (config.clip_eval).
+"""The 'clip' evaluator: CLIP score and CLIP-space FID of ladder stages.
 
-  config.clip_eval = {'clip_path': '/ckpt/clip-vit-large-patch14',
-                      'prompts': '/data/eval_prompts.txt', 'num': 0,
-                      'seed': 0, 'batch_size': 0, 'grid_images': 8}
-Empty clip_path: off. With it, each stage (the teacher, then every rung as
-it finishes) generates one image per prompt from the same seeded noise with
-its own DiT (and its own student T5 after a text_encoder rung), decoded by
-the teacher pipeline's VAE, and `evaluate` returns:
+  config.evaluate = [dict(type='clip', every=1,
+                          clip_path='/ckpt/clip-vit-large-patch14',
+                          prompts='/data/eval_prompts.txt', num=0, seed=0,
+                          batch_size=0, grid_images=8)]
+Each evaluated stage (the teacher, then the rungs as they finish; see
+evaluators.py for `every` and the cache) generates one image per prompt
+from the same seeded noise with its own DiT, its own sampling steps and
+schedule (and its own student T5 after a text_encoder rung), decoded by the
+teacher pipeline's VAE, and `evaluate` returns:
   clip_score, clip_score_se   100 * max(cos(image, prompt), 0), mean and SE;
   clip_fid                    Fréchet distance of the CLIP image embeddings
                               to the teacher's images from the same noise.
 The DiT is used where it lies: its sharded params go straight into the
 jitted sampler in batches split over the mesh's data axes (no host copy);
-CLIP's params are sharded by the same rules.
-
-Results are cached in {stage dir}/clip_eval.json (keyed by the settings), the
-teacher's embeddings in workdir/clip_eval/teacher.npz, so a resumed ladder
-scores only what is new. `evaluate(ctx, student, text_encoder)` is the
-evaluator proper (a context and a student in, a dict of metrics out);
-`score_stages` is the ladder's hook; `markdown` renders the report section.
+CLIP's params are sharded by the same rules. The teacher's embeddings are
+kept in {teacher dir}/clip_embeds.npz. Importing this module registers the
+evaluator.
 """
 from __future__ import annotations
 
@@ -26,7 +24,6 @@ import functools
 import json
 import os
 
-from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -36,6 +33,7 @@ from nanoflux_jax import images
 from nanoflux_jax import parallel
 from nanoflux_jax import sampling
 from nanoflux_jax.distill import data as data_lib
+from nanoflux_jax.ladder import evaluators
 from nanoflux_jax.ladder import rungs as rungs_lib
 from nanoflux_jax.evaluate import clip_fid as fid_lib
 from nanoflux_jax.evaluate import clip_score as score_lib
@@ -44,47 +42,31 @@ from nanoflux_jax.evaluate import clip_score as score_lib
 # batch_size 0: one image per data-parallel shard of the mesh.
 DEFAULTS = dict(clip_path='', prompts='builtin', num=0, seed=0, batch_size=0,
                 grid_images=8)
-RESULT_FILE = 'clip_eval.json'
+EMBEDS_FILE = 'clip_embeds.npz'  # The teacher's, in its folder.
 METRICS = ('clip_score', 'clip_score_se', 'clip_fid')
 
 
-def settings(config) -> dict | None:
-  """config.clip_eval with defaults filled in; None when off (no clip_path)."""
-  c = config.get('clip_eval')
-  c = dict(c.to_dict() if hasattr(c, 'to_dict') else (c or {}))
-  if not c.get('clip_path'):
-    return None
-  unknown = sorted(set(c) - set(DEFAULTS))
-  if unknown:
-    raise ValueError(f'ladder: unknown clip_eval options {unknown}; known: '
-                     f'{sorted(DEFAULTS)}')
-  return {**DEFAULTS, **c}
-
-
-def check_config(config) -> None:
-  """Raises naming the clip_eval field before any work (no-op when off)."""
-  s = settings(config)
-  if s is None:
-    return
-  if not os.path.isfile(os.path.join(s['clip_path'], 'config.json')):
+def check(config, s: dict, where: str) -> None:
+  """Raises naming `where` (config.evaluate[i]) and the field, before any
+  work."""
+  if not s['clip_path'] or not os.path.isfile(
+      os.path.join(s['clip_path'], 'config.json')):
     raise FileNotFoundError(
-        f"ladder: clip_eval.clip_path {s['clip_path']!r} is not a CLIPModel "
+        f"{where}: clip_path {s['clip_path']!r} is not a CLIPModel "
         'folder (config.json + model.safetensors + tokenizer files)')
   if not (config.teacher.get('pipeline') or config.teacher.get('shapes')):
-    raise ValueError('ladder: clip_eval needs a teacher pipeline '
+    raise ValueError(f'{where}: the CLIP evaluator needs a teacher pipeline '
                      '(teacher.pipeline or teacher.shapes) to encode prompts '
                      'and decode images; a bare DiT teacher has neither')
   for key in ('num', 'seed', 'batch_size'):
     if isinstance(s[key], bool) or not isinstance(s[key], int) or s[key] < 0:
-      raise ValueError(f'ladder: clip_eval.{key}={s[key]!r} must be an '
-                       'integer >= 0')
+      raise ValueError(f'{where}: {key}={s[key]!r} must be an integer >= 0')
   for key in ('grid_images',):
     if isinstance(s[key], bool) or not isinstance(s[key], int) or s[key] < 1:
-      raise ValueError(f'ladder: clip_eval.{key}={s[key]!r} must be an '
-                       'integer >= 1')
+      raise ValueError(f'{where}: {key}={s[key]!r} must be an integer >= 1')
   n = len(_prompts(s))
   if n < 2:
-    raise ValueError(f"ladder: clip_eval.prompts {s['prompts']!r} gives {n} "
+    raise ValueError(f"{where}: prompts {s['prompts']!r} gives {n} "
                      'prompt(s); CLIP-FID needs at least 2')
 
 
@@ -103,15 +85,6 @@ def _batch_size(ctx, s: dict) -> int:
   return s['batch_size'] or parallel.num_batch_shards(ctx.mesh)
 
 
-def _key(ctx, s: dict) -> dict:
-  """What a cached result depends on."""
-  return dict(clip_path=os.path.abspath(s['clip_path']),
-              prompts=s['prompts'] if isinstance(s['prompts'], str)
-              else list(s['prompts']), num=s['num'], seed=s['seed'],
-              grid=list(ctx.grid), schedule=list(ctx.schedule),
-              txt_len=ctx.config.distill.data.txt_len)
-
-
 def _encoder(ctx, text_encoder: str | None):
   """prompts -> {'txt', 'y'}: the teacher's encoders, or its pipeline with
   the stage's student T5 (loaded once)."""
@@ -126,9 +99,10 @@ def _encoder(ctx, text_encoder: str | None):
 
 
 def generate(ctx, student, prompts: list[str], seed: int, batch_size: int,
-             text_encoder: str | None = None) -> np.ndarray:
+             schedule, text_encoder: str | None = None) -> np.ndarray:
   """uint8 images [N, R, R, 3] of `prompts` by `student` (cfg, params) from
-  seeded noise (the same for every student), decoded by the teacher's VAE.
+  seeded noise (the same for every student), sampled on `schedule` (the
+  stage's timesteps, 1 -> 0) and decoded by the teacher's VAE.
 
   Batches of `batch_size` (the last one padded) go over the mesh's data
   axes when they split evenly; the params stay sharded as they are. Prompts
@@ -139,7 +113,7 @@ def generate(ctx, student, prompts: list[str], seed: int, batch_size: int,
   (h, w), n = ctx.grid, len(prompts)
   noise = np.random.default_rng(seed).standard_normal(
       (n, h * w, cfg.in_channels), np.float32)
-  sched = jnp.asarray(ctx.schedule, jnp.float32)
+  sched = jnp.asarray(schedule, jnp.float32)
   grid = rungs_lib.img_grid(cfg, ctx.grid)
   split = batch_size % parallel.num_batch_shards(ctx.mesh) == 0
   embed = _encoder(ctx, text_encoder)
@@ -163,127 +137,107 @@ def generate(ctx, student, prompts: list[str], seed: int, batch_size: int,
   return np.concatenate(out)
 
 
-def _teacher_embeds(ctx, s: dict, scorer) -> np.ndarray:
-  """CLIP image embeddings [N, P] of the teacher's images (computed once per
-  settings, in workdir/clip_eval/teacher.npz)."""
-  file = os.path.join(ctx.workdir, 'clip_eval', 'teacher.npz')
-  key = json.dumps(_key(ctx, s), sort_keys=True)
+def _images(ctx, sub, s: dict) -> np.ndarray:
+  """The stage's images of the evaluation prompts (its DiT, its student T5
+  if any, its own schedule)."""
+  return generate(ctx, sub.load(), _prompts(s), s['seed'],
+                  _batch_size(ctx, s), sub.stage.schedule, sub.text_encoder)
+
+
+def _teacher_embeds(ctx, teacher, s: dict, scorer) -> np.ndarray:
+  """CLIP image embeddings [N, P] of the teacher's images: computed once per
+  options in {teacher dir}/clip_embeds.npz, keyed by them and the teacher's
+  stage key."""
+  file = os.path.join(teacher.dir, EMBEDS_FILE)
+  key = json.dumps(dict({k: v for k, v in s.items() if k not in (
+      'every', 'grid_images')}, stage=teacher.key), sort_keys=True)
   if os.path.isfile(file):
     with np.load(file) as z:
       if str(z['key']) == key:
         return z['embeds']
-  imgs = generate(ctx, ctx.teacher, _prompts(s), s['seed'],
-                  _batch_size(ctx, s))
-  embeds = scorer.image_embeds(imgs)
+  embeds = scorer.image_embeds(_images(ctx, teacher, s))
   if jax.process_index() == 0:
-    os.makedirs(os.path.dirname(file), exist_ok=True)
+    os.makedirs(teacher.dir, exist_ok=True)
     atomic.write_file(file, lambda f: np.savez(f, key=key, embeds=embeds),
                       'wb')
   return embeds
 
 
-def evaluate(ctx, student, text_encoder: str | None = None, *,
-             name: str = '') -> dict:
-  """The CLIP metrics of one stage: its DiT `student` (cfg, params) and,
-  after a text_encoder rung, its student T5 folder.
+def evaluate(ctx, sub, s: dict, done: list) -> dict:
+  """The 'clip' evaluator: the CLIP metrics of one stage (evaluators.py).
+
+  An export stage takes the metrics of the stage with its DiT and text
+  encoder (the JAX student it exported; score its .tflite files with
+  experiments/evaluate_pipeline.py) and names it in 'clip_of'.
 
   Returns:
-    {'clip_score', 'clip_score_se', 'clip_fid', 'clip_n'}; with `name`, a
-    grid of the first images is written to samples/clip_{name}.png and
-    named by 'clip_grid'.
+    {'clip_score', 'clip_score_se', 'clip_fid', 'clip_n', 'clip_grid'}:
+    clip_grid is samples/clip_{name}.png, a grid of the first images.
   """
-  s = settings(ctx.config)
-  if s is None:
-    raise ValueError('clip_eval.evaluate: config.clip_eval.clip_path is empty')
+  if sub.role == 'export':
+    same = [(d, m) for d, m in done if d.index and d.role != 'export' and
+            d.key.get('dit') == sub.key.get('dit') and
+            d.key.get('text_encoder') == sub.key.get('text_encoder')]
+    if same:
+      d, m = same[-1]
+      return dict({k: v for k, v in m.items() if k != 'clip_grid'},
+                  clip_of=d.name)
   batch = _batch_size(ctx, s)
   scorer = _scorer(s['clip_path'], ctx.mesh, batch)
   prompts = _prompts(s)
-  reference = _teacher_embeds(ctx, s, scorer)
-  imgs = generate(ctx, student, prompts, s['seed'], batch, text_encoder)
+  teacher = done[0][0] if done else sub
+  reference = _teacher_embeds(ctx, teacher, s, scorer)
+  imgs = _images(ctx, sub, s)
   # The teacher's own images give the reference embeddings again; computed
   # rather than copied, its CLIP-FID (~0) checks the pipeline is
   # deterministic.
   embeds = scorer.image_embeds(imgs)
   out = score_lib.clip_score(embeds, scorer.text_embeds(prompts))
-  out = dict(clip_score=out['clip_score'],
-             clip_score_se=out['clip_score_se'], clip_n=out['n'],
-             clip_fid=fid_lib.clip_fid(embeds, reference))
-  if name:
-    png = os.path.join('samples', f'clip_{name}.png')
-    if jax.process_index() == 0:
-      images.save_grid(imgs[:s['grid_images']], os.path.join(ctx.workdir, png))
-    out['clip_grid'] = png
-  return out
+  png = os.path.join('samples', f'clip_{sub.name}.png')
+  if jax.process_index() == 0:
+    images.save_grid(imgs[:s['grid_images']], os.path.join(ctx.workdir, png))
+  return dict(clip_score=out['clip_score'],
+              clip_score_se=out['clip_score_se'], clip_n=out['n'],
+              clip_fid=fid_lib.clip_fid(embeds, reference), clip_grid=png,
+              num_steps=sub.num_steps)
 
 
-def score_stages(ctx, stages: list[dict], report: dict) -> bool:
-  """Adds the CLIP metrics to every stage row that lacks them.
-
-  Args:
-    stages: the ladder's stages (row, dit, text_encoder, dir, exports); an
-      export stage takes the metrics of the stage before it (the JAX
-      student it exported; score its .tflite files with
-      experiments/evaluate_pipeline.py).
-    report: gets report['clip_eval'], the settings.
-  Returns:
-    True when a row changed (the caller rewrites the report).
-  """
-  s = settings(ctx.config)
-  if s is None:
-    return False
-  key = _key(ctx, s)
-  report['clip_eval'] = dict(key, num_prompts=len(_prompts(s)))
-  changed = False
-  for i, stage in enumerate(stages):
-    row = stage['row']
-    if row.get('clip_score') is not None:
-      continue
-    file = os.path.join(stage['dir'], RESULT_FILE)
-    cached = None
-    if os.path.isfile(file):
-      with open(file) as f:
-        cached = json.load(f)
-    if cached is not None and cached.get('key') == key:
-      metrics = cached['metrics']
-    elif stage.get('exports') and i:
-      metrics = {k: v for k, v in stages[i - 1]['row'].items()
-                 if k.startswith('clip_')}
-      metrics['clip_of'] = stages[i - 1]['row']['name']
-    else:
-      logging.info('ladder: CLIP-scoring %s', row['name'])
-      metrics = evaluate(ctx, stage['dit'](), stage.get('text_encoder'),
-                         name=row['name'])
-      if jax.process_index() == 0:
-        os.makedirs(stage['dir'], exist_ok=True)
-        atomic.write_file(file, lambda f, m=metrics: json.dump(
-            dict(key=key, metrics=m), f, indent=2))
-      logging.info('ladder: %s: %s', row['name'], metrics)
-    row.update(metrics)
-    changed = True
-  return changed
+def summary(ctx, s: dict) -> dict:
+  """The report's setup line: the prompt count and CLIP folder."""
+  return dict(num_prompts=len(_prompts(s)),
+              clip_path=os.path.abspath(s['clip_path']),
+              txt_len=int(ctx.config.distill.data.txt_len))
 
 
-def markdown(report: dict) -> str:
+def markdown(section: dict, rows: list[dict]) -> str:
   """The CLIP section: score +- SE, change vs the teacher, CLIP-FID."""
-  c = report.get('clip_eval') or {}
-  rows = [report['teacher']] + report['rungs']
-  base = report['teacher'].get('clip_score')
+  res, s = section.get('rows') or {}, section.get('options') or {}
+  setup = section.get('setup') or {}
+  base = (res.get(rows[0]['name']) or {}).get('clip_score')
   out = ['## CLIP score', '',
-         f"{c.get('num_prompts', '-')} prompts ({c.get('prompts', '-')}), "
-         f"CLIP {c.get('clip_path', '-')}, the same noise for every row. "
+         f"{setup.get('num_prompts', '-')} prompts ({s.get('prompts', '-')}),"
+         f" CLIP {setup.get('clip_path', s.get('clip_path', '-'))}, the same "
+         'noise for every row, each stage with its own sampling steps. '
          'CLIP score: 100 * max(cos(image, prompt), 0), mean +- standard '
          "error; change: relative to the teacher's; CLIP-FID: Fréchet "
          "distance of CLIP image embeddings to the teacher's images.", '',
-         '| rung | kind | CLIP score | change | CLIP-FID | grid |',
-         '|---|---|---:|---:|---:|---|']
-  for r in rows:
-    if r.get('clip_score') is None:
+         '| rung | kind | steps | CLIP score | change | CLIP-FID | grid |',
+         '|---|---|---:|---:|---:|---:|---|']
+  for i, r in enumerate(rows):
+    m = res.get(r['name'])
+    if m is None:
       continue
-    change = ('-' if not base or r is report['teacher'] else
-              f"{100 * (r['clip_score'] / base - 1):+.1f}%")
-    grid = f"[png]({r['clip_grid']})" if r.get('clip_grid') else (
-        f"as {r['clip_of']}" if r.get('clip_of') else '-')
+    change = ('-' if not base or i == 0 else
+              f"{100 * (m['clip_score'] / base - 1):+.1f}%")
+    grid = f"[png]({m['clip_grid']})" if m.get('clip_grid') else (
+        f"as {m['clip_of']}" if m.get('clip_of') else '-')
     out.append(f"| {r['name']} | {r.get('kind', '-')} | "
-               f"{r['clip_score']:.2f} +- {r['clip_score_se']:.2f} | "
-               f"{change} | {r['clip_fid']:.4g} | {grid} |")
+               f"{m.get('num_steps', '-')} | "
+               f"{m['clip_score']:.2f} +- {m['clip_score_se']:.2f} | "
+               f"{change} | {m['clip_fid']:.4g} | {grid} |")
   return '\n'.join(out) + '\n'
+
+
+evaluators.register_evaluator(
+    'clip', defaults=DEFAULTS, check=check, summary=summary,
+    markdown=markdown)(evaluate)

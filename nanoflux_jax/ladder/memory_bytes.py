@@ -1,8 +1,8 @@
 """Per-device byte accounting on shapes, for the memory plan (memory_plan.py).
 
 Every count is the shard of an array on one device (`NamedSharding.
-shard_shape`) of trees built under `jax.eval_shape`: a compression
-transform's output (`transform_shapes`), a block's activations
+shard_shape`) of trees built under `jax.eval_shape`: a rung's student (its
+kind's `shapes` transform, run by `shaped`), a block's activations
 (`activation_bytes`) and FSDP's whole-tensor copies (`gathered_bytes`).
 Nothing is allocated, and the mesh may be an `AbstractMesh` of any size
 (`abstract_mesh`).
@@ -10,16 +10,13 @@ Nothing is allocated, and the mesh may be an `AbstractMesh` of any size
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AbstractMesh, NamedSharding
 
-from nanoflux_jax import compress
 from nanoflux_jax import parallel
-from nanoflux_jax.compress import layout
 from nanoflux_jax.configs import FluxConfig
 from nanoflux_jax.models import flux as flux_lib
 from nanoflux_jax.models import scan_blocks
@@ -69,99 +66,32 @@ def largest(tree, shardings, prefix: str = '') -> tuple[int, str]:
 
 
 # ---------------------------------------------------------------------------
-# Students on shapes: each rung's real transform under eval_shape.
+# Students on shapes (a rung kind's `shapes` runs under `shaped`).
 # ---------------------------------------------------------------------------
 def abstract_params(cfg: FluxConfig, dtype: str | None):
+  """The params of a Flux(cfg) as ShapeDtypeStructs; dtype: cast to it."""
   shapes = flux_lib.param_shapes(cfg)
   if dtype is None:
     return shapes
   return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), shapes)
 
 
-def _shaped(transform, params):
-  """(cfg, abstract params) of transform(params) -> (cfg, params)."""
-  box = {}
+def shaped(fn: Callable[..., tuple[Any, Any]], *args) -> tuple[Any, Any]:
+  """jax.eval_shape of fn(*args) -> (arrays, static): (the arrays' shapes,
+  static as fn returned it).
 
-  def run(p):
-    cfg, out = transform(p)
-    box['cfg'] = cfg
-    return out
-  out = jax.eval_shape(run, params)
-  return box['cfg'], out
-
-
-def _uniform_mask(cfg: FluxConfig, keep_heads, keep_mlp, keep_flags=None):
-  keep = lambda n, r: np.asarray(
-      [1.0] * max(1, round(n * r)) + [0.0] * (n - max(1, round(n * r))),
-      np.float32) if r is not None else np.ones(n, np.float32)
-  m = compress.PruneMask(
-      double_heads=tuple(keep(n, keep_heads) for n in cfg.double_heads),
-      double_mlp_img=tuple(keep(n, keep_mlp) for n in cfg.double_mlp_img),
-      double_mlp_txt=tuple(keep(n, keep_mlp) for n in cfg.double_mlp_txt),
-      single_heads=tuple(keep(n, keep_heads) for n in cfg.single_heads),
-      single_mlp=tuple(keep(n, keep_mlp) for n in cfg.single_mlp),
-      double_blocks=np.ones(cfg.depth, np.float32),
-      single_blocks=np.ones(cfg.depth_single_blocks, np.float32))
-  return m
-
-
-def _keep_flags(cfg: FluxConfig, opts) -> np.ndarray:
-  n = cfg.num_blocks
-  if opts.get('keep') is not None:
-    flags = np.zeros(n, bool)
-    flags[np.asarray(opts['keep'], int)] = True
-    return flags
-  k = opts['keep_blocks']
-  k = int(round(k * n)) if isinstance(k, float) else int(k)
-  kd = int(round(cfg.depth * k / n))
-  flags = np.zeros(n, bool)
-  flags[:kd] = True
-  flags[cfg.depth:cfg.depth + (k - kd)] = True
-  return flags
-
-
-def transform_shapes(kind: str, cfg: FluxConfig, params, opts,
-                     schedule: Sequence[float], vec_in_dim: int):
-  """(cfg, abstract params) after a rung of `kind` (shapes only).
-
-  A scanned student goes through the same layout conversion as the ladder
-  (`compress.layout.compress_unrolled`): unscanned, transformed, re-scanned.
+  `static` is any Python value fn computes besides arrays (a config, a
+  stage), which eval_shape cannot return itself: a compression transform
+  on abstract params gives its new config this way.
   """
-  return layout.compress_unrolled(
-      lambda s: _transform_unrolled(kind, *s, opts, schedule, vec_in_dim),
-      (cfg, params))
+  box = []
 
-
-def _transform_unrolled(kind: str, cfg: FluxConfig, params, opts,
-                        schedule: Sequence[float], vec_in_dim: int):
-  if kind == 'prune':
-    mask = _uniform_mask(cfg, opts.get('keep_heads'), opts.get('keep_mlp'))
-    return _shaped(lambda p: compress.prune(cfg, p, mask), params)
-  if kind == 'depth':
-    # remove_blocks(merge=...) is prune with block flags: the same shapes.
-    flags = _keep_flags(cfg, opts).astype(np.float32)
-    mask = _uniform_mask(cfg, None, None).replace(
-        double_blocks=flags[:cfg.depth], single_blocks=flags[cfg.depth:])
-    return _shaped(lambda p: compress.prune(cfg, p, mask), params)
-  if kind == 'static_modulation':
-    pooled = jax.ShapeDtypeStruct((2, vec_in_dim), jnp.float32)
-    box = {}
-
-    def run(p, y):
-      c, out = compress.to_static_modulation(
-          cfg, p, schedule[:-1], y, guidance=opts.get('guidance'))
-      box['cfg'] = c
-      return out
-    out = jax.eval_shape(run, params, pooled)
-    return box['cfg'], out
-  if kind == 'downsample':
-    n = cfg.num_blocks
-    start, end = (v % n if v < 0 else v for v in (opts['start'],
-                                                  opts['end']))
-    return _shaped(lambda p: compress.add_downsampler(
-        cfg, p, start, end, jax.random.PRNGKey(0), opts.get('factor', 2),
-        opts.get('channels', 0)), params)
-  return cfg, params
+  def run(*a):
+    out, static = fn(*a)
+    box.append(static)
+    return out
+  out = jax.eval_shape(run, *args)
+  return out, box[0]
 
 
 # ---------------------------------------------------------------------------

@@ -1,10 +1,16 @@
 """Per-rung, per-device memory plan of a ladder, before anything is launched.
 
 `plan_ladder(config, mesh, hbm_bytes)` walks the ladder's rungs the way
-`ladder.run_ladder` does, but on shapes only: every student is what the
-rung's real transform (`compress.prune`, `remove_blocks`,
-`to_static_modulation`, `add_downsampler`) returns under `jax.eval_shape`,
-and every byte count is the shard of an array on one device under
+`runner.run_ladder` does, but on shapes only: every rung asks its kind
+(rungs.RUNG_KINDS). Its `shapes` (the kind's compression with the expected
+data-dependent choices: `compress.prune`, `remove_blocks`,
+`to_static_modulation`, `add_downsampler`, ...) runs under `jax.eval_shape`
+and gives the student and the stage the next rung starts from (its sampling
+steps included); a kind without one keeps both. Its `role` says what is
+trained: the DiT ('denoiser'), a student T5 beside the frozen DiT, or
+nothing (an export). An ablation rung is planned but, as in the ladder, the
+rungs after it start from the stage before it. Every byte count is the
+shard of an array on one device under
 `parallel.RULES` (`NamedSharding.shard_shape`). Nothing is allocated, and
 the mesh may be an `AbstractMesh` of any size (`memory_bytes.abstract_mesh`), so a
 64-device plan runs on a laptop.
@@ -28,17 +34,16 @@ teacher and every student (the transforms re-scan what they return).
 `trainer.train` runs) from abstract shapes, so tests can hold the plan
 against XLA's `compile().memory_analysis()`.
 
-Data-dependent choices are planned with their expected sizes: pruning keeps
-`round(keep * width)` units in every block (scope='block'; 'global' keeps
-the same total, unevenly), a depth rung with keep_blocks keeps double and
-single blocks in proportion.
+Data-dependent choices are planned with their expected sizes (the kinds'
+`shapes`, compress_rungs.py): pruning keeps `round(keep * width)` units in
+every block (scope='block'; 'global' keeps the same total, unevenly), a
+depth rung with keep_blocks keeps double and single blocks in proportion.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -46,15 +51,18 @@ import jax.numpy as jnp
 import ml_collections
 
 from nanoflux_jax import parallel
+from nanoflux_jax.compress import layout
 from nanoflux_jax.compress import student_t5 as te_student
-from nanoflux_jax import sampling
 from nanoflux_jax.configs import FluxConfig, T5Config
 from nanoflux_jax.distill import loop
 from nanoflux_jax.ladder import memory_bytes as mb
 from nanoflux_jax.ladder import rungs
+from nanoflux_jax.ladder.stage import Stage
 from nanoflux_jax.distill import trainer
 from nanoflux_jax.models import sharding
 from nanoflux_jax.models.t5 import StudentTextEncoder, T5Encoder
+
+Student = tuple[FluxConfig, Any]  # (config, abstract params)
 
 # ---------------------------------------------------------------------------
 # The plan.
@@ -85,11 +93,62 @@ class RungPlan:
     return self.total <= self.budget
 
 
-def _rung_config(config, rung) -> ml_collections.ConfigDict:
-  dc = copy.deepcopy(config.distill)
-  if rung.get('kind') != 'text_encoder':
-    rungs.override(dc, dict(rung.get('distill', {}) or {}),
-                   f"rung {rung.get('kind')}")
+# ---------------------------------------------------------------------------
+# Rungs on shapes.
+# ---------------------------------------------------------------------------
+def rung_options(rung: Mapping, where: str = 'rung'
+                 ) -> tuple[rungs.RungKind, dict]:
+  """(its kind, its options with the kind's defaults) of a config.rungs
+  entry, as runner.check_config fills them (without the kind's checks,
+  which may need files the plan does not).
+
+  Raises:
+    ValueError: naming `where` and the kind, when it is not registered.
+  """
+  r = dict(rung.to_dict() if isinstance(rung, ml_collections.ConfigDict)
+           else rung)
+  kind = rungs.RUNG_KINDS.get(r.get('kind'))
+  if kind is None:
+    raise ValueError(f"{where}: unknown kind {r.get('kind')!r}; known kinds: "
+                     f'{sorted(rungs.RUNG_KINDS)}')
+  return kind, {**kind.defaults, 'ablation': False, **r,
+                'distill': dict(r.get('distill') or {})}
+
+
+def rung_shapes(rung: Mapping, stage: Stage, student: Student
+                ) -> tuple[Student, Stage]:
+  """(student, stage) after the compression of `rung` (a config.rungs
+  entry), on shapes: its kind's `shapes` under jax.eval_shape, on unrolled
+  blocks as the ladder compresses (a scanned student is unscanned, then
+  the result re-scanned). A kind without `shapes` keeps both.
+
+  student: (cfg, params as ShapeDtypeStructs); stage: the one the rung
+  starts from (its dit_config is student's config).
+  """
+  kind, opts = rung_options(rung)
+  if kind.shapes is None:
+    return student, stage
+  stages = []
+
+  def transform(s: Student) -> Student:
+    def fn(params):
+      (cfg, out), new = kind.shapes(stage, (s[0], params), opts)
+      return out, (cfg, new)
+    out, (cfg, new) = mb.shaped(fn, s[1])
+    stages.append(new)
+    return cfg, out
+  out = layout.compress_unrolled(transform, student)
+  return out, dataclasses.replace(stages[0], dit_config=out[0])
+
+
+def _rung_config(config, kind: rungs.RungKind, opts: dict, stage: Stage,
+                 where: str) -> ml_collections.ConfigDict:
+  """The rung's distillation config (the kind's base + its overrides), at
+  the stage's sampling steps for a denoiser (rungs.distill_config)."""
+  dc = kind.base_distill(config)
+  rungs.override(dc, opts['distill'], f'{where}.distill')
+  if kind.trains_denoiser:
+    dc.num_sampling_steps = stage.num_steps
   return dc
 
 
@@ -160,9 +219,9 @@ def dit_rung_plan(name: str, c, s_cfg: FluxConfig, s_params,
                   budget, lg[1], lg[0], n, tuple(notes))
 
 
-def _t5_plan(name, config, rung, student: tuple, mesh, budget, attention):
-  """The text-encoder rung: T5-XXL (frozen) + denoiser (frozen) + student."""
-  tc = rungs.text_encoder_config(rung, name)
+def _t5_plan(name, tc, student: tuple, mesh, budget, attention):
+  """A text-encoder rung (distillation config tc): T5-XXL (frozen) +
+  denoiser (frozen) + student."""
   t_cfg = T5Config(dtype='bfloat16', param_dtype='bfloat16')  # T5-XXL.
   f_cfg, f_params = student
   out_dim = t_cfg.d_model
@@ -243,28 +302,29 @@ def plan_ladder(config, mesh, hbm_bytes: int, *, teacher_preset='schnell',
       [B, H, L, L] scores; 'xla' keeps them).
   """
   t_cfg, t_params = teacher_shapes(config, teacher_preset, teacher_dtype)
-  cur_cfg, cur = t_cfg, t_params
-  grid = tuple(config.distill.data.grid)
-  schedule = tuple(sampling.get_schedule(
-      config.distill.num_sampling_steps, grid[0] * grid[1], shift=False))
+  student = (t_cfg, t_params)
+  stage = Stage(t_cfg, config.distill.num_sampling_steps,
+                tuple(config.distill.data.grid))
   out = []
   for i, rung in enumerate(config.rungs):
-    rung = dict(rung)
-    kind = rung['kind']
-    name = f'{i} {kind}'
-    if kind == 'export':
-      continue
-    if kind == 'text_encoder':
-      out.append(_t5_plan(name, config, rung, (cur_cfg, cur), mesh,
+    kind, opts = rung_options(rung, f'plan rung {i}')
+    name = f'{i} {kind.name}'
+    new_student, new_stage = rung_shapes(opts, stage, student)
+    if kind.role == 'text_encoder':
+      out.append(_t5_plan(name, _rung_config(config, kind, opts, new_stage,
+                                             name), new_student, mesh,
                           hbm_bytes, attention))
-      continue
-    cur_cfg, cur = mb.transform_shapes(kind, cur_cfg, cur, rung, schedule,
-                                    t_cfg.vec_in_dim)
-    params = cur if student_dtype is None else jax.tree.map(
-        lambda s: jax.ShapeDtypeStruct(s.shape, student_dtype), cur)
-    c = _rung_config(config, rung)
-    out.append(dit_rung_plan(name, c, cur_cfg, params, t_cfg, t_params, mesh,
-                             hbm_bytes, attention))
+    elif kind.trains_denoiser:
+      s_cfg, params = new_student
+      if student_dtype is not None:
+        params = jax.tree.map(
+            lambda s: jax.ShapeDtypeStruct(s.shape, student_dtype), params)
+      c = _rung_config(config, kind, opts, new_stage, name)
+      out.append(dit_rung_plan(name, c, s_cfg, params, t_cfg, t_params, mesh,
+                               hbm_bytes, attention))
+    # Any other role (an export) trains nothing.
+    if not opts['ablation']:  # The rungs after an ablation skip it.
+      student, stage = new_student, new_stage
   return out
 
 

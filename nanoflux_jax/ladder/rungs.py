@@ -11,9 +11,10 @@ A rung kind is registered with `register_rung` and declares what it is:
                                     plan, resume from the trainer's
                                     checkpoint and the step-0 PSNR apply),
                                     'text_encoder' or 'export';
-  shapes(cfg, params, opts, grid)   optional: the compression on abstract
-                                    params (under jax.eval_shape), for the
-                                    memory plan;
+  shapes(stage, student, opts)      optional: -> (student, stage), the
+                                    compression on abstract params (run
+                                    under jax.eval_shape), for the memory
+                                    plan;
   distill_base(config)              optional: the config the rung's
                                     `distill` overrides apply to (default:
                                     config.distill for denoiser rungs,
@@ -31,7 +32,6 @@ embedder and the rung's folder.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 from typing import Any, Callable, Mapping
 
@@ -91,7 +91,7 @@ class RungKind:
   run: Callable[..., RungResult]
   check: Callable[..., None] | None = None
   role: str = 'denoiser'
-  shapes: Callable[..., tuple[FluxConfig, Any]] | None = None
+  shapes: Callable[..., tuple[Student, Stage]] | None = None
   distill_base: Callable[..., ml_collections.ConfigDict] | None = None
 
   @property
@@ -141,20 +141,40 @@ def unchanged(ctx, stage: Stage, student: Student, opts
   return student, stage
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Context:
-  """What rungs read: config, mesh, the original teacher, the embedder."""
+  """What rungs read: config, mesh, the original teacher, the embedder.
+
+  Frozen: a rung gets `ctx.at(rung_dir)`, a copy that shares the loaded
+  teacher (and its pipeline) with every other rung's.
+  """
   config: ml_collections.ConfigDict
   mesh: jax.sharding.Mesh
   grid: tuple[int, int]
   workdir: str
   rung_dir: str = ''               # the folder of the rung being run.
+  # The teacher, its pipeline and stage, loaded on first use; shared by
+  # every copy `at` makes.
+  _loaded: dict = dataclasses.field(default_factory=dict, repr=False,
+                                    compare=False)
 
-  @functools.cached_property
+  def at(self, rung_dir: str) -> 'Context':
+    """This context for the rung in rung_dir."""
+    return dataclasses.replace(self, rung_dir=rung_dir)
+
+  def _once(self, key: str, make: Callable[[], Any]):
+    if key not in self._loaded:
+      self._loaded[key] = make()
+    return self._loaded[key]
+
+  @property
   def pipeline(self):
     """The teacher's FluxPipeline: the shapes-world teacher (trained once,
     cached in workdir/teacher) or config.teacher.pipeline; None for a bare
     DiT teacher (then prompts get random stand-in embeddings)."""
+    return self._once('pipeline', self._load_pipeline)
+
+  def _load_pipeline(self):
     t = self.config.teacher
     if t.get('shapes'):
       return shapes_teacher.load_or_train(
@@ -174,17 +194,17 @@ class Context:
                         (p.vae_cfg, p.vae_params), p.tokenizer, p.tokenizer_2)
     return pipe.with_text_encoder(text_encoder) if text_encoder else pipe
 
-  @functools.cached_property
+  @property
   def teacher_stage(self) -> Stage:
     """The ladder's first stage: the teacher, as config.distill samples it."""
     return Stage(self.teacher[0], self.config.distill.num_sampling_steps,
                  self.grid)
 
-  @functools.cached_property
+  @property
   def teacher(self) -> Student:
     """Loaded on first use: a resumed ladder may not need it at all."""
-    return teacher_lib.load_teacher(self.config.teacher, self.mesh,
-                                    self.pipeline)
+    return self._once('teacher', lambda: teacher_lib.load_teacher(
+        self.config.teacher, self.mesh, self.pipeline))
 
   def embed(self, prompts, chunk: int = 64) -> dict:
     """{'txt', 'y'} of prompts: the pipeline's encoders, or else the random
@@ -288,6 +308,12 @@ def distill_denoiser(ctx: Context, stage: Stage, student: Student, opts, *,
   tc = distill_config(ctx, stage, opts)
   if teacher_steps is not None:
     tc.teacher_num_sampling_steps = teacher_steps
+  elif loss is None and stage.num_steps != ctx.teacher_stage.num_steps:
+    raise ValueError(
+        f'{ctx.rung_dir}: this student samples in {stage.num_steps} steps, '
+        f'the teacher in {ctx.teacher_stage.num_steps}; the default '
+        'distillation matches them step for step. Put the step-distillation '
+        'rung after the last rung that distils the denoiser.')
   real = tc.loss.weights.get('rf', 0.0) > 0
   state, history = trainer.train(
       tc, ctx.rung_dir, teacher=ctx.teacher, student=student, mesh=ctx.mesh,

@@ -36,8 +36,8 @@ trained once into workdir/teacher; or config.teacher.pipeline: a FLUX
 folder) prompts get the pipeline's real embeddings, text-encoder rungs
 distil its T5, the export rung writes the final pipeline (workdir/pipeline)
 and its .tflite files (workdir/tflite/{fp32,int8}), and
-config.evaluate scores every rung after the last one (ladder_eval.py:
-{rung dir}/eval.json, samples/eval_*.png, report sections).
+config.evaluate names the evaluators run after every rung (evaluators.py:
+{type, every, ...options}; {stage dir}/eval_{type}.json, report sections).
 
 Resume: a rung with done.json is skipped and its stage.json restored; an
 unfinished rung restarts its compression only if the trainer had not saved a
@@ -55,36 +55,30 @@ import dataclasses
 import functools
 import json
 import os
-import statistics
-import time
 from typing import Callable
 
 from absl import logging
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from nanoflux_jax import atomic
 from nanoflux_jax import checkpoint
-from nanoflux_jax import compress
 from nanoflux_jax.compress import layout
-from nanoflux_jax import images
 from nanoflux_jax import parallel
-from nanoflux_jax import sampling
-from nanoflux_jax.ladder import clip_eval
+from nanoflux_jax.ladder import evaluators
+from nanoflux_jax.ladder import measure as measure_lib
 from nanoflux_jax.distill import data as data_lib
-from nanoflux_jax.shapes import evaluation as ladder_eval
 from nanoflux_jax.distill import loop
 from nanoflux_jax.ladder import provenance
+from nanoflux_jax.ladder import report as report_lib
 from nanoflux_jax.ladder import rungs as rungs_lib
 from nanoflux_jax.ladder import stage as stage_lib
 from nanoflux_jax.distill import workdir_lock
 from nanoflux_jax.ladder.rungs import Context, RUNG_KINDS, RungKind, Student
 from nanoflux_jax.ladder.stage import Stage
-from nanoflux_jax.evaluate import metrics
-from nanoflux_jax.models import flux as flux_lib
 from nanoflux_jax.models import sharding
+from nanoflux_jax.pipeline import is_pipeline
 
 
 # ---------------------------------------------------------------------------
@@ -112,9 +106,13 @@ def check_config(config: ml_collections.ConfigDict) -> list[dict]:
                                              'pipeline')):
     raise ValueError('ladder: set config.teacher.path, .preset, .shapes or '
                      '.pipeline')
+  start = config.get('student')
+  if start and not checkpoint.is_checkpoint(_start_dit(start)):
+    raise FileNotFoundError(f'ladder: student {start!r} is neither a '
+                            'pipeline folder nor a nanoflux checkpoint')
   data_lib.load_prompts(config.distill.data.prompts)
   data_lib.load_prompts(config.samples.prompts)
-  clip_eval.check_config(config)  # config.clip_eval (off when empty).
+  evaluators.check_config(config)  # config.evaluate: [{type, every, ...}].
   rungs = []
   for i, r in enumerate(raw):
     r = dict(r.to_dict() if isinstance(r, ml_collections.ConfigDict) else r)
@@ -140,163 +138,6 @@ def check_config(config: ml_collections.ConfigDict) -> list[dict]:
       spec.check(config, opts, where)
     rungs.append(opts)
   return rungs
-
-
-# ---------------------------------------------------------------------------
-# Measuring a model: size, FLOPs, latency, samples.
-# ---------------------------------------------------------------------------
-def _forward_ms(ctx: Context, student: Student, repeats: int) -> float:
-  """Median ms of a jitted batch-1 forward (compile + one warm-up excluded)."""
-  cfg, params = student
-  (h, w), t = ctx.grid, ctx.config.distill.data.txt_len
-  x = dict(img=jnp.zeros((1, h * w, cfg.in_channels)),
-           img_ids=sampling.image_ids(1, h, w), txt_ids=sampling.text_ids(1, t),
-           txt=jnp.zeros((1, t, cfg.context_in_dim)),
-           timesteps=jnp.full((1,), 0.5), y=jnp.zeros((1, cfg.vec_in_dim)))
-  fwd = jax.jit(functools.partial(flux_lib.Flux(cfg).apply,
-                                  img_grid=rungs_lib.img_grid(cfg, ctx.grid)))
-  times = []
-  for _ in range(max(1, repeats) + 1):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fwd({'params': params}, **x))
-    times.append(1e3 * (time.perf_counter() - t0))
-  return statistics.median(times[1:])
-
-
-def _sample(ctx: Context, stage: Stage, student: Student) -> np.ndarray:
-  """Final latents [N, L, C] for the fixed sample prompts and noise."""
-  cfg, params = student
-  s = ctx.config.samples
-  prompts = data_lib.load_prompts(s.prompts)[:s.num]
-  emb = ctx.embed(prompts)
-  h, w = ctx.grid
-  n = len(prompts)
-  noise = np.random.default_rng(s.seed).standard_normal(
-      (n, h * w, cfg.in_channels), np.float32)
-  out = sampling.denoise(
-      cfg, params, jnp.asarray(noise), sampling.image_ids(n, h, w),
-      jnp.asarray(emb['txt']), sampling.text_ids(n, emb['txt'].shape[1]),
-      jnp.asarray(emb['y']), jnp.asarray(stage.schedule, jnp.float32),
-      img_grid=rungs_lib.img_grid(cfg, ctx.grid))
-  return np.asarray(out)
-
-
-def latent_preview(latents: np.ndarray, grid, scale: int = 8) -> np.ndarray:
-  """Packed latents [N, L, C] -> uint8 [N, H, W, 3] from latent channels 0-2.
-
-  A fixed value range (+-2.5) rather than per-image normalisation keeps the
-  rungs' grids comparable. Real runs can decode with a VAE instead.
-  """
-  gh, gw = grid
-  x = np.asarray(sampling.unpack(jnp.asarray(latents), 2 * gh, 2 * gw))
-  x = x[:, :3].transpose(0, 2, 3, 1)
-  if x.shape[-1] < 3:
-    x = np.concatenate([x] + [x[..., :1]] * (3 - x.shape[-1]), -1)
-  x = np.clip((x + 2.5) / 5.0 * 255.0, 0, 255).astype(np.uint8)
-  return x.repeat(scale, 1).repeat(scale, 2)
-
-
-def _sample_images(ctx: Context, latents: np.ndarray) -> np.ndarray:
-  """uint8 [N, H, W, 3]: decoded by the teacher pipeline's VAE, else latent
-  previews."""
-  if ctx.pipeline is None:
-    return latent_preview(latents, ctx.grid, ctx.config.samples.scale)
-  return np.asarray(ctx.pipeline.decode_latents(
-      jnp.asarray(latents), ctx.resolution, ctx.resolution))
-
-
-def _sample_psnr(ctx: Context, latents: np.ndarray) -> float | None:
-  """PSNR (dB) of the sample images against the teacher's (same noise);
-  None without a teacher pipeline."""
-  if ctx.pipeline is None:
-    return None
-  reference = np.load(_teacher_latents_file(ctx.workdir))
-  return float(metrics.psnr(_sample_images(ctx, latents),
-                            _sample_images(ctx, reference)))
-
-
-def _teacher_latents_file(workdir: str) -> str:
-  return os.path.join(workdir, 'samples', 'teacher_latents.npy')
-
-
-def _measure(ctx: Context, stage: Stage, student: Student, name: str,
-             workdir: str, reference: np.ndarray | None
-             ) -> tuple[dict, np.ndarray]:
-  """(report row, sample latents); writes samples/{name}.png."""
-  cfg, _ = student
-  h, w = ctx.grid
-  t = ctx.config.distill.data.txt_len
-  latents = _sample(ctx, stage, student)
-  png = os.path.join('samples', f'{name}.png')
-  if jax.process_index() == 0:
-    images.save_grid(_sample_images(ctx, latents), os.path.join(workdir, png))
-  mse = 0.0 if reference is None else np.mean(np.square(latents - reference))
-  return dict(name=name, params=int(compress.count_params(cfg)),
-              gflops=compress.count_flops(cfg, h * w, t) / 1e9,
-              ms=_forward_ms(ctx, student, ctx.config.timing.repeats),
-              device=jax.devices()[0].device_kind, sample_mse=float(mse),
-              sample_psnr=None if reference is None else _sample_psnr(
-                  ctx, latents),
-              samples=png), latents
-
-
-# ---------------------------------------------------------------------------
-# Report files (atomic).
-# ---------------------------------------------------------------------------
-def _write_atomic(path: str, text: str) -> None:
-  if jax.process_index() == 0:
-    atomic.write_file(path, lambda f: f.write(text))
-
-
-def _read_json(path: str):
-  if os.path.isfile(path):
-    with open(path) as f:
-      return json.load(f)
-
-
-def _fmt(v, spec: str) -> str:
-  return '-' if v is None else format(v, spec)
-
-
-def report_markdown(report: dict) -> str:
-  """The markdown table: the teacher row, then one row per finished rung."""
-  c = report['setup']
-  lines = [
-      '# NanoFLUX compression ladder', '',
-      f"Forward: batch 1, {c['img_len']} image + {c['txt_len']} text tokens "
-      f"on {c['device']}; ms = median of {c['repeats']} jitted calls. Sample "
-      'MSE: final latents vs the teacher\'s (same prompts and noise); '
-      'sample PSNR: their images against the teacher\'s, right after the '
-      'compression (step 0) and after the distillation. Trained on: the '
-      'device that distilled the rung (and timed its ms / fwd).', '',
-      '| rung | kind | params | GFLOPs | ms / fwd | trained on | steps | '
-      'loss | output_kd | sample MSE | sample PSNR step 0 -> end (dB) | '
-      'samples |',
-      '|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---|']
-  for r in [report['teacher']] + report['rungs']:
-    loss = r.get('losses') or {}
-    name = r['name'] + (' (ablation)' if r.get('ablation') else '')
-    lines.append(
-        f"| {name} | {r.get('kind', '-')} | {r['params']:,} | "
-        f"{r['gflops']:.4g} | {r['ms']:.2f} | {r.get('device', '-')} | "
-        f"{r.get('steps', '-')} | "
-        f"{_fmt(loss.get('loss'), '.4g')} | "
-        f"{_fmt(loss.get('output_kd'), '.4g')} | {r['sample_mse']:.4g} | "
-        f"{_fmt(r.get('sample_psnr_init'), '.2f')} -> "
-        f"{_fmt(r.get('sample_psnr'), '.2f')} | [png]({r['samples']}) |")
-  if any(r.get('settings') for r in report['rungs']):
-    lines += ['', provenance.markdown(report['rungs'])]
-  if report.get('evaluation'):
-    lines += ['', ladder_eval.markdown(report)]
-  if report.get('clip_eval'):
-    lines += ['', clip_eval.markdown(report)]
-  return '\n'.join(lines) + '\n'
-
-
-def _write_report(workdir: str, report: dict) -> None:
-  _write_atomic(os.path.join(workdir, 'report.json'),
-                json.dumps(report, indent=2, sort_keys=True))
-  _write_atomic(os.path.join(workdir, 'report.md'), report_markdown(report))
 
 
 # ---------------------------------------------------------------------------
@@ -332,10 +173,28 @@ def _compressed(ctx: Context, kind: RungKind, rung: dict, stage: Stage,
   psnr = None
   if kind.trains_denoiser:  # Its values will be trained into rung_dir/student.
     new = dataclasses.replace(new, dit=os.path.join(rung_dir, 'student'))
-    psnr = _sample_psnr(ctx, _sample(ctx, new, out))
+    psnr = measure_lib.sample_psnr(ctx, measure_lib.sample(ctx, new, out))
   if jax.process_index() == 0:
     stage_lib.save(path, new, ctx.workdir, sample_psnr_init=psnr)
   return out, new
+
+
+def _start_dit(path: str) -> str:
+  """The DiT checkpoint of config.student: a pipeline folder's
+  transformer/, or the path itself."""
+  return os.path.join(path, 'transformer') if is_pipeline(path) else path
+
+
+def _start_stage(ctx: Context) -> Stage:
+  """The stage the first rung compresses: the teacher's, or with
+  config.student (a finished ladder's pipeline folder or student
+  checkpoint) that student, sampling as config.distill does."""
+  path = ctx.config.get('student')
+  if not path:
+    return ctx.teacher_stage
+  dit = _start_dit(path)
+  return Stage(checkpoint.load_config(dit),
+               ctx.config.distill.num_sampling_steps, ctx.grid, dit=dit)
 
 
 def _rung_dir(workdir: str, i: int, rung: dict) -> str:
@@ -349,7 +208,9 @@ def run_ladder(config: ml_collections.ConfigDict, workdir: str, *,
   Args:
     config: see experiments/configs/ladder_tiny.py (teacher, mesh, distill,
       samples, timing, rungs) and experiments/configs/shapes.py (plus
-      evaluate: the toy-world evaluation of every rung).
+      evaluate: the evaluators). Optional config.student: a finished
+      ladder's pipeline folder or student checkpoint to start from instead
+      of the teacher (the rungs still distil from the teacher).
     workdir: all outputs; an existing ladder there is resumed.
     mesh: default parallel.create_mesh(config.mesh).
   Returns:
@@ -374,9 +235,9 @@ def _run_ladder(config: ml_collections.ConfigDict, workdir: str,
   for i, rung in enumerate(rungs):
     rung_dir = _rung_dir(workdir, i, rung)
     provenance.check_rung(config, workdir, rung_dir, rung, teacher_id,
-                          _read_json(os.path.join(rung_dir, 'done.json')),
+                          report_lib.read_json(os.path.join(rung_dir, 'done.json')),
                           write=False)
-  _write_atomic(os.path.join(workdir, CONFIG_FILE),
+  report_lib.write_atomic(os.path.join(workdir, CONFIG_FILE),
                 config.to_json_best_effort(indent=2, sort_keys=True))
   dc = config.distill
   grid = tuple(dc.data.grid)
@@ -384,16 +245,16 @@ def _run_ladder(config: ml_collections.ConfigDict, workdir: str,
   report = dict(setup=dict(img_len=grid[0] * grid[1], txt_len=dc.data.txt_len,
                            device=jax.devices()[0].device_kind,
                            repeats=config.timing.repeats),
-                teacher=_read_json(os.path.join(workdir, 'teacher.json')),
+                teacher=report_lib.read_json(os.path.join(workdir, 'teacher.json')),
                 rungs=[], complete=False)
-  ref_file = _teacher_latents_file(workdir)
+  ref_file = measure_lib.teacher_latents_file(workdir)
   if report['teacher'] is None or not os.path.isfile(ref_file):
-    row, ref = _measure(ctx, ctx.teacher_stage, ctx.teacher, 'teacher',
+    row, ref = measure_lib.measure(ctx, ctx.teacher_stage, ctx.teacher, 'teacher',
                         workdir, None)
     report['teacher'] = dict(row, kind='-')
     if jax.process_index() == 0:
       atomic.write_file(ref_file, lambda f: np.save(f, ref), 'wb')
-    _write_atomic(os.path.join(workdir, 'teacher.json'),
+    report_lib.write_atomic(os.path.join(workdir, 'teacher.json'),
                   json.dumps(report['teacher'], indent=2))
 
   # A stage's DiT is loaded lazily and kept while it is the newest one: a
@@ -418,9 +279,10 @@ def _run_ladder(config: ml_collections.ConfigDict, workdir: str,
                  dir=os.path.join(workdir, 'teacher'))]
   for i, rung in enumerate(rungs):
     kind = RUNG_KINDS[rung['kind']]
-    ctx.rung_dir = rung_dir = _rung_dir(workdir, i, rung)
+    rung_dir = _rung_dir(workdir, i, rung)
+    rung_ctx = ctx.at(rung_dir)
     name = os.path.basename(rung_dir)
-    done = _read_json(os.path.join(rung_dir, 'done.json'))
+    done = report_lib.read_json(os.path.join(rung_dir, 'done.json'))
     settings = provenance.check_rung(config, workdir, rung_dir, rung,
                                      teacher_id, done, write=True)
     stage_file = os.path.join(rung_dir, stage_lib.STAGE_FILE)
@@ -434,14 +296,14 @@ def _run_ladder(config: ml_collections.ConfigDict, workdir: str,
                                 '(remove its done.json)')
       new = saved[0]
     else:
-      before = current or ctx.teacher_stage
+      before = current or _start_stage(ctx)
       student, compressed = _compressed(
-          ctx, kind, rung, before, functools.partial(dit, before))
-      result = kind.run(ctx, compressed, student, rung)
+          rung_ctx, kind, rung, before, functools.partial(dit, before))
+      result = kind.run(rung_ctx, compressed, student, rung)
       if not result.finished:
         logging.info('ladder: %s stopped early (distill.stop_after); rerun '
                      'to resume', name)
-        _write_report(workdir, report)
+        report_lib.write_report(workdir, report)
         return report
       new = result.stage or compressed
       if result.student is not None:
@@ -449,27 +311,25 @@ def _run_ladder(config: ml_collections.ConfigDict, workdir: str,
         loaded[new.dit] = result.student
       initial = stage_lib.load(os.path.join(
           rung_dir, stage_lib.COMPRESSED_FILE), workdir)
-      row, _ = _measure(ctx, new, dit(new), name, workdir, np.load(ref_file))
+      row, _ = measure_lib.measure(ctx, new, dit(new), name, workdir, np.load(ref_file))
       row.update(result.fields, kind=kind.name, ablation=rung['ablation'],
                  sample_psnr_init=(initial or (None, {}))[1].get(
                      'sample_psnr_init'))
       if jax.process_index() == 0:
         stage_lib.save(stage_file, new, workdir)
-      _write_atomic(os.path.join(rung_dir, 'done.json'), json.dumps(
+      report_lib.write_atomic(os.path.join(rung_dir, 'done.json'), json.dumps(
           dict(rung=provenance.marker_key(rung), row=row), indent=2))
       logging.info('ladder: %s done: %s', name, row)
     row = dict(row, settings=provenance.summary(settings, config))
     report['rungs'].append(row)
-    _write_report(workdir, report)
+    report_lib.write_report(workdir, report)
     if not rung['ablation']:
       current = new
     stages.append(dict(row=row, dit=functools.partial(dit, new),
                        text_encoder=new.text_encoder, stage=new,
                        dir=rung_dir, exports=row.get('exports')))
-    if clip_eval.score_stages(ctx, stages, report):  # The teacher, then each.
-      _write_report(workdir, report)
-  if config.get('evaluate') and ctx.pipeline is not None:
-    report['evaluation'] = ladder_eval.evaluate_stages(ctx, stages)
+    if evaluators.run(ctx, stages, report):  # The teacher, then each due.
+      report_lib.write_report(workdir, report)
   report['complete'] = True
-  _write_report(workdir, report)
+  report_lib.write_report(workdir, report)
   return report

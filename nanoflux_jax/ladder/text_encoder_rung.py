@@ -46,6 +46,9 @@ def _distill_text_encoder(ctx: Context, stage: Stage, student: Student, opts
   unchanged.
   """
   tc = text_encoder_config(opts, 'text_encoder')
+  # The frozen denoiser samples on its own schedule.
+  tc.num_sampling_steps = (stage.num_steps if opts['denoiser'] == 'student'
+                           else ctx.teacher_stage.num_steps)
   t5 = tokens = None
   if opts['teacher_t5']:
     t5 = load_t5_encoder(opts['teacher_t5'],

@@ -12,6 +12,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from nanoflux_jax import parallel
 from nanoflux_jax.models import splash
@@ -155,21 +156,36 @@ def rope(ids: Array, axes_dim: Sequence[int], theta: float) -> tuple[Array, Arra
     omega = 1.0 / theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d)
     angles.append(ids[..., i:i + 1].astype(jnp.float32) * omega)
   angle = jnp.concatenate(angles, axis=-1)[:, :, None, :]
-  # The barrier makes XLA compute cos and sin once, into buffers; without it
-  # XLA:CPU fuses both into every consumer, so each block's q and k fusions
-  # recompute them per head (in a profile of the shapes teacher at batch 8 x
-  # 88 tokens those fusions took 11% of the op time). An identity for the
-  # values; the TFLite converter drops it.
-  return jax.lax.optimization_barrier((jnp.cos(angle), jnp.sin(angle)))
+  return jnp.cos(angle), jnp.sin(angle)
 
 
 def apply_rope(x: Array, pe: tuple[Array, Array]) -> Array:
-  """Rotates interleaved channel pairs of x [B, L, H, D] by pe (from `rope`)."""
+  """Rotates interleaved channel pairs of x [B, L, H, D] by pe (from `rope`).
+
+  out = x * [c0, c0, c1, c1, ...] + swap_pairs(x) * [-s0, s0, -s1, s1, ...].
+  The per-channel cos / sin [B, L, 1, D] are a gather of pe's per-pair
+  values, and the gather is why: XLA counts cos / sin as cheap and fuses
+  them into every consumer, where the broadcast over heads (and the two
+  halves of each pair) made every block's q and k fusions evaluate them
+  4 * H times per angle (in a profile of the shapes teacher at batch 8 x 88
+  tokens those fusions took ~12% of the op time; an optimization_barrier
+  does not stop it, XLA:CPU removes barriers before fusion). A gather counts
+  as expensive, so XLA materialises it instead of fusing it into the
+  broadcasting consumer: cos / sin are evaluated once per forward (CSE
+  merges every block's identical gathers) and the q/k fusions only multiply.
+  (A matmul with a 0/1 matrix would do the same for XLA, but the TFLite
+  converter folds the reshapes around it into a rank-4 BATCH_MATMUL that
+  it then rejects; a gather becomes GATHER_ND.)
+  """
   cos, sin = pe
-  x32 = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
-  x0, x1 = x32[..., 0], x32[..., 1]
-  out = jnp.stack([cos * x0 - sin * x1, sin * x0 + cos * x1], axis=-1)
-  return out.reshape(x.shape).astype(x.dtype)
+  half = cos.shape[-1]
+  pairs = np.repeat(np.arange(half), 2)            # [0, 0, 1, 1, ...]
+  sign = np.tile(np.array([-1., 1.], np.float32), half)
+  take = lambda a: jnp.take(a, pairs, axis=-1, mode='clip')  # In bounds.
+  c, sn = take(cos), take(sin) * sign
+  x32 = x.astype(jnp.float32)
+  swapped = x32.reshape(*x.shape[:-1], -1, 2)[..., ::-1].reshape(x.shape)
+  return (x32 * c + swapped * sn).astype(x.dtype)
 
 
 # Attention on CPU. The scores of one head at 1152 tokens are 5 MB: written by

@@ -6,4 +6,5 @@ line here.
 # pylint: disable=unused-import
 from nanoflux_jax.ladder import compress_rungs  # prune, depth, static_modulation, downsample, finetune
 from nanoflux_jax.ladder import export_rung  # export
+from nanoflux_jax.ladder import step_rung  # step_distill
 from nanoflux_jax.ladder import text_encoder_rung  # text_encoder

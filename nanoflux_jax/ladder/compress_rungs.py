@@ -74,7 +74,8 @@ def _prune_shapes(stage: Stage, student: Student, opts
                check=_check_prune, shapes=_prune_shapes)
 def _prune(ctx: Context, stage: Stage, student: Student, opts
            ) -> tuple[Student, Stage]:
-  """Heads / MLP channels ranked by sensitivity on the student's trajectories."""
+  """Heads / MLP channels ranked by sensitivity on the student's
+  trajectories."""
   cfg, params = student
   scores = compress.sensitivity(
       cfg, params, _calib(ctx, stage, student, opts), opts['criterion'],

@@ -125,8 +125,11 @@ def _block_work(cfg: FluxConfig, heads, mlps, li, lt, b, tensor, act,
   d, dh = cfg.hidden_size, cfg.head_dim
   h = tensor_split(heads, tensor)
   length = li + lt
-  m = sum(tensor_split(x, tensor) * (li if i == 0 else lt) for i, x in
-          enumerate(mlps)) if len(mlps) == 2 else tensor_split(mlps[0], tensor) * length
+  if len(mlps) == 2:
+    m = sum(tensor_split(x, tensor) * (li if i == 0 else lt)
+            for i, x in enumerate(mlps))
+  else:
+    m = tensor_split(mlps[0], tensor) * length
   # Residual in/out, two normalised + modulated copies, q/k/v (and RoPE'd
   # q/k), the attention output, the MLP hidden before and after GELU.
   tok = length * (4 * d + 6 * h * dh) + 2 * m
@@ -218,8 +221,8 @@ def gathered_bytes(cfg: FluxConfig, params, compute_dtype: str,
   params (compute dtype) from the forward to the rematerialised backward,
   and (grads=True) the gradients whole in fp32 before their
   reduce-scatter. With `shardings`, a gathered tensor stays split over
-  the mesh axes other than 'fsdp' (tensor). Scanned runs (scan_blocks=True, remat): the loop body
-  gathers one layer's slice at a time, so all runs together hold two
+  the mesh axes other than 'fsdp' (tensor). Scanned runs (scan_blocks=True,
+  remat): the loop body gathers one layer's slice at a time, so all runs together hold two
   blocks' worth (the current one and the next, prefetched); blocks outside
   a run (a run of one) and the embedders are charged whole, as unrolled.
   Measured on XLA:CPU (tests/test_memory_plan.py); TPU's latency-hiding

@@ -12,8 +12,8 @@ nothing (an export). An ablation rung is planned but, as in the ladder, the
 rungs after it start from the stage before it. Every byte count is the
 shard of an array on one device under
 `parallel.RULES` (`NamedSharding.shard_shape`). Nothing is allocated, and
-the mesh may be an `AbstractMesh` of any size (`memory_bytes.abstract_mesh`), so a
-64-device plan runs on a laptop.
+the mesh may be an `AbstractMesh` of any size
+(`memory_bytes.abstract_mesh`), so a 64-device plan runs on a laptop.
 
 Per rung and device it reports the frozen teacher's params (the DiT; for the
 text-encoder rung also T5-XXL), the student's params, their gradients, the
@@ -248,9 +248,9 @@ def _t5_plan(name, tc, student: tuple, mesh, budget, attention):
   # gated FFN's two hidden states, [b, H, T, T] scores; teacher T5 forward
   # one layer at a time; the denoiser's trajectory as in the DiT plan.
   h_s = mb.tensor_split(s_cfg.num_heads, mesh.shape['tensor'])
+  d_ff = mb.tensor_split(s_cfg.d_ff, mesh.shape['tensor'])
   per_layer = b * lt * (6 * s_cfg.d_model + 4 * h_s * s_cfg.d_kv +
-                        3 * mb.tensor_split(s_cfg.d_ff, mesh.shape['tensor'])) * act_b + (
-                            2 * b * h_s * lt * lt * 4)
+                        3 * d_ff) * act_b + 2 * b * h_s * lt * lt * 4
   act = s_cfg.num_layers * per_layer + b * lt * t_cfg.d_model * 4 * 4
   grid = tuple(tc.data.grid)
   act += mb.activation_bytes(f_cfg.replace(remat=False), None, grid, lt, b,

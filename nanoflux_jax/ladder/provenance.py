@@ -181,9 +181,9 @@ def content_hash(path: str, cache_file: str | None = None) -> str:
 def teacher_identity(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """config.teacher plus 'sha256': {field: content hash} of each file or
   folder it names (path, pipeline), and config.student (the student the
-  ladder starts from, when set) with its content hash. A shapes teacher trained into the
-  workdir (teacher.shapes) is identified by its training config alone: it
-  is trained deterministically from it, and it does not exist yet when the
+  ladder starts from, when set) with its content hash. A shapes teacher
+  trained into the workdir (teacher.shapes) is identified by its training
+  config alone: it is trained deterministically from it, and it does not exist yet when the
   first rungs are recorded."""
   t = config.teacher
   files = {k: t.get(k) for k in ('path', 'pipeline') if t.get(k)}

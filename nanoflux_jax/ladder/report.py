@@ -34,7 +34,12 @@ def report_markdown(report: dict) -> str:
       'MSE: final latents vs the teacher\'s (same prompts and noise); '
       'sample PSNR: their images against the teacher\'s, right after the '
       'compression (step 0) and after the distillation. Trained on: the '
-      'device that distilled the rung (and timed its ms / fwd).', '',
+      'device that distilled the rung (and timed its ms / fwd).', '']
+  if c.get('start'):
+    lines += [f"The first rung starts from the finished student "
+              f"{os.path.relpath(c['start'])} (config.student), not from "
+              'the teacher; every rung still distils from the teacher.', '']
+  lines += [
       '| rung | kind | params | GFLOPs | ms / fwd | trained on | steps | '
       'loss | output_kd | sample MSE | sample PSNR step 0 -> end (dB) | '
       'samples |',

@@ -1,10 +1,10 @@
 """The NanoFLUX compression ladder: compress, then distil, rung by rung.
 
 `run_ladder(config, workdir)` walks `config.rungs` in order. Each rung is a
-dict with a `kind` from `RUNG_KINDS` (see rungs.py: prune, depth,
-static_modulation, downsample, finetune, text_encoder, export; extend with
-`rungs.register_rung`; kinds.py lists the built-in ones), that kind's options, `distill`: overrides of
-`config.distill` (a `trainer.default_config()`) for the distillation that
+dict with a `kind` from `RUNG_KINDS` (kinds.py lists the built-in ones:
+prune, depth, static_modulation, downsample, finetune, step_distill,
+text_encoder, export; add one with `rungs.register_rung`), that kind's
+options, `distill`: overrides of `config.distill` (a `trainer.default_config()`) for the distillation that
 follows the compression, and `ablation` (default False). The student of
 rung i is distilled from the ORIGINAL teacher in workdir/rung_{i}_{kind}, and
 the stage it ends with (stage.py: its DiT, lineage, text encoder and
@@ -234,8 +234,8 @@ def _run_ladder(config: ml_collections.ConfigDict, workdir: str,
   teacher_id = provenance.teacher_identity(config, workdir)
   for i, rung in enumerate(rungs):
     rung_dir = _rung_dir(workdir, i, rung)
-    provenance.check_rung(config, workdir, rung_dir, rung, teacher_id,
-                          report_lib.read_json(os.path.join(rung_dir, 'done.json')),
+    done = report_lib.read_json(os.path.join(rung_dir, 'done.json'))
+    provenance.check_rung(config, workdir, rung_dir, rung, teacher_id, done,
                           write=False)
   report_lib.write_atomic(os.path.join(workdir, CONFIG_FILE),
                 config.to_json_best_effort(indent=2, sort_keys=True))
@@ -244,13 +244,15 @@ def _run_ladder(config: ml_collections.ConfigDict, workdir: str,
   ctx = Context(config, mesh, grid, workdir)
   report = dict(setup=dict(img_len=grid[0] * grid[1], txt_len=dc.data.txt_len,
                            device=jax.devices()[0].device_kind,
-                           repeats=config.timing.repeats),
-                teacher=report_lib.read_json(os.path.join(workdir, 'teacher.json')),
+                           repeats=config.timing.repeats,
+                           start=config.get('student') or None),
+                teacher=report_lib.read_json(
+                    os.path.join(workdir, 'teacher.json')),
                 rungs=[], complete=False)
   ref_file = measure_lib.teacher_latents_file(workdir)
   if report['teacher'] is None or not os.path.isfile(ref_file):
-    row, ref = measure_lib.measure(ctx, ctx.teacher_stage, ctx.teacher, 'teacher',
-                        workdir, None)
+    row, ref = measure_lib.measure(ctx, ctx.teacher_stage, ctx.teacher,
+                                   'teacher', workdir, None)
     report['teacher'] = dict(row, kind='-')
     if jax.process_index() == 0:
       atomic.write_file(ref_file, lambda f: np.save(f, ref), 'wb')

@@ -20,6 +20,7 @@ from nanoflux_jax.distill import data as data_lib
 from nanoflux_jax.ladder import runner as ladder
 from nanoflux_jax.distill import losses
 from nanoflux_jax.ladder import rungs
+from nanoflux_jax.ladder.stage import Stage
 from nanoflux_jax.shapes import t5_pretrain as shapes_encoders
 from nanoflux_jax.distill import t5_distill as te
 from nanoflux_jax.shapes import classifier
@@ -292,8 +293,8 @@ def test_downsample_rung_widens_an_existing_range():
       downsample_start=1, downsample_end=1, downsample_factor=2)
   params = {'trained': np.ones(3)}      # passed on untouched.
   down = rungs.RUNG_KINDS['downsample'].compress
-  c2, p2 = down(None, (cfg, params), dict(start=1, end=-2, factor=2,
-                                          channels=0, seed=0))
+  (c2, p2), _ = down(None, Stage(cfg, 8, (4, 4)), (cfg, params),
+                     dict(start=1, end=-2, factor=2, channels=0, seed=0))
   assert (c2.num_blocks, c2.downsample_start, c2.downsample_end) == (4, 1, 2)
   assert p2 is params
   with pytest.raises(ValueError, match='do not contain'):

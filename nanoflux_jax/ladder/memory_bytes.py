@@ -222,9 +222,10 @@ def gathered_bytes(cfg: FluxConfig, params, compute_dtype: str,
   and (grads=True) the gradients whole in fp32 before their
   reduce-scatter. With `shardings`, a gathered tensor stays split over
   the mesh axes other than 'fsdp' (tensor). Scanned runs (scan_blocks=True,
-  remat): the loop body gathers one layer's slice at a time, so all runs together hold two
-  blocks' worth (the current one and the next, prefetched); blocks outside
-  a run (a run of one) and the embedders are charged whole, as unrolled.
+  remat): the loop body gathers one layer's slice at a time, so all runs
+  together hold two blocks' worth (the current one and the next,
+  prefetched); blocks outside a run (a run of one) and the embedders are
+  charged whole, as unrolled.
   Measured on XLA:CPU (tests/test_memory_plan.py); TPU's latency-hiding
   scheduler may free them sooner, so this errs high.
   """

@@ -183,8 +183,8 @@ def teacher_identity(config: ml_collections.ConfigDict, workdir: str) -> dict:
   folder it names (path, pipeline), and config.student (the student the
   ladder starts from, when set) with its content hash. A shapes teacher
   trained into the workdir (teacher.shapes) is identified by its training
-  config alone: it is trained deterministically from it, and it does not exist yet when the
-  first rungs are recorded."""
+  config alone: it is trained deterministically from it, and it does not
+  exist yet when the first rungs are recorded."""
   t = config.teacher
   files = {k: t.get(k) for k in ('path', 'pipeline') if t.get(k)}
   cache = os.path.join(workdir, HASH_CACHE_FILE)

@@ -4,8 +4,9 @@
 dict with a `kind` from `RUNG_KINDS` (kinds.py lists the built-in ones:
 prune, depth, static_modulation, downsample, finetune, step_distill,
 text_encoder, export; add one with `rungs.register_rung`), that kind's
-options, `distill`: overrides of `config.distill` (a `trainer.default_config()`) for the distillation that
-follows the compression, and `ablation` (default False). The student of
+options, `distill`: overrides of `config.distill` (a
+`trainer.default_config()`) for the distillation that follows the
+compression, and `ablation` (default False). The student of
 rung i is distilled from the ORIGINAL teacher in workdir/rung_{i}_{kind}, and
 the stage it ends with (stage.py: its DiT, lineage, text encoder and
 sampling steps) is the input of rung i + 1, unless rung i is an ablation:
@@ -313,7 +314,8 @@ def _run_ladder(config: ml_collections.ConfigDict, workdir: str,
         loaded[new.dit] = result.student
       initial = stage_lib.load(os.path.join(
           rung_dir, stage_lib.COMPRESSED_FILE), workdir)
-      row, _ = measure_lib.measure(ctx, new, dit(new), name, workdir, np.load(ref_file))
+      row, _ = measure_lib.measure(ctx, new, dit(new), name, workdir,
+                                   np.load(ref_file))
       row.update(result.fields, kind=kind.name, ablation=rung['ablation'],
                  sample_psnr_init=(initial or (None, {}))[1].get(
                      'sample_psnr_init'))

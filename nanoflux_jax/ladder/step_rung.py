@@ -51,6 +51,12 @@ _TOL = 1e-6
 # ---------------------------------------------------------------------------
 # Schedules and targets.
 # ---------------------------------------------------------------------------
+def _index_of(points: np.ndarray, t: float) -> int | None:
+  """The index of t among points (within _TOL); None if it is not one."""
+  i = int(np.argmin(np.abs(points - t)))
+  return i if abs(points[i] - t) <= _TOL else None
+
+
 def landing_indices(schedule: Sequence[float],
                     teacher_schedule: Sequence[float]) -> tuple[int, ...]:
   """Index into teacher_schedule of every point of the student's schedule.
@@ -67,8 +73,8 @@ def landing_indices(schedule: Sequence[float],
   teacher = np.asarray(teacher_schedule, np.float64)
   out = []
   for t in schedule:
-    j = int(np.argmin(np.abs(teacher - t)))
-    if abs(teacher[j] - t) > _TOL:
+    j = _index_of(teacher, t)
+    if j is None:
       raise ValueError(
           f'{KIND}: the student schedule {list(schedule)} is not a subset of '
           f'the teacher schedule {list(teacher_schedule)} (t={t} is not on '
@@ -186,8 +192,8 @@ def keep_table_rows(cfg: FluxConfig, params, timesteps: Sequence[float]
   table = np.asarray(cfg.static_timesteps, np.float64)
   rows = []
   for t in timesteps:
-    i = int(np.argmin(np.abs(table - t)))
-    if abs(table[i] - t) > _TOL:
+    i = _index_of(table, t)
+    if i is None:
       raise ValueError(
           f'{KIND}: timestep {t} of the new schedule {list(timesteps)} has '
           f'no static-modulation table row (rows: {list(cfg.static_timesteps)})'

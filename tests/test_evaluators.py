@@ -191,6 +191,9 @@ def test_shapes_evaluator_scores_each_stage_with_its_own_steps(
   for m in (t, r):
     assert 0 <= m['geneval'] <= 1 and 0 < m['denoise_ms'] < m['jax_ms']
     assert os.path.isfile(tmp_path / m['grid'])
+  # The rung's speed-up is over the teacher timed with it, at its 8 steps.
+  assert 'teacher_denoise_ms' not in t
+  assert 0 < r['teacher_denoise_ms'] < r['teacher_jax_ms']
   assert section['setup']['num_prompts'] == 2
   assert set(section['setup']['classifier_accuracy']) >= {'shape', 'colour'}
   md = evaluators.markdown(report)

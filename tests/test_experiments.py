@@ -112,6 +112,9 @@ def test_shapes_ladder_micro_end_to_end(tmp_path):
     assert (ev['jax_ms'] is None) == (r['kind'] == 'export')
     if ev['jax_ms'] is not None:
       assert 0 < ev['denoise_ms'] < ev['jax_ms']
+      # A rung's speed-up: the teacher timed again, interleaved with it.
+      assert (ev.get('teacher_denoise_ms') is None) == (
+          r is report['teacher'])
     grid = np.asarray(Image.open(work / ev['grid']))
     assert grid.shape == (2 + 3 * 66, 2 + 3 * 66, 3)  # 8 images of 64 px.
   assert rows[-2]['params'] < rows[0]['params']

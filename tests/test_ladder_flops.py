@@ -33,8 +33,11 @@ def _teacher():
 def test_flop_ratio_and_speedup():
   t, r = dict(gflops=2.0, eval=_ev(20.0)), dict(gflops=0.5, eval=_ev(8.0))
   assert shapes_report.flop_ratio(t, r) == 4.0
-  assert shapes_report.denoise_speedup(t, r) == 2.5
-  assert shapes_report.denoise_speedup(t, dict(eval=_ev(None))) is None
+  assert shapes_report.speedup(t, r) == 2.5
+  assert shapes_report.speedup(t, dict(eval=_ev(None))) is None
+  # The teacher timed with the row (same load) wins over its own row.
+  paired = dict(gflops=0.5, eval=dict(_ev(8.0), teacher_denoise_ms=12.0))
+  assert shapes_report.speedup(t, paired) == 1.5
 
 
 def test_report_column_and_met_missed_per_main_rung():

@@ -35,6 +35,10 @@ def report_markdown(report: dict) -> str:
       'sample PSNR: their images against the teacher\'s, right after the '
       'compression (step 0) and after the distillation. Trained on: the '
       'device that distilled the rung (and timed its ms / fwd).', '']
+  if report.get('rendered'):
+    lines += [f"Re-rendered from report.json ({report['rendered']}): the "
+              'text and checks are the current code\'s, every figure is the '
+              'run\'s own.', '']
   if c.get('start'):
     lines += [f"The first rung starts from the finished student "
               f"{os.path.relpath(c['start'])} (config.student), not from "

@@ -96,16 +96,28 @@ def _eval_set(ctx, e: dict):
   return _SETS[key]
 
 
-def _eval_pipeline(ctx, sub, s, clf, teacher_images, e
+def _eval_pipeline(ctx, sub, s, clf, teacher_images, e, teacher=None
                    ) -> tuple[dict, np.ndarray]:
-  """A JAX stage: images, scores, JAX ms and (optionally) LiteRT ms."""
+  """A JAX stage: images, scores, JAX ms and (optionally) LiteRT ms.
+
+  teacher: the teacher's Subject (None: this is the teacher), timed again
+  interleaved with the stage (teacher_jax_ms, teacher_denoise_ms), so that
+  the stage's speed-up compares two times taken under the same load.
+  """
   steps, txt_len = sub.num_steps, ctx.config.distill.data.txt_len
   pipe = ctx.pipeline_for(sub.load(), sub.text_encoder)
   imgs = toy.generate(pipe, s, steps, txt_len)
   ev = toy.scores(clf, imgs, s, teacher_images)
-  ms = toy.jax_ms_per_image(pipe, s, steps, txt_len, e['repeats'],
-                            e['timing_batch'])
-  ev['jax_ms'], ev['denoise_ms'] = ms['total'], ms['denoise']
+  timed = {'stage': (pipe, steps)}
+  if teacher is not None:  # Its speed-up is timed, not taken from its row.
+    timed['teacher'] = (ctx.pipeline_for(teacher.load(), teacher.text_encoder),
+                        teacher.num_steps)
+  ms = toy.jax_ms_interleaved(timed, s, txt_len, e['repeats'],
+                              e['timing_batch'])
+  ev['jax_ms'], ev['denoise_ms'] = ms['stage']['total'], ms['stage']['denoise']
+  if teacher is not None:
+    ev['teacher_jax_ms'] = ms['teacher']['total']
+    ev['teacher_denoise_ms'] = ms['teacher']['denoise']
   ev['litert_ms'] = None
   if e['litert']:  # fp32 export of this stage, timed, then thrown away.
     with tempfile.TemporaryDirectory() as tmp:
@@ -145,8 +157,10 @@ def evaluate(ctx, sub, e: dict, done: list) -> dict:
       the PSNR reference).
   Returns:
     toy.scores' figures plus jax_ms, denoise_ms, litert_ms (None: not
-    timed), num_steps and grid (samples/eval_{name}.png); an export stage
-    adds shown (the quantization in the row) and exports (each one's).
+    timed), num_steps and grid (samples/eval_{name}.png); a rung timed in
+    JAX adds teacher_jax_ms and teacher_denoise_ms (the teacher timed
+    interleaved with it); an export stage adds shown (the quantization in
+    the row) and exports (each one's).
   """
   s, clf = _eval_set(ctx, e)
   reference = None
@@ -157,8 +171,11 @@ def evaluate(ctx, sub, e: dict, done: list) -> dict:
           f'{file}: the teacher\'s evaluation images are missing; delete '
           f'{os.path.join(done[0][0].dir, "eval_shapes.json")} to recompute')
     reference = np.load(file)
-  fn = _eval_exports if sub.role == 'export' else _eval_pipeline
-  ev, imgs = fn(ctx, sub, s, clf, reference, e)
+  if sub.role == 'export':
+    ev, imgs = _eval_exports(ctx, sub, s, clf, reference, e)
+  else:
+    ev, imgs = _eval_pipeline(ctx, sub, s, clf, reference, e,
+                              teacher=done[0][0] if sub.index else None)
   png = os.path.join('samples', f'eval_{sub.name}.png')
   if jax.process_index() == 0:  # Every host computes the same.
     os.makedirs(sub.dir, exist_ok=True)

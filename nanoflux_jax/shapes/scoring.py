@@ -12,6 +12,7 @@ files), so differences come from the models alone:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import statistics
 import time
 import numpy as np
@@ -86,19 +87,41 @@ def jax_ms_per_image(pipe, s: EvalSet, num_steps: int, txt_len: int,
     {'total': encode + denoise + decode, 'denoise': the Euler loop alone
     (the pipeline's own `last_timings`)}.
   """
+  return jax_ms_interleaved({'_': (pipe, num_steps)}, s, txt_len, repeats,
+                            batch)['_']
+
+
+def jax_ms_interleaved(pipes: dict, s: EvalSet, txt_len: int,
+                       repeats: int = 5, batch: int = 1
+                       ) -> dict[str, dict[str, float]]:
+  """`jax_ms_per_image` of several pipelines, timed call by call in turn.
+
+  A ratio of two pipelines' times is only as good as the load both saw:
+  timed minutes apart on a shared machine, a busy minute lands on one of
+  them. Interleaved, each round runs every pipeline once, so load hits
+  them alike.
+
+  Args:
+    pipes: name -> (FluxPipeline, its Euler steps).
+  Returns:
+    name -> {'total', 'denoise'} median ms per image.
+  """
   r = s.resolution
-  call = lambda: pipe(s.prompts[:batch], height=r, width=r,
-                      num_steps=num_steps, latents=s.noise[:batch],
-                      max_sequence_length=txt_len)
-  call()  # Warm-up (and compile).
-  total, denoise = [], []
+  calls = {k: functools.partial(
+      p, s.prompts[:batch], height=r, width=r, num_steps=n,
+      latents=s.noise[:batch], max_sequence_length=txt_len)
+           for k, (p, n) in pipes.items()}
+  for call in calls.values():
+    call()  # Warm-up (and compile).
+  times = {k: {'total': [], 'denoise': []} for k in pipes}
   for _ in range(max(1, repeats)):
-    t0 = time.perf_counter()
-    call()
-    total.append(1e3 * (time.perf_counter() - t0))
-    denoise.append(1e3 * pipe.last_timings['denoise'])
-  return {'total': statistics.median(total) / batch,
-          'denoise': statistics.median(denoise) / batch}
+    for k, call in calls.items():
+      t0 = time.perf_counter()
+      call()
+      times[k]['total'].append(1e3 * (time.perf_counter() - t0))
+      times[k]['denoise'].append(1e3 * pipes[k][0].last_timings['denoise'])
+  return {k: {part: statistics.median(v) / batch for part, v in t.items()}
+          for k, t in times.items()}
 
 
 def litert_ms_per_image(tfl_pipe, s: EvalSet, repeats: int = 5) -> float:

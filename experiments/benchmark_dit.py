@@ -293,7 +293,7 @@ def run_cpu():
         f'image + {txt_len} text tokens, fp32; jax {jax.__version__} '
         f'({jax.default_backend()}), torch {torch.__version__} threads '
         f'{torch.get_num_threads()}, attention_impl={cfg.attention_impl} '
-        f'(-> {layers.resolve_impl(cfg.attention_impl, head_scores=layers.head_score_bytes((batch, grid * grid + txt_len)))}), '
+        f'(-> {layers.resolve_impl(cfg.attention_impl, scores=layers.score_bytes((batch, grid * grid + txt_len, cfg.num_heads)))}), '
         f'{os.cpu_count()} CPUs, load avg {load[0]:.2f}')
   print(f'max rel err ours vs diffusers: {err:.2e} (tol {_TOL.value:g})')
   print(f'forward FLOPs (matmuls incl. QK^T, PV): {flops / 1e9:.2f} GFLOP; '

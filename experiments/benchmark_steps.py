@@ -10,7 +10,14 @@ call_defaults.json.
   python experiments/benchmark_steps.py \
       --before=docs/shapes_full/pipeline --after=docs/shapes_steps/pipeline
 
-Prints a table, the speed-ups (before / after) and one JSON line.
+Prints a table, the speed-ups (before / after), the ratio of the DiT's
+FLOPs per image over the whole denoising loop (compress.count_flops x the
+steps) and the denoise speed-up as a fraction of it, and one JSON line.
+The teacher against a compressed student of the same steps:
+
+  python experiments/benchmark_steps.py \
+      --before=nanoflux_jax/shapes/assets/shapes_teacher \
+      --after=docs/shapes_full/pipeline
 """
 import json
 import statistics
@@ -20,6 +27,7 @@ from absl import app
 from absl import flags
 
 import nanoflux_jax as nf
+from nanoflux_jax import compress
 from nanoflux_jax.shapes import world as shapes
 
 _BEFORE = flags.DEFINE_string('before', None, 'Pipeline folder (baseline).',
@@ -28,6 +36,13 @@ _AFTER = flags.DEFINE_string('after', None, 'Pipeline folder (compared).',
                              required=True)
 _BATCH = flags.DEFINE_integer('batch', 8, 'Prompts per call.')
 _REPEATS = flags.DEFINE_integer('repeats', 20, 'Timed calls of each.')
+
+
+def _denoise_flops(pipe) -> int:
+  """DiT FLOPs of one image's denoising loop at the folder's call defaults."""
+  d, f = pipe.call_defaults, pipe.latent_factor
+  return d.num_steps * compress.count_flops(
+      pipe.flux_cfg, (d.height // f) * (d.width // f), d.max_sequence_length)
 
 
 def main(argv):
@@ -57,10 +72,16 @@ def main(argv):
           f"{per_img[k]['total']:.2f} |")
   speedup = {m: per_img['before'][m] / per_img['after'][m]
              for m in ('denoise', 'total')}
+  flop_ratio = _denoise_flops(pipes['before']) / _denoise_flops(
+      pipes['after'])
   print(f"speed-up: denoise {speedup['denoise']:.2f}x, end to end "
-        f"{speedup['total']:.2f}x")
+        f"{speedup['total']:.2f}x; denoising FLOPs {flop_ratio:.2f}x fewer: "
+        f"the denoise speed-up is {speedup['denoise'] / flop_ratio:.2f} of "
+        'the FLOP ratio')
   print(json.dumps(dict(steps=steps, ms_per_image=per_img,
                         denoise_speedup=speedup['denoise'],
+                        flop_ratio=flop_ratio,
+                        speedup_of_flop_ratio=speedup['denoise'] / flop_ratio,
                         total_speedup=speedup['total'],
                         batch=_BATCH.value, repeats=_REPEATS.value)))
 

@@ -33,7 +33,7 @@ _STUDENT_DTYPE = flags.DEFINE_string(
     'student_dtype', '', "Cast students to this (e.g. 'float32' master "
     "weights); '' keeps what the transforms give.")
 _ATTENTION = flags.DEFINE_enum(
-    'attention', 'splash', ['splash', 'cudnn', 'xla', 'per_head'],
+    'attention', 'splash', ['splash', 'cudnn', 'xla', 'batched', 'per_head'],
     "The attention kernel ('splash' on TPU: no [B, H, L, L] scores).")
 
 

@@ -107,7 +107,8 @@ class FluxConfig(_Serializable):
   # Numerics and execution.
   dtype: str = 'float32'        # compute dtype of matmuls.
   param_dtype: str = 'float32'  # storage dtype of params.
-  # 'auto' | 'per_head' | 'xla' | 'cudnn' | 'splash' (layers.resolve_impl).
+  # 'auto' | 'per_head' | 'batched' | 'xla' | 'cudnn' | 'splash'
+  # (layers.resolve_impl).
   attention_impl: str = 'auto'
   remat: bool = False           # rematerialise each block in the backward.
   # What a rematerialised block keeps for the backward: a jax.checkpoint_
@@ -160,8 +161,8 @@ class FluxConfig(_Serializable):
                        "'adaln' or 'static'")
     if self.modulation == 'static' and not self.static_timesteps:
       raise ValueError("FluxConfig: modulation='static' needs static_timesteps")
-    if self.attention_impl not in ('auto', 'per_head', 'xla', 'cudnn',
-                                   'splash'):
+    if self.attention_impl not in ('auto', 'per_head', 'batched', 'xla',
+                                   'cudnn', 'splash'):
       raise ValueError(f'FluxConfig.attention_impl={self.attention_impl!r}')
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f'FluxConfig.remat_policy={self.remat_policy!r}; '

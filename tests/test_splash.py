@@ -137,7 +137,7 @@ def test_auto_selection(backend, dtype, cudnn, want):
 def test_auto_selection_here_and_explicit_impls():
   assert jax.default_backend() == 'cpu'
   assert layers.resolve_impl('auto') == 'per_head'
-  for impl in ('per_head', 'xla', 'cudnn', 'splash'):
+  for impl in ('per_head', 'batched', 'xla', 'cudnn', 'splash'):
     assert layers.resolve_impl(impl, backend='tpu') == impl
   with pytest.raises(ValueError, match="'flashy'"):
     layers.resolve_impl('flashy')

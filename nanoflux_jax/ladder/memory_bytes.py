@@ -134,7 +134,7 @@ def _block_work(cfg: FluxConfig, heads, mlps, li, lt, b, tensor, act,
   # q/k), the attention output, the MLP hidden before and after GELU.
   tok = length * (4 * d + 6 * h * dh) + 2 * m
   work = b * tok * act
-  if attention in ('xla',):  # [B, H, L, L] logits and probs, fp32.
+  if attention in ('xla', 'batched'):  # [B, H, L, L] logits and probs, fp32.
     work += 2 * b * h * length * length * 4
   elif attention in ('per_head',):
     work += 2 * b * length * length * 4

@@ -299,7 +299,7 @@ def plan_ladder(config, mesh, hbm_bytes: int, *, teacher_preset='schnell',
       through the transforms, as in the ladder); student_dtype: cast each
       student to this before training instead (e.g. 'float32' masters).
     attention: the attention kernel the step runs ('splash' on TPU: no
-      [B, H, L, L] scores; 'xla' keeps them).
+      [B, H, L, L] scores; 'xla' and 'batched' keep them).
   """
   t_cfg, t_params = teacher_shapes(config, teacher_preset, teacher_dtype)
   student = (t_cfg, t_params)

@@ -247,6 +247,20 @@ def _attention_per_head(q: Array, k: Array, v: Array, *,
   return jnp.moveaxis(out, 0, 2)
 
 
+def _attention_batched(q: Array, k: Array, v: Array) -> Array:
+  """Exact attention, all heads at once, q [B, Lq, H, D], k/v [B, Lk, H, D].
+
+  The heads are folded into the batch ([B * H, L, D]) and one `_softmax_pv`
+  runs on all of them: the same float32 math as 'per_head', but one batched
+  matmul per product and no loop, so small problems pay no per-iteration
+  cost. Materialises the whole [B * H, Lq, Lk] scores.
+  """
+  b, lq, h, d = q.shape
+  fold = lambda a: jnp.moveaxis(a, 2, 1).reshape(b * h, a.shape[1], d)
+  out = _softmax_pv(fold(q), fold(k), fold(v), 1.0 / math.sqrt(d))
+  return jnp.moveaxis(out.reshape(b, h, lq, d), 1, 2)
+
+
 def _attention_reference(q: Array, k: Array, v: Array) -> Array:
   """Naive exact attention materialising [B, H, L, L] (tests, benchmarks)."""
   scale = 1.0 / math.sqrt(q.shape[-1])
@@ -256,27 +270,33 @@ def _attention_reference(q: Array, k: Array, v: Array) -> Array:
   return jnp.einsum('bhqk,bkhd->bqhd', p, v)
 
 
-IMPLS = ('auto', 'per_head', 'xla', 'cudnn', 'splash')
+IMPLS = ('auto', 'per_head', 'batched', 'xla', 'cudnn', 'splash')
 
-# CPU 'auto': one batched einsum over all heads ('xla') when one head's
-# float32 scores [B, Lq, Lk] take at most this many bytes, else 'per_head'.
-# per_head runs the heads as a loop whose every iteration handles one head's
-# [B, Lq, Lk] slab: when that slab is tiny, the loop's fixed cost per
-# iteration dominates and one batched einsum over all heads wins (up to
-# 1.4x); from a few tens of KiB on, per_head is as fast or faster, and once
-# the whole [B, H, L, L] matrix leaves the caches it wins by 2-5x. Measured by
-# experiments/benchmark_attention.py (README, Benchmarks) on a 2-core AMD
-# EPYC: at batch 1, 64 tokens (16 KiB a head) xla wins at every head count
-# from 2 to 24, at 128 tokens (64 KiB) the two are within +-20%, from 256
-# tokens per_head wins; the head count barely moves the crossover, which is
-# why the threshold is per head and not on the whole [B, H, L, L] matrix.
-BATCHED_MAX_HEAD_SCORE_BYTES = 32 * 1024
+# CPU 'auto': 'batched' (all heads folded into one `_softmax_pv`) when the
+# float32 scores of all heads [B, H, Lq, Lk] take at most this many bytes,
+# else 'per_head'. Both do the same math; per_head pays a loop iteration per
+# head, batched pays for its scores and probabilities (twice this size)
+# once they no longer fit the caches (32 MiB of L3 where measured). By
+# experiments/benchmark_attention.py (README, Benchmarks; 2-core AMD EPYC,
+# 2026-12-02, batch 1 x head_dim 64 and batch 8 x head_dim 32): up to 4 MiB
+# batched is faster by up to 2.4x (the shapes models, batch 8 x 88 tokens x
+# 2-4 heads, 0.5-0.9 MiB: 1.6x), or even (one head, where the two are the
+# same computation; a few 0.1 ms cells); from 32 MiB on per_head is faster
+# by 1.2-2.9x. Between 4 and 32 MiB either can win (several cells went
+# either way in repeated runs), batched in most cells up to 8 MiB and
+# per_head in most above it, hence 8 MiB.
+# The whole matrix, not one head's share, sets the crossover: 512 tokens at
+# batch 1 (1 MiB a head) is batched's at 2-8 heads and per_head's (by 1.9x)
+# at 24. Worst loss of this choice against the faster path: 1.13x (batch 1)
+# and 1.19x (batch 8) in the README's tables, 1.26x with each path's best
+# time over all runs.
+BATCHED_MAX_SCORE_BYTES = 8 * 2**20
 
 
-def head_score_bytes(q_shape: Sequence[int], k_len: int | None = None) -> int:
-  """Bytes of one head's float32 scores [B, Lq, Lk], q [B, Lq, H, D]."""
-  b, lq = q_shape[0], q_shape[1]
-  return 4 * b * lq * (lq if k_len is None else k_len)
+def score_bytes(q_shape: Sequence[int], k_len: int | None = None) -> int:
+  """Bytes of all heads' float32 scores [B, H, Lq, Lk], q [B, Lq, H, D]."""
+  b, lq, h = q_shape[:3]
+  return 4 * b * h * lq * (lq if k_len is None else k_len)
 
 
 @functools.lru_cache(maxsize=None)
@@ -294,23 +314,20 @@ def _cudnn_works() -> bool:
 
 
 def resolve_impl(impl: str, dtype=jnp.float32, backend: str | None = None,
-                 cudnn_available=None,
-                 head_scores: int | None = None) -> str:
+                 cudnn_available=None, scores: int | None = None) -> str:
   """The attention implementation 'auto' stands for (others pass through).
 
   TPU: 'splash' (Pallas flash attention, nothing [B, H, L, L] in memory).
   GPU: 'cudnn' when cuDNN flash attention is available and the dtype is
   bf16 / fp16 (the only ones it takes), else 'xla'. CPU: chosen by size,
-  'xla' (one batched einsum over all heads) when `head_scores` <=
-  BATCHED_MAX_HEAD_SCORE_BYTES, else (or when the size is unknown)
-  'per_head'.
+  'batched' (all heads in one `_softmax_pv`) when `scores` <=
+  BATCHED_MAX_SCORE_BYTES, else (or when the size is unknown) 'per_head'.
 
   Args:
     dtype: the q/k/v dtype.
     backend: default jax.default_backend().
     cudnn_available: () -> bool; default a one-off compile probe.
-    head_scores: bytes of one head's float32 scores (`head_score_bytes`),
-      or None.
+    scores: bytes of all heads' float32 scores (`score_bytes`), or None.
   """
   if impl not in IMPLS:
     raise ValueError(f'attention: unknown implementation {impl!r}; expected '
@@ -321,9 +338,8 @@ def resolve_impl(impl: str, dtype=jnp.float32, backend: str | None = None,
   if backend == 'tpu':
     return 'splash'
   if backend == 'cpu':
-    small = (head_scores is not None and
-             head_scores <= BATCHED_MAX_HEAD_SCORE_BYTES)
-    return 'xla' if small else 'per_head'
+    small = scores is not None and scores <= BATCHED_MAX_SCORE_BYTES
+    return 'batched' if small else 'per_head'
   half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
   if backend in ('gpu', 'cuda') and half and (cudnn_available or
                                               _cudnn_works)():
@@ -335,16 +351,19 @@ def attention(q: Array, k: Array, v: Array, impl: str = 'auto') -> Array:
   """Scaled dot-product attention (no mask), q/k/v [B, L, H, D] -> [B, L, H, D].
 
   impl: 'per_head' (exact, heads and query chunks one after another: the
-  fastest on CPU for large score matrices), 'xla' (jax.nn's fused XLA path,
-  all heads in one batched einsum), 'cudnn' (flash attention on NVIDIA
-  GPUs), 'splash' (Pallas flash attention for TPUs, interpret mode
+  fastest on CPU for large score matrices), 'batched' (the same math with
+  the heads folded into the batch: one call, for small ones), 'xla'
+  (jax.nn's fused XLA path, all heads in one batched einsum; the GPU
+  fallback and what the TFLite export traces), 'cudnn' (flash attention on
+  NVIDIA GPUs), 'splash' (Pallas flash attention for TPUs, interpret mode
   elsewhere; `splash.py`), or 'auto' (`resolve_impl`: splash on TPU, cudnn
-  on GPU when it can, on CPU xla or per_head by the size of the scores).
+  on GPU when it can, on CPU batched or per_head by the size of the scores).
   """
-  impl = resolve_impl(impl, q.dtype,
-                      head_scores=head_score_bytes(q.shape, k.shape[1]))
+  impl = resolve_impl(impl, q.dtype, scores=score_bytes(q.shape, k.shape[1]))
   if impl == 'per_head':
     return _attention_per_head(q, k, v)
+  if impl == 'batched':
+    return _attention_batched(q, k, v)
   if impl == 'splash':
     return splash.splash_attention(q, k, v)
   return jax.nn.dot_product_attention(q, k, v, implementation=impl)

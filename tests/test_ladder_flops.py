@@ -33,6 +33,10 @@ def _teacher():
 def test_flop_ratio_and_speedup():
   t, r = dict(gflops=2.0, eval=_ev(20.0)), dict(gflops=0.5, eval=_ev(8.0))
   assert shapes_report.flop_ratio(t, r) == 4.0
+  # Half the Euler steps halve the FLOPs of the loop the speed-up times.
+  t8 = dict(gflops=2.0, eval=dict(_ev(20.0), num_steps=8))
+  r4 = dict(gflops=0.5, eval=dict(_ev(5.0), num_steps=4))
+  assert shapes_report.flop_ratio(t8, r4) == 8.0
   assert shapes_report.speedup(t, r) == 2.5
   assert shapes_report.speedup(t, dict(eval=_ev(None))) is None
   # The teacher timed with the row (same load) wins over its own row.

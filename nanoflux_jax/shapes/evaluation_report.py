@@ -48,16 +48,19 @@ def _gen(ev: dict) -> str:
 
 
 def flop_ratio(teacher: dict, row: dict) -> float | None:
-  """Teacher FLOPs / the row's FLOPs per denoising step.
+  """Teacher / row DiT FLOPs of one image's denoising loop.
 
   A row's `gflops` is one DiT forward per image (compress.count_flops: the
   token down-sampler's coarse blocks and resampler, static modulation and
-  pruned widths included); one denoising step is one forward and FLOPs are
-  linear in the batch, so the ratio at the evaluation batch is this one.
+  pruned widths included); a loop is one forward per Euler step (the
+  stage's `num_steps`, where its metrics have them), and FLOPs are linear
+  in the batch, so this is the ratio at the evaluation batch too: what
+  the denoise speed-up, a ratio of whole loops, is held against.
   """
   if not row.get('gflops') or not teacher.get('gflops'):
     return None
-  return teacher['gflops'] / row['gflops']
+  steps = lambda r: (r.get('eval') or {}).get('num_steps') or 1
+  return teacher['gflops'] * steps(teacher) / (row['gflops'] * steps(row))
 
 
 def speedup(teacher: dict, row: dict, part: str = 'denoise'
@@ -111,8 +114,9 @@ def markdown(section: dict, rows: list[dict]) -> str:
           f'{k} {v:.3f}' for k, v in acc.items()) + '.', '',
       'Denoise speed-up: the teacher\'s JAX denoise ms / the rung\'s, the '
       'teacher timed again interleaved with the rung (call by call, so '
-      'machine load hits both alike); FLOP ratio: the teacher\'s FLOPs per '
-      'denoising step / the rung\'s.', '',
+      'machine load hits both alike); FLOP ratio: the teacher\'s DiT FLOPs '
+      'over its denoising loop (GFLOPs per step x Euler steps) / the '
+      'rung\'s.', '',
       '| rung | kind | Euler steps | DiT params | GFLOPs | JAX denoise ms / '
       'img | denoise speed-up | FLOP ratio | JAX ms / img | LiteRT ms / img '
       '| toy-GenEval [95% CI] | toy-FID | PSNR (dB) | grid |',

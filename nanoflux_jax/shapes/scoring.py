@@ -7,7 +7,7 @@ files), so differences come from the models alone:
   s = toy.eval_set(world_seed=1000, num=64, resolution=64, latent_shape=...)
   images = toy.generate(pipe, s, num_steps=8, txt_len=24)
   toy.scores(clf, images, s, teacher_images)   # geneval, fid, psnr
-  toy.jax_ms_per_image(pipe, s, 8, 24)   # {'total', 'denoise'} ms, batch 1
+  toy.jax_ms_interleaved({'a': (pipe, 8)}, s, 24)   # {'a': {'total', ...}}
 """
 from __future__ import annotations
 
@@ -77,34 +77,24 @@ def _median_ms(call, repeats: int) -> float:
   return statistics.median(times)
 
 
-def jax_ms_per_image(pipe, s: EvalSet, num_steps: int, txt_len: int,
-                     repeats: int = 5, batch: int = 1) -> dict[str, float]:
-  """Median ms per image of `batch` prompts at once, divided by `batch` (a
-  batch amortises the Python and tokenizer time that would otherwise hide
-  the models' own cost on tiny models).
-
-  Returns:
-    {'total': encode + denoise + decode, 'denoise': the Euler loop alone
-    (the pipeline's own `last_timings`)}.
-  """
-  return jax_ms_interleaved({'_': (pipe, num_steps)}, s, txt_len, repeats,
-                            batch)['_']
-
-
 def jax_ms_interleaved(pipes: dict, s: EvalSet, txt_len: int,
                        repeats: int = 5, batch: int = 1
                        ) -> dict[str, dict[str, float]]:
-  """`jax_ms_per_image` of several pipelines, timed call by call in turn.
+  """Median ms per image of several pipelines, timed call by call in turn.
 
-  A ratio of two pipelines' times is only as good as the load both saw:
-  timed minutes apart on a shared machine, a busy minute lands on one of
-  them. Interleaved, each round runs every pipeline once, so load hits
-  them alike.
+  Each call runs `batch` prompts at once and its time is divided by
+  `batch` (a batch amortises the Python and tokenizer time that would
+  otherwise hide the models' own cost on tiny models). A ratio of two
+  pipelines' times is only as good as the load both saw: timed minutes
+  apart on a shared machine, a busy minute lands on one of them.
+  Interleaved, each round runs every pipeline once, so load hits them
+  alike.
 
   Args:
     pipes: name -> (FluxPipeline, its Euler steps).
   Returns:
-    name -> {'total', 'denoise'} median ms per image.
+    name -> {'total': encode + denoise + decode, 'denoise': the Euler loop
+    alone (the pipeline's own `last_timings`)}, median ms per image.
   """
   r = s.resolution
   calls = {k: functools.partial(
